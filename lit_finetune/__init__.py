@@ -1,0 +1,6 @@
+"""lit_finetune: Lightning modules, datamodules and callbacks for fine-tuning and transfer learning."""
+
+from lit_finetune.modules import ImageClassifier, TransferModule
+
+__version__ = "0.1.0"
+__all__ = ["ImageClassifier", "TransferModule", "__version__"]

@@ -1,0 +1,172 @@
+"""Layer freezing and (gradual) unfreezing that also holds under DDP.
+
+Built on Lightning's ``BaseFinetuning`` for its hooks and its freeze/BatchNorm utilities, but
+it never adds parameter groups: every module already puts each block in its own named group
+from the first step (see :mod:`lit_finetune.transfer.param_groups`), so schedulers and
+``LearningRateMonitor`` keep working when a phase begins.
+
+How a module is "frozen":
+
+* one process: ``requires_grad=False`` (no backward through it, the cheap way);
+* several processes (DDP): ``requires_grad`` stays ``True``, because DDP records which
+  parameters need gradients when it wraps the model and never syncs parameters that were
+  unfrozen later (Lightning #20340). Their gradients are instead dropped after backward and
+  before the update, so the optimizer skips them (no update, no weight decay, no momentum):
+  in ``on_before_optimizer_step`` under Lightning (which runs forward and backward *inside*
+  ``optimizer.step(closure)``, i.e. after any step pre-hook), and in an optimizer step
+  pre-hook for plain loops that call ``step()`` without a closure.
+
+Either way frozen BatchNorm layers run in eval mode (running statistics fixed) unless
+``train_bn=True``; this is re-applied before every training batch because Lightning switches
+the whole model back to train mode at epoch and validation boundaries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import BaseFinetuning
+from torch import nn
+from torch.optim import Optimizer
+
+from lit_finetune.transfer.lr_factors import install_lr_factor_hooks, set_lr_factor
+
+
+def get_submodule(pl_module: nn.Module, name: str) -> nn.Module:
+    """``pl_module.get_submodule`` with an error that lists the valid names."""
+    try:
+        return pl_module.get_submodule(name)
+    except AttributeError as err:
+        names = [n for n, _ in pl_module.named_modules() if n and n.count(".") <= 1]
+        raise ValueError(f"LayerFreezing: module {name!r} not found; top-level names include {names[:20]}") from err
+
+
+class LayerFreezing(BaseFinetuning):
+    """Freeze named submodules, then unfreeze each at its epoch.
+
+    Args:
+        modules: dotted names of submodules of the LightningModule to freeze, e.g.
+            ``["backbone"]`` or, for gradual unfreezing from the top,
+            ``["backbone.layer4", "backbone.layer3", "backbone.layer2", "backbone.layer1"]``.
+        unfreeze_at_epoch: epoch at which each module starts training: one int for all, a list
+            (one per module) for gradual unfreezing, or ``None`` to keep them frozen (linear probe).
+        train_bn: keep BatchNorm layers of frozen modules training (affine and statistics).
+        unfreeze_lr_scale: LR multiplier for the parameter groups of a module once unfrozen,
+            one for all or one per module (fastai's lower LR for the unfrozen body).
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[LayerFreezing(["backbone"], unfreeze_at_epoch=2)])
+    """
+
+    def __init__(
+        self,
+        modules: Sequence[str] | str = ("backbone",),
+        unfreeze_at_epoch: int | Sequence[int] | None = 1,
+        train_bn: bool = False,
+        unfreeze_lr_scale: float | Sequence[float] = 1.0,
+    ) -> None:
+        super().__init__()
+        self.module_names = [modules] if isinstance(modules, str) else list(modules)
+        n = len(self.module_names)
+        if unfreeze_at_epoch is None or isinstance(unfreeze_at_epoch, int):
+            self.milestones: list[int | None] = [unfreeze_at_epoch] * n
+        else:
+            self.milestones = list(unfreeze_at_epoch)
+        scales = [unfreeze_lr_scale] * n if isinstance(unfreeze_lr_scale, (int, float)) else list(unfreeze_lr_scale)
+        self.lr_scales = [float(s) for s in scales]
+        if len(self.milestones) != n or len(self.lr_scales) != n:
+            raise ValueError(
+                f"LayerFreezing: {n} modules but {len(self.milestones)} unfreeze epochs and "
+                f"{len(self.lr_scales)} LR scales; give one value or one per module."
+            )
+        self.train_bn = train_bn
+        self._distributed = False
+        self._frozen: dict[str, bool] = {}
+        self._frozen_param_ids: set[int] = set()
+
+    # -- state --------------------------------------------------------------------------------
+    def is_frozen(self, name: str) -> bool:
+        return self._frozen.get(name, False)
+
+    def _set_frozen(self, pl_module: L.LightningModule, name: str, frozen: bool) -> None:
+        module = get_submodule(pl_module, name)
+        self._frozen[name] = frozen
+        if frozen and not self._distributed:
+            self.freeze(module, train_bn=self.train_bn)
+        elif not frozen:
+            self.make_trainable(module)
+            module.train(pl_module.training)  # frozen BatchNorm layers were put in eval mode
+        self._frozen_param_ids = {
+            id(p)
+            for n in self.module_names
+            if self._frozen.get(n)
+            for m in self.flatten_modules(get_submodule(pl_module, n))
+            if self.train_bn is False or not isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for p in m.parameters(recurse=False)
+        }
+
+    def _apply_bn_mode(self, pl_module: L.LightningModule) -> None:
+        if self.train_bn:
+            return
+        for name in self.module_names:
+            if self._frozen.get(name):
+                for m in self.flatten_modules(get_submodule(pl_module, name)):
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
+
+    def _drop_frozen_grads(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) in self._frozen_param_ids:
+                    p.grad = None
+
+    def _mark_groups(self, optimizer: Optimizer) -> None:
+        """Flag groups whose parameters are all frozen; give unfrozen modules' groups their LR scale."""
+        for group in optimizer.param_groups:
+            ids = {id(p) for p in group["params"]}
+            group["frozen"] = bool(ids) and ids <= self._frozen_param_ids
+        for name, scale in zip(self.module_names, self.lr_scales):
+            if self._frozen.get(name) or scale == 1.0:
+                continue
+            ids = {id(p) for p in get_submodule(self._pl_module, name).parameters()}
+            for group in optimizer.param_groups:
+                if ids & {id(p) for p in group["params"]}:
+                    set_lr_factor(group, "unfreeze", scale)
+
+    # -- BaseFinetuning API -------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._distributed = trainer.world_size > 1
+        self._pl_module = pl_module
+        super().setup(trainer, pl_module, stage)  # -> freeze_before_training, before any DDP wrap
+
+    def freeze_before_training(self, pl_module: L.LightningModule) -> None:
+        for name in self.module_names:
+            self._set_frozen(pl_module, name, True)
+
+    def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: Optimizer) -> None:
+        for name, milestone in zip(self.module_names, self.milestones):
+            should_freeze = milestone is None or epoch < milestone
+            if should_freeze != self.is_frozen(name):
+                self._set_frozen(pl_module, name, should_freeze)
+        self._mark_groups(optimizer)
+
+    # -- Lightning hooks ----------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        for optimizer in trainer.optimizers:
+            if not getattr(optimizer, "_lit_finetune_freeze_hook", False):
+                optimizer.register_step_pre_hook(self._drop_frozen_grads)
+                optimizer._lit_finetune_freeze_hook = True
+            install_lr_factor_hooks(optimizer)
+            self._mark_groups(optimizer)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._apply_bn_mode(pl_module)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Optimizer) -> None:
+        # Lightning calls optimizer.step(closure): the step pre-hook runs before the closure's
+        # backward, so the frozen gradients only exist from here on (before clipping and the update).
+        self._drop_frozen_grads(optimizer, (), {})

@@ -1,0 +1,75 @@
+"""``lit-finetune``: LightningCLI over every module and datamodule of the package.
+
+    lit-finetune fit  --config configs/classifier/pretrain_source.yaml
+    lit-finetune fit  --config configs/classifier/finetune_target.yaml --model.pretrained <ckpt>
+    lit-finetune test --config configs/classifier/finetune_target.yaml --ckpt_path <ckpt>
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+
+import lit_finetune.callbacks  # noqa: F401  (registers LayerFreezing, LRWarmup... for --trainer.callbacks)
+import lit_finetune.data  # noqa: F401  (registers the datamodules for --data)
+from lit_finetune.data.base import ImageDataModule
+from lit_finetune.modules.base import TransferModule
+
+
+class LoggerSaveConfigCallback(SaveConfigCallback):
+    """Write the resolved config where each run's files live, and push it to W&B.
+
+    Lightning's default writes ``config.yaml`` to ``trainer.log_dir``; for W&B that directory is
+    shared by every run, so a second run fails unless told to overwrite. Here W&B runs get the
+    config in their own run directory and in the run's config; other loggers keep their
+    versioned log directory.
+    """
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        for logger in wandb_loggers:
+            config = self.parser.dump(self.config, skip_none=False, format="yaml")
+            run_dir = Path(logger.experiment.dir)
+            (run_dir / "lit_finetune_config.yaml").write_text(config)
+            as_dict = self.config.as_dict() if hasattr(self.config, "as_dict") else dict(self.config)
+            logger.experiment.config.update({"cli": as_dict}, allow_val_change=True)
+
+
+class LitFinetuneCLI(LightningCLI):
+    """LightningCLI with data-to-model links and the package's defaults.
+
+    ``num_classes``, ``channels`` and ``image_size`` are read from the datamodule and passed to
+    the model, so a config states them once (under ``data``).
+    """
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.channels", "model.init_args.in_channels", apply_on="instantiate")
+        parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> LitFinetuneCLI:
+    """Build (and by default run) the CLI; ``args`` as on the command line."""
+    return LitFinetuneCLI(
+        TransferModule,
+        ImageDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=LoggerSaveConfigCallback,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"plugins": [{"class_path": "lit_finetune.checkpoint_io.AtomicCheckpointIO"}]},
+        auto_configure_optimizers=False,
+        args=args,
+        run=run,
+    )
+
+
+def main() -> None:
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()

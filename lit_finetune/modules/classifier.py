@@ -1,0 +1,174 @@
+"""ResNet classifier fine-tuning."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+
+from lit_finetune.callbacks.image_logging import figure_to_array, log_image
+from lit_finetune.modules.base import TransferModule
+from lit_finetune.nets.resnet import TORCHVISION_RESNETS, build_resnet
+from lit_finetune.transfer.l2sp import L2SP
+from lit_finetune.transfer.param_groups import block_groups, module_group
+from lit_finetune.transfer.pretrained import LoadReport, is_torchvision_weight_name, load_pretrained
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: how torchvision ResNet keys map onto this module (the head is ``head``, not ``fc``)
+TORCHVISION_KEY_MAP = {"": "backbone.", "fc.": "head."}
+
+
+class ImageClassifier(TransferModule):
+    """A ResNet backbone and a linear head, trained with cross-entropy.
+
+    ``ImageClassifier(num_classes=5)`` alone is a working CPU-sized model for 28x28 grayscale
+    images. Inputs are ``[-1, 1]`` images (the package convention).
+
+    Args:
+        num_classes: output classes.
+        backbone: ``resnet_small`` (CPU), ``resnet10``, ``resnet18/34/50/101/152``.
+        in_channels: input channels.
+        image_size: input side; sizes <= 64 use the small-input stem unless ``small_input`` says otherwise.
+        pretrained: path of a lit-finetune checkpoint or state dict, or a torchvision weight
+            name such as ``IMAGENET1K_V1`` (needs a torchvision backbone and a network or cache).
+        load_head: also load the pretrained head when its shape fits (off: a new task gets a new head).
+        small_input: force the small-input stem on or off (``None``: by ``image_size``).
+        label_smoothing: cross-entropy label smoothing.
+        l2sp_alpha: L2-SP coefficient toward the pretrained backbone (0 disables it).
+        backbone_lr_ratio: backbone LR as a fraction of the head's (discriminative LR).
+        layer_decay: extra LR factor per backbone block below the top one (1 disables it).
+        dropout: dropout before the head.
+        input_normalization: ``"auto"`` (ImageNet statistics for torchvision weights, else none),
+            ``"imagenet"`` or ``"none"``.
+        optimizer, lr_scheduler, scheduler_interval, scheduler_monitor: see :class:`TransferModule`.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet_small",
+        in_channels: int = 1,
+        image_size: int = 28,
+        pretrained: str | None = None,
+        load_head: bool = False,
+        small_input: bool | None = None,
+        label_smoothing: float = 0.0,
+        l2sp_alpha: float = 0.0,
+        backbone_lr_ratio: float = 1.0,
+        layer_decay: float = 1.0,
+        dropout: float = 0.0,
+        input_normalization: str = "auto",
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: str = "epoch",
+        scheduler_monitor: str = "val/loss",
+    ) -> None:
+        super().__init__(num_classes, in_channels, image_size, optimizer, lr_scheduler, scheduler_interval, scheduler_monitor)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        if input_normalization not in ("auto", "imagenet", "none"):
+            raise ValueError(f"input_normalization must be auto, imagenet or none; got {input_normalization!r}")
+        self.backbone, num_features = build_resnet(
+            backbone, in_channels, small_input=image_size <= 64 if small_input is None else small_input
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(num_features, num_classes)
+        self.class_names = [str(i) for i in range(num_classes)]
+
+        self.load_report: LoadReport | None = None
+        weight_name = pretrained is not None and is_torchvision_weight_name(pretrained)
+        if weight_name and backbone not in TORCHVISION_RESNETS:
+            raise ValueError(f"Torchvision weights {pretrained!r} need a torchvision backbone {TORCHVISION_RESNETS}.")
+        if pretrained is not None:
+            self.load_report = load_pretrained(
+                self, pretrained, key_map=TORCHVISION_KEY_MAP, arch=backbone, exclude=() if load_head else ("head.",)
+            )
+        use_imagenet = input_normalization == "imagenet" or (input_normalization == "auto" and weight_name)
+        mean = torch.tensor(IMAGENET_MEAN).mean().repeat(in_channels) if in_channels != 3 else torch.tensor(IMAGENET_MEAN)
+        std = torch.tensor(IMAGENET_STD).mean().repeat(in_channels) if in_channels != 3 else torch.tensor(IMAGENET_STD)
+        self.register_buffer("input_mean", mean.view(1, -1, 1, 1) if use_imagenet else None, persistent=False)
+        self.register_buffer("input_std", std.view(1, -1, 1, 1) if use_imagenet else None, persistent=False)
+        self.l2sp = L2SP(self.backbone, l2sp_alpha) if l2sp_alpha > 0 else None
+
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes, average="micro"),
+                "f1_macro": MulticlassF1Score(num_classes, average="macro"),
+            }
+        )
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        self.test_per_class = MulticlassAccuracy(num_classes, average=None)
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+
+    # -- model ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for ``[-1, 1]`` images ``(B, C, H, W)``."""
+        self.check_input(x)
+        if self.input_mean is not None:
+            x = ((x + 1) / 2 - self.input_mean) / self.input_std
+        return self.head(self.dropout(self.backbone(x)))
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        ratio, decay = self.hparams.backbone_lr_ratio, self.hparams.layer_decay
+        return [module_group(self.head, "head"), *block_groups(self.backbone, "backbone", ratio, decay)]
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = getattr(self.trainer, "datamodule", None)
+        if getattr(dm, "class_names", None):
+            self.class_names = list(dm.class_names)
+
+    # -- steps ----------------------------------------------------------------------------------
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        metrics.update(logits, y)
+        return loss, logits
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _ = self._shared_step(batch, self.train_metrics)
+        self.log("train/loss", loss, prog_bar=True)
+        if self.l2sp is not None:
+            penalty = self.l2sp()
+            self.log("train/l2sp", penalty)
+            loss = loss + penalty
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss, _ = self._shared_step(batch, self.val_metrics)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log_dict(self.val_metrics, prog_bar=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss, logits = self._shared_step(batch, self.test_metrics)
+        self.test_per_class.update(logits, batch[1])
+        self.test_confusion.update(logits, batch[1])
+        self.log("test/loss", loss, sync_dist=True)
+        self.log_dict(self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        per_class = self.test_per_class.compute()
+        for name, value in zip(self.class_names, per_class):
+            self.log(f"test/acc_class/{re.sub(r'[^A-Za-z0-9_-]+', '_', name)}", value)
+        confusion = self.test_confusion.compute()
+        self.test_per_class.reset()
+        self.test_confusion.reset()
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            fig, _ = self.test_confusion.plot(val=confusion.cpu(), labels=self.class_names)
+            fig.set_size_inches(6, 6)
+            log_image(self.trainer, "test/confusion_matrix", figure_to_array(fig))
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        probs = self(batch[0]).softmax(dim=-1)
+        confidence, label = probs.max(dim=-1)
+        return {"label": label.cpu(), "confidence": confidence.cpu()}

@@ -1,0 +1,50 @@
+"""Shared fixtures. Real data only: Debian's Fashion-MNIST files and scikit-learn's digits."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FASHION_ROOT = Path(os.environ.get("FASHION_MNIST_ROOT", "/usr/share/datasets/fashion-mnist"))
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def fashion_root() -> Path:
+    """The real Fashion-MNIST IDX files; a missing dataset fails loudly (CI installs it)."""
+    if not (FASHION_ROOT / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail(f"Fashion-MNIST not found in {FASHION_ROOT}: run `apt-get install dataset-fashion-mnist`.")
+    return FASHION_ROOT
+
+
+@pytest.fixture
+def tiny_target(fashion_root):
+    """Target-domain datamodule small enough for a few-second fit."""
+    from lit_finetune.data import FashionMNISTDataModule
+
+    return FashionMNISTDataModule(
+        root=str(fashion_root), classes=[5, 6, 7, 8, 9], samples_per_class=8, val_split=50, batch_size=20
+    )
+
+
+def quiet_trainer(tmp_path: Path, **kwargs):
+    """A CPU Trainer without progress bar or summary, logging CSV into ``tmp_path``."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=CSVLogger(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)

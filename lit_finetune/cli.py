@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import yaml
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
@@ -34,8 +35,9 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
             config = self.parser.dump(self.config, skip_none=False, format="yaml")
             run_dir = Path(logger.experiment.dir)
             (run_dir / "lit_finetune_config.yaml").write_text(config)
-            as_dict = self.config.as_dict() if hasattr(self.config, "as_dict") else dict(self.config)
-            logger.experiment.config.update({"cli": as_dict}, allow_val_change=True)
+            # push the dump, not ``self.config``: the raw namespace holds link targets (num_classes,
+            # in_channels, image_size) at their unlinked defaults, e.g. num_classes=None
+            logger.experiment.config.update({"cli": yaml.safe_load(config)}, allow_val_change=True)
 
 
 class LitFinetuneCLI(LightningCLI):

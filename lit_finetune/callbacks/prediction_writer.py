@@ -34,8 +34,11 @@ class PredictionWriter(BasePredictionWriter):
         dm = trainer.datamodule
         paths = getattr(dm, "predict_paths", []) or []
         names = getattr(dm, "class_names", None) or getattr(pl_module, "class_names", None) or []
-        if predictions and isinstance(predictions[0], list):  # one list per dataloader
-            predictions, batch_indices = predictions[0], batch_indices[0]
+        # Lightning nests both in one list per dataloader (there is one predict dataloader here)
+        if predictions and isinstance(predictions[0], list):
+            predictions = predictions[0]
+        if batch_indices and batch_indices[0] and isinstance(batch_indices[0][0], list):
+            batch_indices = batch_indices[0]
         rows = []
         for batch, indices in zip(predictions, batch_indices):
             for index, label, conf in zip(indices, batch["label"].tolist(), batch["confidence"].tolist()):

@@ -1,0 +1,93 @@
+"""The shell path: lit-finetune fit -> fit --model.pretrained -> test -> predict, plus its errors."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from lit_finetune.cli import cli_main
+
+CONFIGS = REPO / "configs" / "classifier"
+TINY = [
+    "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+]  # fmt: skip
+
+
+def test_pretrain_finetune_test_predict_chain(tmp_path, monkeypatch, fashion_root):
+    monkeypatch.chdir(tmp_path)
+    data_root = ["--data.init_args.root", str(fashion_root)]
+    cli_main(["fit", "--config", str(CONFIGS / "pretrain_source.yaml"), *TINY, *data_root])
+    source_ckpt = tmp_path / "runs/classifier/pretrain_source/checkpoints/last.ckpt"
+    assert source_ckpt.is_file()
+    assert list((tmp_path / "runs/classifier/pretrain_source").rglob("config.yaml"))
+
+    cli = cli_main(
+        ["fit", "--config", str(CONFIGS / "finetune_target.yaml"), *TINY, *data_root,
+         "--model.init_args.pretrained", str(source_ckpt)]
+    )  # fmt: skip
+    report = cli.model.load_report
+    assert report is not None and report.loaded and not report.reshaped
+    assert report.excluded == ["head.weight", "head.bias"]  # a new task gets a new head
+    target_ckpt = tmp_path / "runs/classifier/finetune_target/checkpoints/best.ckpt"
+    assert target_ckpt.is_file()
+
+    cli = cli_main(
+        ["test", "--config", str(CONFIGS / "finetune_target.yaml"), *TINY, *data_root,
+         "--trainer.limit_test_batches", "2", "--ckpt_path", str(target_ckpt)]
+    )  # fmt: skip
+    assert 0 <= cli.trainer.callback_metrics["test/acc"] <= 1
+
+    from PIL import Image
+
+    images = tmp_path / "to_label"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((40, 30, 3), 60 * i, dtype=np.uint8)).save(images / f"{i}.jpg")
+    cli_main(
+        ["predict", "--config", str(CONFIGS / "finetune_target.yaml"), "--config", str(CONFIGS / "predict_folder.yaml"),
+         *data_root, "--data.init_args.predict_dir", str(images), "--ckpt_path", str(target_ckpt),
+         "--trainer.enable_progress_bar", "false"]
+    )  # fmt: skip
+    rows = (tmp_path / "predictions.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[1].split(",")[1].endswith("0.jpg")
+
+
+def test_cross_domain_digits_config_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["fit", "--config", str(CONFIGS / "digits_target.yaml"), *TINY, "--model.init_args.pretrained", "null"])
+    assert cli.model.num_classes == 10 and cli.datamodule.num_classes == 10
+
+
+def test_links_num_classes_channels_image_size():
+    cli = cli_main(
+        ["--config", str(CONFIGS / "scratch_target.yaml"), "--data.init_args.channels", "3", "--data.init_args.image_size", "32"],
+        run=False,
+    )
+    assert (cli.model.num_classes, cli.model.in_channels, cli.model.image_size) == (5, 3, 32)
+
+
+def _shell(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lit_finetune.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+
+
+def test_help_print_config_and_unknown_key():
+    out = _shell("fit", "--help")
+    assert out.returncode == 0
+    for name in ("ImageClassifier", "FashionMNISTDataModule", "DigitsDataModule", "ImageFolderDataModule", "LayerFreezing", "LRWarmup"):
+        assert name in out.stdout, name
+    out = _shell("fit", "--config", "configs/classifier/finetune_target.yaml", "--print_config")
+    assert out.returncode == 0 and "class_path: lit_finetune.ImageClassifier" in out.stdout
+    out = _shell("fit", "--config", "configs/classifier/finetune_target.yaml", "--model.init_args.lerning_rate", "1")
+    assert out.returncode != 0 and "lerning_rate" in out.stderr
+
+
+def test_unknown_config_key_in_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  init_args:\n    sample_per_class: 5\n")
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(CONFIGS / "finetune_target.yaml"), "--config", str(bad)])

@@ -1,4 +1,4 @@
-"""Checkpoint writing that is atomic on the checkpoint's own filesystem."""
+"""Checkpoint I/O: atomic writes on the checkpoint's own filesystem, clear errors on bad reads."""
 
 from __future__ import annotations
 
@@ -18,7 +18,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     that dir is on another filesystem the move is a copy, and a crash mid-copy leaves a
     truncated ``last.ckpt``. A rename within one folder is atomic, so a reader sees the old
     checkpoint or the new one, never half of one. Remote paths (``s3://``...) go to Lightning.
+
+    Reading a file that is truncated, not a checkpoint, or a pickle that wants to run code
+    (refused by ``weights_only=True``) raises one error that names the file and the way out.
     """
+
+    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError... for bad files
+            raise RuntimeError(
+                f"Cannot resume from {str(path)!r}: it is truncated, not a Lightning checkpoint, or holds objects "
+                f"that weights_only loading refuses ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+                "Delete it and resume from another checkpoint (e.g. an epoch checkpoint beside it)."
+            ) from err
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         if "://" in str(path):

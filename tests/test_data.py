@@ -123,3 +123,28 @@ def test_image_folder_reads_class_tree_and_predict_dir(tmp_path):
     assert x.shape == (4, 3, 16, 16)
     with pytest.raises(DatasetNotFoundError, match="does not exist"):
         ImageFolderDataModule(root=str(tmp_path / "missing"), predict_dir=str(tmp_path / "missing")).setup("predict")
+
+
+def test_download_path_uses_torchvision_layout(tmp_path, fashion_root, monkeypatch):
+    """download=True calls torchvision's downloader; files land in root/FashionMNIST/raw and are read."""
+    import shutil
+
+    import torchvision.datasets
+
+    calls = []
+
+    class FakeDownload:  # stands in for the network: copies the real files where torchvision puts them
+        def __init__(self, root, train, download):
+            calls.append(train)
+            raw = tmp_path / "FashionMNIST" / "raw"
+            raw.mkdir(parents=True, exist_ok=True)
+            for f in fashion_root.iterdir():
+                shutil.copy(f, raw / f.name)
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", FakeDownload)
+    dm = FashionMNISTDataModule(root=str(tmp_path), download=True, classes=[1], val_split=10)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert calls == [True, False] and len(dm.val_set) == 10
+    dm.prepare_data()  # already there: no second download
+    assert calls == [True, False]

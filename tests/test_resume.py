@@ -63,3 +63,13 @@ def test_atomic_checkpoint_io_leaves_old_file_on_failure(tmp_path):
         pass
     assert torch.equal(torch.load(target, weights_only=True)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_corrupt_checkpoint_resume_error_names_the_file(tmp_path, tiny_target):
+    import pytest
+
+    bad = tmp_path / "last.ckpt"
+    bad.write_bytes(b"PK\x03\x04 truncated zip")
+    trainer = quiet_trainer(tmp_path, plugins=[AtomicCheckpointIO()])
+    with pytest.raises(RuntimeError, match="Cannot resume from .*last.ckpt"):
+        trainer.fit(ImageClassifier(num_classes=5), datamodule=tiny_target, ckpt_path=str(bad))

@@ -9,7 +9,7 @@ from lit_finetune.transfer import L2SP, PretrainedLoadError, block_groups, load_
 
 
 def test_backbones_any_channels_and_unknown_name():
-    for name in ("resnet_small", "resnet18"):
+    for name in ("resnet_small", "resnet10", "resnet18", "resnet34", "resnet50"):
         net, features = build_resnet(name, in_channels=2, small_input=True)
         assert net(torch.randn(2, 2, 28, 28)).shape == (2, features)
     with pytest.raises(ValueError, match="Unknown backbone 'resnet7'.*resnet18"):

@@ -91,3 +91,16 @@ def test_unknown_config_key_in_yaml(tmp_path):
     bad.write_text("data:\n  init_args:\n    sample_per_class: 5\n")
     with pytest.raises(SystemExit):
         cli_main(["fit", "--config", str(CONFIGS / "finetune_target.yaml"), "--config", str(bad)])
+
+
+def test_resume_with_ckpt_path_last(tmp_path, monkeypatch, fashion_root):
+    """`--ckpt_path last` resumes from the latest epoch (a monitor-free checkpoint writes last.ckpt every epoch)."""
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(CONFIGS / "scratch_target.yaml"), *TINY, "--data.init_args.root", str(fashion_root)]
+    first = cli_main([*args, "--trainer.max_epochs", "2"])
+    last = tmp_path / "runs/classifier/scratch_target/checkpoints/last.ckpt"
+    import torch
+
+    assert torch.load(last, weights_only=True)["global_step"] == first.trainer.global_step == 4  # 100 images, batch 50
+    resumed = cli_main([*args, "--trainer.max_epochs", "3", "--ckpt_path", "last"])
+    assert resumed.trainer.global_step == 6 and resumed.trainer.current_epoch == 3

@@ -1,0 +1,246 @@
+"""Fine-tuning under 2-process CPU DDP: freezing holds, unfreezing syncs, ranks agree.
+
+``ddp_spawn`` (not ``ddp``, which would re-launch pytest) with the gloo backend on loopback.
+Each rank writes what it saw into ``tmp_path``; the test process compares the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback
+
+from lit_finetune import ImageClassifier
+from lit_finetune.callbacks import LayerFreezing, LRWarmup
+from lit_finetune.data import FashionMNISTDataModule
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available"),
+]
+
+
+@pytest.fixture
+def loopback_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gloo on loopback: works where the hostname does not resolve and keeps the test off the network."""
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    # a fresh free port per test; set (not deleted) so monkeypatch restores it after Lightning
+    # writes its own value into os.environ
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def _backbone_state(pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().cpu() for k, v in pl_module.backbone.state_dict().items()}
+
+
+class RankRecorder(Callback):
+    """Write per-rank snapshots: backbone at fit start and after epoch 0, final state dict, metrics."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def _path(self, trainer: L.Trainer, name: str) -> Path:
+        return self.out_dir / f"rank{trainer.global_rank}_{name}"
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        torch.save(_backbone_state(pl_module), self._path(trainer, "start.pt"))
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # LayerFreezing (an earlier callback) has already applied this epoch's phase
+        freezing = next(c for c in trainer.callbacks if isinstance(c, LayerFreezing))
+        info = {
+            "world_size": trainer.world_size,
+            "frozen": freezing.is_frozen("backbone"),
+            "frozen_groups": [g["name"] for g in trainer.optimizers[0].param_groups if g.get("frozen")],
+        }
+        self._path(trainer, f"epoch{trainer.current_epoch}_start.json").write_text(json.dumps(info))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # runs after this epoch's validation, before the next epoch's unfreeze
+        torch.save(_backbone_state(pl_module), self._path(trainer, f"epoch{trainer.current_epoch}_end.pt"))
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        self._path(trainer, f"epoch{trainer.current_epoch}_metrics.json").write_text(json.dumps(metrics))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        state = {k: v.detach().clone().cpu() for k, v in pl_module.state_dict().items()}
+        torch.save(state, self._path(trainer, "end.pt"))
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        self._path(trainer, "metrics.json").write_text(json.dumps(metrics))
+
+
+def _tiny_datamodule(root: Path, batch_size: int = 8) -> FashionMNISTDataModule:
+    return FashionMNISTDataModule(
+        root=str(root), classes=[5, 6, 7, 8, 9], samples_per_class=8, val_split=40, batch_size=batch_size, seed=0
+    )
+
+
+def _make_pretrained(path: Path) -> dict[str, torch.Tensor]:
+    """A stand-in for the source-pretrained checkpoint: a state dict with non-default BN statistics."""
+    torch.manual_seed(123)
+    source = ImageClassifier(num_classes=5)
+    with torch.no_grad():
+        for name, buf in source.named_buffers():
+            if name.endswith("running_mean"):
+                buf.normal_(0, 0.1)
+            elif name.endswith("running_var"):
+                buf.uniform_(0.5, 1.5)
+    torch.save(source.state_dict(), path)
+    return {k[len("backbone.") :]: v.clone() for k, v in source.state_dict().items() if k.startswith("backbone.")}
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
+    assert a.keys() == b.keys(), what
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{what}: {different[:5]}"
+
+
+def test_ddp_freeze_then_unfreeze_stays_in_sync(tmp_path: Path, fashion_root: Path, loopback_env: None) -> None:
+    pretrained = _make_pretrained(tmp_path / "pretrained.pt")
+    out = tmp_path / "ranks"
+    out.mkdir()
+    L.seed_everything(0, workers=True)
+    model = ImageClassifier(num_classes=5, pretrained=str(tmp_path / "pretrained.pt"), backbone_lr_ratio=0.1)
+    assert model.load_report is not None and model.load_report.loaded
+    head_init = model.head.weight.detach().clone()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+        deterministic=True,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[
+            LayerFreezing(["backbone"], unfreeze_at_epoch=1),
+            LRWarmup(warmup_steps=2),
+            RankRecorder(str(out)),
+        ],
+    )
+    trainer.fit(model, datamodule=_tiny_datamodule(fashion_root))
+    assert trainer.state.finished, trainer.state.status
+
+    ranks = (0, 1)
+    for r in ranks:
+        for name in ("start.pt", "epoch0_end.pt", "epoch1_end.pt", "end.pt", "metrics.json"):
+            assert (out / f"rank{r}_{name}").is_file(), f"rank {r} did not write {name}"
+
+    for r in ranks:
+        e0 = json.loads((out / f"rank{r}_epoch0_start.json").read_text())
+        e1 = json.loads((out / f"rank{r}_epoch1_start.json").read_text())
+        assert e0["world_size"] == 2
+        assert e0["frozen"] and not e1["frozen"]
+        assert e0["frozen_groups"] and all(n.startswith("backbone") for n in e0["frozen_groups"])
+        assert e1["frozen_groups"] == []
+
+        # the backbone starts from the pretrained weights (BN statistics included) ...
+        start = torch.load(out / f"rank{r}_start.pt", weights_only=True)
+        _assert_same(start, pretrained, f"rank {r}: backbone at fit start is not the pretrained one")
+        # ... and the frozen phase leaves it untouched: weights and BN running statistics
+        _assert_same(
+            torch.load(out / f"rank{r}_epoch0_end.pt", weights_only=True),
+            pretrained,
+            f"rank {r}: frozen backbone changed during epoch 0",
+        )
+
+    end = [torch.load(out / f"rank{r}_end.pt", weights_only=True) for r in ranks]
+    # after unfreezing, the backbone trained ...
+    changed = [k for k, v in pretrained.items() if not torch.equal(end[0][f"backbone.{k}"], v)]
+    assert any(k.endswith("weight") and "conv" in k for k in changed), "backbone did not train after unfreezing"
+    # ... and both ranks hold the very same weights (DDP synced the unfrozen parameters)
+    _assert_same(end[0], end[1], "ranks disagree after unfreezing")
+    # the head trained (it is never frozen), and ddp_spawn handed rank 0's weights back to this process
+    assert not torch.equal(end[0]["head.weight"], head_init)
+    _assert_same(
+        {k: v.detach() for k, v in model.state_dict().items()}, end[0], "model in the main process is not rank 0's"
+    )
+
+    # validation metrics (torchmetrics sync + sync_dist) agree across ranks in every epoch
+    for epoch in (0, 1):
+        m0, m1 = (json.loads((out / f"rank{r}_epoch{epoch}_metrics.json").read_text()) for r in ranks)
+        assert {"val/loss", "val/acc", "val/f1_macro"} <= m0.keys()
+        assert m0 == pytest.approx(m1, abs=1e-6), f"epoch {epoch}: {m0} vs {m1}"
+
+
+def test_cli_fit_ddp_spawn(tmp_path: Path, fashion_root: Path, loopback_env: None) -> None:
+    """``lit-finetune fit`` with the shipped fine-tune config on 2 CPU processes.
+
+    Run from ``tmp_path`` so the config's relative run directories land there, with the
+    source checkpoint where ``pretrain_source.yaml`` would have written it: the chain
+    pretrain -> fine-tune as shipped, only shortened.
+    """
+    shipped = yaml.safe_load((REPO / "configs/classifier/finetune_target.yaml").read_text())
+    pretrained = tmp_path / shipped["model"]["init_args"]["pretrained"]
+    pretrained.parent.mkdir(parents=True)
+    torch.manual_seed(7)
+    source = ImageClassifier(num_classes=5)
+    torch.save({"state_dict": source.state_dict(), "epoch": 0}, pretrained)  # a Lightning-style checkpoint
+
+    # lists are replaced as a whole by a later config: restate the callbacks, unfreezing at epoch 1
+    callbacks = shipped["trainer"]["callbacks"]
+    freezing = next(c for c in callbacks if c["class_path"].endswith("LayerFreezing"))
+    freezing["init_args"]["unfreeze_at_epoch"] = 1
+    # Lightning 2.6 writes last.ckpt only when a top-k checkpoint is written at the same step (the
+    # monitored metric improved), so add a monitor-free checkpoint that is rewritten every epoch
+    latest = {"dirpath": shipped["trainer"]["default_root_dir"] + "/checkpoints", "filename": "latest"}
+    callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": latest})
+    override = tmp_path / "override.yaml"
+    override.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
+
+    args = [
+        sys.executable, "-m", "lit_finetune.cli", "fit",
+        "--config", str(REPO / "configs/classifier/finetune_target.yaml"),
+        "--config", str(override),
+        "--trainer.accelerator", "cpu",
+        "--trainer.devices", "2",
+        "--trainer.strategy", "ddp_spawn",
+        "--trainer.max_epochs", "2",
+        "--trainer.limit_train_batches", "2",
+        "--trainer.limit_val_batches", "1",
+        "--trainer.num_sanity_val_steps", "0",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--data.root", str(fashion_root),
+        "--data.samples_per_class", "8",
+        "--data.val_split", "40",
+        "--data.batch_size", "8",
+    ]  # fmt: skip
+    proc = subprocess.run(args, cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    run_dir = tmp_path / shipped["trainer"]["default_root_dir"]
+    checkpoints = run_dir / "checkpoints"
+    assert {p.name for p in checkpoints.glob("*.ckpt")} == {"best.ckpt", "last.ckpt", "latest.ckpt"}
+    source_state = source.state_dict()
+    backbone_keys = [k for k in source_state if k.startswith("backbone.")]
+    saved = torch.load(checkpoints / "latest.ckpt", map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 1 and saved["global_step"] == 4
+    trained = [k for k in backbone_keys if not torch.equal(saved["state_dict"][k], source_state[k])]
+    assert any(k.endswith("conv1.weight") for k in trained), "backbone did not train after unfreezing"
+    # CSVLogger: one versioned dir with the metrics and, beside them, the resolved config
+    versions = list((run_dir / "lightning_logs").glob("version_*"))
+    assert len(versions) == 1, versions
+    assert "val/acc" in (versions[0] / "metrics.csv").read_text().splitlines()[0]
+    resolved = yaml.safe_load((versions[0] / "config.yaml").read_text())
+    assert resolved["trainer"]["strategy"] == "ddp_spawn" and str(resolved["trainer"]["devices"]) == "2"

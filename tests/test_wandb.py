@@ -18,12 +18,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import wandb
 import yaml
+from wandb.proto import wandb_internal_pb2
 
-wandb = pytest.importorskip("wandb")
-from wandb.proto import wandb_internal_pb2  # noqa: E402
-
-from lit_finetune.cli import cli_main  # noqa: E402
+from lit_finetune.cli import cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE = str(REPO / "configs/classifier/finetune_target.yaml")

@@ -187,6 +187,7 @@ def load_pretrained(
     target = model.state_dict()
     report = LoadReport(source=label)
     merged: dict[str, torch.Tensor] = {}
+    mismatched: set[str] = set()
     for key, value in state.items():
         mapped = _map_key(key, key_map or {}, target)
         if mapped is None:
@@ -204,10 +205,14 @@ def load_pretrained(
             report.adapted.append(mapped)
         else:
             report.reshaped.append(f"{mapped} {tuple(value.shape)}->{tuple(want.shape)}")
+            mismatched.add(mapped)
     report.missing = [
         k
         for k in target
-        if k not in merged and not k.endswith("num_batches_tracked") and not any(k.startswith(p) for p in exclude)
+        if k not in merged
+        and k not in mismatched
+        and not k.endswith("num_batches_tracked")
+        and not any(k.startswith(p) for p in exclude)
     ]
     if strict and not report.clean:
         raise PretrainedLoadError(f"strict load failed:\n{report}")

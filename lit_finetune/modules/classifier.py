@@ -127,7 +127,9 @@ class ImageClassifier(TransferModule):
             self.class_names = list(dm.class_names)
 
     # -- steps ----------------------------------------------------------------------------------
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection) -> torch.Tensor:
+    def _shared_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)

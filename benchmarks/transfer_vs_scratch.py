@@ -106,7 +106,10 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    import lightning.pytorch  # noqa: F401  (sets its own log level on import; quiet it afterwards)
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     start = time.perf_counter()
 
     print(f"[1/3] pretraining on source classes 0-4 ({args.pretrain_epochs} epochs)", flush=True)

@@ -13,6 +13,10 @@ def test_defaults_build_a_working_model():
     assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 5)
     for dm in (FashionMNISTDataModule(), DigitsDataModule(), ImageFolderDataModule()):
         assert dm.batch_size > 0  # every datamodule builds with defaults alone
+    from lit_finetune.callbacks import LayerFreezing, LRWarmup
+
+    assert LayerFreezing().module_names == ["backbone"] and LRWarmup().warmup_steps > 0
+    assert PredictionWriter().output_file.endswith(".csv")
 
 
 def test_fit_test_logs_metrics_per_class_and_confusion_png(tmp_path, tiny_target):

@@ -197,21 +197,14 @@ def test_cli_fit_ddp_spawn(tmp_path: Path, fashion_root: Path, loopback_env: Non
     source = ImageClassifier(num_classes=5)
     torch.save({"state_dict": source.state_dict(), "epoch": 0}, pretrained)  # a Lightning-style checkpoint
 
-    # lists are replaced as a whole by a later config: restate the callbacks, unfreezing at epoch 1
-    callbacks = shipped["trainer"]["callbacks"]
-    freezing = next(c for c in callbacks if c["class_path"].endswith("LayerFreezing"))
-    freezing["init_args"]["unfreeze_at_epoch"] = 1
-    # Lightning 2.6 writes last.ckpt only when a top-k checkpoint is written at the same step (the
-    # monitored metric improved), so add a monitor-free checkpoint that is rewritten every epoch
-    latest = {"dirpath": shipped["trainer"]["default_root_dir"] + "/checkpoints", "filename": "latest"}
-    callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": latest})
-    override = tmp_path / "override.yaml"
-    override.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
+    # the shipped config unfreezes at epoch 1 and rewrites last.ckpt every epoch
+    assert next(c for c in shipped["trainer"]["callbacks"] if c["class_path"].endswith("LayerFreezing"))[
+        "init_args"
+    ]["unfreeze_at_epoch"] == 1
 
     args = [
         sys.executable, "-m", "lit_finetune.cli", "fit",
         "--config", str(REPO / "configs/classifier/finetune_target.yaml"),
-        "--config", str(override),
         "--trainer.accelerator", "cpu",
         "--trainer.devices", "2",
         "--trainer.strategy", "ddp_spawn",
@@ -231,10 +224,10 @@ def test_cli_fit_ddp_spawn(tmp_path: Path, fashion_root: Path, loopback_env: Non
 
     run_dir = tmp_path / shipped["trainer"]["default_root_dir"]
     checkpoints = run_dir / "checkpoints"
-    assert {p.name for p in checkpoints.glob("*.ckpt")} == {"best.ckpt", "last.ckpt", "latest.ckpt"}
+    assert {p.name for p in checkpoints.glob("*.ckpt")} == {"best.ckpt", "last.ckpt"}
     source_state = source.state_dict()
     backbone_keys = [k for k in source_state if k.startswith("backbone.")]
-    saved = torch.load(checkpoints / "latest.ckpt", map_location="cpu", weights_only=True)
+    saved = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["epoch"] == 1 and saved["global_step"] == 4
     trained = [k for k in backbone_keys if not torch.equal(saved["state_dict"][k], source_state[k])]
     assert any(k.endswith("conv1.weight") for k in trained), "backbone did not train after unfreezing"

@@ -83,7 +83,7 @@ class TransferModule(L.LightningModule):
             )
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dm = getattr(self.trainer, "datamodule", None)
         if dm is None:
             return
         channels = getattr(dm, "channels", self.in_channels)

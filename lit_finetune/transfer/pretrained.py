@@ -9,7 +9,6 @@ dropped silently (the ``strict=False`` trap of older libraries).
 
 from __future__ import annotations
 
-import logging
 import pickle
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -17,10 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-
-log = logging.getLogger(__name__)
-
 
 class PretrainedLoadError(RuntimeError):
     """A pretrained source could not be read or does not fit the model."""
@@ -221,5 +218,5 @@ def load_pretrained(
             f"Nothing in {label} matches the model's keys; wrong file, or a key_map is needed.\n{report}"
         )
     model.load_state_dict({**target, **merged}, strict=True)
-    log.info("%s", report)
+    rank_zero_info(str(report))  # shown by the CLI; rank 0 only under DDP
     return report

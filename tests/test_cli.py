@@ -104,3 +104,20 @@ def test_resume_with_ckpt_path_last(tmp_path, monkeypatch, fashion_root):
     assert torch.load(last, weights_only=True)["global_step"] == first.trainer.global_step == 4  # 100 images, batch 50
     resumed = cli_main([*args, "--trainer.max_epochs", "3", "--ckpt_path", "last"])
     assert resumed.trainer.global_step == 6 and resumed.trainer.current_epoch == 3
+
+
+def test_imagefolder_config_fits_a_users_folder(tmp_path, monkeypatch):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("ant", "bee", "wasp"):
+        (tmp_path / "imgs/train" / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "imgs/train" / cls / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(
+        ["fit", "--config", str(CONFIGS / "imagefolder_target.yaml"), *TINY, "--data.init_args.root", "imgs",
+         "--data.init_args.val_split", "3", "--model.init_args.backbone", "resnet_small"]
+    )  # fmt: skip
+    assert cli.model.num_classes == 3 and cli.model.in_channels == 3 and cli.model.image_size == 32
+    assert (tmp_path / "runs/classifier/imagefolder_target/checkpoints/last.ckpt").is_file()

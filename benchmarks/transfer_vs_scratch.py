@@ -87,8 +87,8 @@ def bar_chart(results: dict[str, list[float]], path: Path, title: str) -> None:
     stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in results.values()]
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.bar(names, [100 * m for m in means], yerr=[100 * s for s in stds], capsize=6, color=["#4c72b0", "#dd8452"])
-    for i, m in enumerate(means):
-        ax.text(i, 100 * m + 1, f"{100 * m:.1f}", ha="center")
+    for i, (m, s) in enumerate(zip(means, stds)):
+        ax.text(i, 100 * (m + s) + 2, f"{100 * m:.1f}", ha="center")
     ax.set_ylabel("target test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(title, fontsize=9)

@@ -123,7 +123,7 @@ class LayerFreezing(BaseFinetuning):
                 if id(p) in self._frozen_param_ids:
                     p.grad = None
 
-    def _mark_groups(self, optimizer: Optimizer) -> None:
+    def _mark_groups(self, pl_module: L.LightningModule, optimizer: Optimizer) -> None:
         """Flag groups whose parameters are all frozen; give unfrozen modules' groups their LR scale."""
         for group in optimizer.param_groups:
             ids = {id(p) for p in group["params"]}
@@ -131,7 +131,7 @@ class LayerFreezing(BaseFinetuning):
         for name, scale in zip(self.module_names, self.lr_scales):
             if self._frozen.get(name) or scale == 1.0:
                 continue
-            ids = {id(p) for p in get_submodule(self._pl_module, name).parameters()}
+            ids = {id(p) for p in get_submodule(pl_module, name).parameters()}
             for group in optimizer.param_groups:
                 if ids & {id(p) for p in group["params"]}:
                     set_lr_factor(group, "unfreeze", scale)
@@ -139,7 +139,6 @@ class LayerFreezing(BaseFinetuning):
     # -- BaseFinetuning API -------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._distributed = trainer.world_size > 1
-        self._pl_module = pl_module
         super().setup(trainer, pl_module, stage)  # -> freeze_before_training, before any DDP wrap
 
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:
@@ -151,7 +150,7 @@ class LayerFreezing(BaseFinetuning):
             should_freeze = milestone is None or epoch < milestone
             if should_freeze != self.is_frozen(name):
                 self._set_frozen(pl_module, name, should_freeze)
-        self._mark_groups(optimizer)
+        self._mark_groups(pl_module, optimizer)
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -161,7 +160,7 @@ class LayerFreezing(BaseFinetuning):
                 optimizer.register_step_pre_hook(self._drop_frozen_grads)
                 optimizer._lit_finetune_freeze_hook = True
             install_lr_factor_hooks(optimizer)
-            self._mark_groups(optimizer)
+            self._mark_groups(pl_module, optimizer)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._apply_bn_mode(pl_module)

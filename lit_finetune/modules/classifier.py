@@ -25,6 +25,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TORCHVISION_KEY_MAP = {"": "backbone.", "fc.": "head."}
 
 
+def _per_channel(rgb_stats: tuple[float, float, float], channels: int) -> torch.Tensor:
+    """ImageNet RGB statistics as a ``(1, C, 1, 1)`` tensor; other channel counts get their mean."""
+    stats = torch.tensor(rgb_stats)
+    return (stats if channels == 3 else stats.mean().repeat(channels)).view(1, -1, 1, 1)
+
+
 class ImageClassifier(TransferModule):
     """A ResNet backbone and a linear head, trained with cross-entropy.
 
@@ -90,10 +96,8 @@ class ImageClassifier(TransferModule):
                 self, pretrained, key_map=TORCHVISION_KEY_MAP, arch=backbone, exclude=() if load_head else ("head.",)
             )
         use_imagenet = input_normalization == "imagenet" or (input_normalization == "auto" and weight_name)
-        mean = torch.tensor(IMAGENET_MEAN).mean().repeat(in_channels) if in_channels != 3 else torch.tensor(IMAGENET_MEAN)
-        std = torch.tensor(IMAGENET_STD).mean().repeat(in_channels) if in_channels != 3 else torch.tensor(IMAGENET_STD)
-        self.register_buffer("input_mean", mean.view(1, -1, 1, 1) if use_imagenet else None, persistent=False)
-        self.register_buffer("input_std", std.view(1, -1, 1, 1) if use_imagenet else None, persistent=False)
+        for name, stats in (("input_mean", IMAGENET_MEAN), ("input_std", IMAGENET_STD)):
+            self.register_buffer(name, _per_channel(stats, in_channels) if use_imagenet else None, persistent=False)
         self.l2sp = L2SP(self.backbone, l2sp_alpha) if l2sp_alpha > 0 else None
 
         metrics = MetricCollection(

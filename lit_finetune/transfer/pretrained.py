@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+
 class PretrainedLoadError(RuntimeError):
     """A pretrained source could not be read or does not fit the model."""
 

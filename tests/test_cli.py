@@ -86,11 +86,14 @@ def test_help_print_config_and_unknown_key():
     assert out.returncode != 0 and "lerning_rate" in out.stderr
 
 
-def test_unknown_config_key_in_yaml(tmp_path):
+def test_unknown_config_key_in_yaml(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  init_args:\n    sample_per_class: 5\n")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", "--config", str(CONFIGS / "finetune_target.yaml"), "--config", str(bad)])
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert "sample_per_class" in err and "not accepted" in err  # the user is told which key is wrong
 
 
 def test_resume_with_ckpt_path_last(tmp_path, monkeypatch, fashion_root):
@@ -121,3 +124,23 @@ def test_imagefolder_config_fits_a_users_folder(tmp_path, monkeypatch):
     )  # fmt: skip
     assert cli.model.num_classes == 3 and cli.model.in_channels == 3 and cli.model.image_size == 32
     assert (tmp_path / "runs/classifier/imagefolder_target/checkpoints/last.ckpt").is_file()
+
+
+def test_imagefolder_mistyped_root_names_the_path_before_training(tmp_path, monkeypatch, capsys):
+    """A mistyped ``--data.init_args.root`` stops while the CLI builds its classes, naming the path."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "images/train/cat").mkdir(parents=True)  # the folder the user meant
+    with pytest.raises((Exception, SystemExit)) as err_info:  # raised, or printed and exited: either way...
+        cli_main(["fit", "--config", str(CONFIGS / "imagefolder_target.yaml"), "--data.init_args.root", "imgaes"])
+    seen = str(err_info.value) + capsys.readouterr().err
+    assert "imgaes" in seen and "does not exist" in seen, seen
+    assert "num_classes" not in seen  # not the old, misleading symptom
+    from lit_finetune.data import DatasetNotFoundError
+
+    chain, cause = [], err_info.value
+    while cause is not None:
+        chain.append(cause)
+        cause = cause.__cause__
+    if not isinstance(err_info.value, SystemExit):  # ...the error keeps its type for Python callers
+        assert any(isinstance(e, DatasetNotFoundError) and "imgaes" in str(e) for e in chain)
+    assert not (tmp_path / "runs").exists()  # failed at construction: no trainer ran, nothing written

@@ -1,4 +1,5 @@
 import gzip
+import re
 
 import numpy as np
 import pytest
@@ -26,6 +27,44 @@ def test_fashion_subset_remaps_labels_and_few_shot_is_balanced(fashion_root):
     x, y = next(iter(dm.train_dataloader()))
     assert x.dtype == torch.float32 and x.shape[1:] == (1, 28, 28)
     assert x.min() >= -1 and x.max() <= 1 and y.max() < 5
+
+
+def _raw_idx(path, header: int) -> np.ndarray:
+    """The raw bytes of an IDX file after its header, read independently of the package."""
+    return np.frombuffer(gzip.open(path).read(), dtype=np.uint8, offset=header)
+
+
+@pytest.mark.parametrize("classes", [[5, 6, 7, 8, 9], [9, 5, 7]])
+def test_relabelled_subset_maps_back_to_raw_labels(fashion_root, classes):
+    """Each image of a class subset carries label ``classes.index(raw label)``, checked image by image."""
+    raw_test_y = _raw_idx(fashion_root / "t10k-labels-idx1-ubyte.gz", 8)
+    raw_test_x = _raw_idx(fashion_root / "t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
+    raw_train_y = _raw_idx(fashion_root / "train-labels-idx1-ubyte.gz", 8)
+    raw_train_x = _raw_idx(fashion_root / "train-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
+    dm = FashionMNISTDataModule(root=str(fashion_root), classes=classes, samples_per_class=20, val_split=50, augment=False)
+    dm.setup("fit")
+    dm.setup("test")
+    to_raw = np.asarray(classes)
+
+    # test split: every kept image, in file order, with its label mapped back
+    kept = np.flatnonzero(np.isin(raw_test_y, classes))
+    assert np.array_equal(dm.test_set.images[:, 0].numpy(), raw_test_x[kept])
+    assert np.array_equal(to_raw[dm.test_set.labels.numpy()], raw_test_y[kept])
+    assert set(raw_test_y[kept]) == set(classes) and len(kept) == 1000 * len(classes)
+
+    # train and validation: look each image up among the raw training images
+    by_bytes: dict[bytes, set[int]] = {}
+    for img, y in zip(raw_train_x, raw_train_y):
+        by_bytes.setdefault(img.tobytes(), set()).add(int(y))
+    for subset in (dm.train_set, dm.val_set):
+        for img, label in zip(subset.images[:, 0].numpy(), subset.labels.tolist()):
+            assert int(to_raw[label]) in by_bytes[img.tobytes()]
+
+    # and what a batch delivers: the float image is the raw image scaled to [-1, 1], with the mapped label
+    x, y = next(iter(dm.val_dataloader()))
+    for xi, yi in zip(x[:8], y[:8].tolist()):
+        raw = np.rint((xi[0].numpy() + 1.0) * 127.5).astype(np.uint8)
+        assert int(to_raw[yi]) in by_bytes[raw.tobytes()]
 
 
 def test_split_is_seeded_and_val_independent_of_few_shot():
@@ -78,7 +117,24 @@ def test_digits_real_data_split_fixed():
     dm.setup("fit")
     dm.setup("test")
     assert dm.num_classes == 10 and len(dm.train_set) == 100 and len(dm.val_set) == 50
-    assert len(dm.test_set) + len(dm.val_set) + 1797 - len(dm.test_set) - 50 > 0
+    assert torch.bincount(dm.train_set.labels).tolist() == [10] * 10
+    assert torch.bincount(dm.val_set.labels).tolist() == [5] * 10
+    # the fixed 70/30 split is stratified and partitions sklearn's 1,797 images exactly
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    per_class = np.bincount(raw.target)
+    assert torch.bincount(dm.test_set.labels).tolist() == [int(round(0.3 * n)) for n in per_class]
+    scaled = np.clip(np.rint(raw.images * (255.0 / 16.0)), 0, 255).astype(np.uint8).reshape(len(raw.target), -1)
+    pool, test = dm.read_split("train"), dm.read_split("test")
+    assert len(pool[0]) + len(test[0]) == 1797
+    rows = lambda imgs, labels: sorted(  # noqa: E731  (image bytes + label, as a multiset)
+        bytes(i) + bytes([int(y)]) for i, y in zip(imgs.reshape(len(imgs), -1).numpy(), labels.tolist())
+    )
+    assert rows(torch.cat([pool[0], test[0]]), torch.cat([pool[1], test[1]])) == rows(
+        torch.from_numpy(scaled), torch.from_numpy(raw.target)
+    )
+    assert int(dm.test_set.images.max()) == 255  # 0-16 scaled to the full uint8 range
     other = DigitsDataModule(seed=5)
     other.setup("test")
     assert torch.equal(other.test_set.images, dm.test_set.images)  # test split does not depend on seed
@@ -122,7 +178,7 @@ def test_image_folder_reads_class_tree_and_predict_dir(tmp_path):
     x, _ = next(iter(dm.predict_dataloader()))
     assert x.shape == (4, 3, 16, 16)
     with pytest.raises(DatasetNotFoundError, match="does not exist"):
-        ImageFolderDataModule(root=str(tmp_path / "missing"), predict_dir=str(tmp_path / "missing")).setup("predict")
+        ImageFolderDataModule(root=str(tmp_path), predict_dir=str(tmp_path / "missing")).setup("predict")
 
 
 def test_download_path_uses_torchvision_layout(tmp_path, fashion_root, monkeypatch):
@@ -148,3 +204,62 @@ def test_download_path_uses_torchvision_layout(tmp_path, fashion_root, monkeypat
     assert calls == [True, False] and len(dm.val_set) == 10
     dm.prepare_data()  # already there: no second download
     assert calls == [True, False]
+
+
+def _image_tree(root, layout: dict[str, list[str]], per_class: int = 2) -> None:
+    """``layout``: split folder ("train", "test" or "" for root itself) -> class folder names, each with images."""
+    from PIL import Image
+
+    for split, classes in layout.items():
+        for cls in classes:
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(np.full((6, 6, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_image_folder_missing_or_mistyped_root_fails_at_construction(tmp_path, monkeypatch):
+    _image_tree(tmp_path / "imgs", {"train": ["ant", "bee"]})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetNotFoundError, match=r"'imsg' \(= '.*imsg'\) does not exist") as err:
+        ImageFolderDataModule(root="imsg")  # a typo: fails here, not as num_classes=0 later
+    assert str(tmp_path / "imsg") in str(err.value) and "root/train/<class>" in str(err.value)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(DatasetNotFoundError, match="a_file.*is a file"):
+        ImageFolderDataModule(root="a_file")
+    assert ImageFolderDataModule(root="imgs").num_classes == 2  # the right path still works
+
+
+def test_image_folder_without_class_folders_fails_at_construction(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "loose.png").write_bytes(b"")  # images directly in train/, no class folders
+    with pytest.raises(DatasetNotFoundError, match=re.escape(str(tmp_path / "train")) + ".* has no class sub-folders"):
+        ImageFolderDataModule(root=str(tmp_path))
+    empty_root = tmp_path / "empty"
+    empty_root.mkdir()
+    with pytest.raises(DatasetNotFoundError, match="empty.* has no class sub-folders"):
+        ImageFolderDataModule(root=str(empty_root))
+    only_test = tmp_path / "only_test"
+    _image_tree(only_test, {"test": ["ant"]})
+    with pytest.raises(DatasetNotFoundError, match="has a test/ folder but no train/ folder"):
+        ImageFolderDataModule(root=str(only_test))  # was: one class named "test"
+    empty_class = tmp_path / "empty_class"
+    _image_tree(empty_class, {"train": ["ant"]})
+    (empty_class / "train" / "bee").mkdir()
+    with pytest.raises(DatasetNotFoundError, match="bee.* hold no image files"):
+        ImageFolderDataModule(root=str(empty_class))
+
+
+def test_image_folder_test_class_not_in_train_fails_at_construction(tmp_path):
+    _image_tree(tmp_path, {"train": ["ant", "bee"], "test": ["ant", "bee", "wasp"]})
+    with pytest.raises(DatasetNotFoundError, match="wasp") as err:
+        ImageFolderDataModule(root=str(tmp_path))
+    assert str(tmp_path / "test" / "wasp") in str(err.value)  # names the folder that would be dropped
+    (tmp_path / "test" / "wasp").rename(tmp_path / "test" / ".hidden")  # hidden folders are not classes
+    (tmp_path / "test" / "bee").rename(tmp_path / "test" / "Bee")  # a case typo: extra 'Bee', missing 'bee'
+    with pytest.raises(DatasetNotFoundError, match="Bee"):
+        ImageFolderDataModule(root=str(tmp_path))
+    (tmp_path / "test" / "Bee").rename(tmp_path / "test" / "bee")
+    dm = ImageFolderDataModule(root=str(tmp_path), image_size=8, val_split=2)
+    dm.setup("test")
+    assert dm.class_names == ["ant", "bee"] and torch.bincount(dm.test_set.labels).tolist() == [2, 2]

@@ -1,6 +1,6 @@
 """Speed: ``ImageClassifier`` under ``lightning.Trainer`` vs a hand-written PyTorch loop, and the data path.
 
-The DESIGN.md "Speed" protocol, in one process:
+The "Speed" protocol of docs/ARCHITECTURE.md, in one process:
 
 * **Same model, data and batch.** Each arm builds a fresh ``ImageClassifier(num_classes=5)``
   (resnet_small, 28x28 grayscale) from the same seed and trains it on the same
@@ -18,6 +18,9 @@ The DESIGN.md "Speed" protocol, in one process:
   and with the same ratio from median step times (robust to bursts of other processes). Both arms
   run with the same ``torch.set_num_threads`` (``--threads``, default 1: steadiest on a small
   or shared CPU).
+* **Same computation.** Both arms start from the same weights and see the same batches, so they
+  must compute the same loss at every step and end with the same weights; the report shows the
+  largest difference of each (a loop that skipped a step or fed other data would show it).
 * **Data path alone.** The same train loader iterated without a model (batches/s, images/s),
   compared with the model step alone (the hand-written step minus its batch fetch).
 
@@ -53,6 +56,8 @@ DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "speed.md"
 CLASSES = [0, 1, 2, 3, 4]
 TARGET_TRAINER_RATIO = 0.95  # Trainer steps/s >= 0.95 x hand-written loop
 TARGET_DATA_RATIO = 10.0  # data path batches/s >= 10 x model steps/s
+#: both arms run the same computation: per-step losses and final weights agree to float rounding
+AGREEMENT_TOLERANCE = 1e-4
 TIMING_METHOD = (
     "per-step wall time (`time.perf_counter`) from the end of one optimizer step to the end of the next, "
     "after the warm-up steps: Trainer arm via a callback's `on_train_batch_end`, hand-written arm right after "
@@ -67,6 +72,11 @@ class ArmTiming:
     step_s: list[float]
     fetch_s: list[float] = field(default_factory=list)
     threads: int = 0
+    #: the training loss of every step, warm-up included
+    losses: list[float] = field(default_factory=list)
+    #: the trained model and its optimizer (dropped once the arms were compared)
+    model: torch.nn.Module | None = field(default=None, repr=False)
+    optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
 
     @property
     def steps_per_s(self) -> float:
@@ -90,17 +100,19 @@ class ArmTiming:
 
 
 class StepTimer(L.Callback):
-    """Records ``time.perf_counter()`` at the end of every training batch, and the thread count in use."""
+    """Records ``time.perf_counter()`` and the loss at the end of every training batch, and the thread count."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.losses: list[float] = []
         self.threads = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.threads = torch.get_num_threads()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, *args: object) -> None:
         self.times.append(time.perf_counter())
+        self.losses.append(float(outputs["loss"]))  # the loss of the step that just ended
 
 
 def step_durations(times: list[float], warmup: int, steps: int) -> list[float]:
@@ -143,8 +155,10 @@ def time_trainer(dm: FashionMNISTDataModule, args: argparse.Namespace) -> ArmTim
         enable_model_summary=False,
         callbacks=[timer],
     )
-    trainer.fit(fresh_model(args.seed), datamodule=dm)
-    return ArmTiming(step_durations(timer.times, args.warmup, args.steps), threads=timer.threads)
+    model = fresh_model(args.seed)
+    trainer.fit(model, datamodule=dm)
+    durations = step_durations(timer.times, args.warmup, args.steps)
+    return ArmTiming(durations, threads=timer.threads, losses=timer.losses, model=model, optimizer=trainer.optimizers[0])
 
 
 def time_plain(dm: FashionMNISTDataModule, args: argparse.Namespace) -> ArmTiming:
@@ -155,7 +169,7 @@ def time_plain(dm: FashionMNISTDataModule, args: argparse.Namespace) -> ArmTimin
     if isinstance(optimizer, dict):
         optimizer = optimizer["optimizer"]
     batches = endless(dm.train_dataloader())
-    times, fetches = [], []
+    times, fetches, losses = [], [], []
     for _ in range(args.warmup + args.steps):
         start = time.perf_counter()
         x, y = next(batches)
@@ -165,8 +179,25 @@ def time_plain(dm: FashionMNISTDataModule, args: argparse.Namespace) -> ArmTimin
         loss.backward()
         optimizer.step()
         times.append(time.perf_counter())
+        losses.append(loss.item())
     fetch = fetches[args.warmup : args.warmup + args.steps]
-    return ArmTiming(step_durations(times, args.warmup, args.steps), fetch, torch.get_num_threads())
+    durations = step_durations(times, args.warmup, args.steps)
+    return ArmTiming(durations, fetch, torch.get_num_threads(), losses, model, optimizer)
+
+
+def arm_difference(a: ArmTiming, b: ArmTiming) -> tuple[float, float]:
+    """(largest per-step loss difference, largest final weight/buffer difference) of two arms' runs."""
+    if len(a.losses) != len(b.losses):
+        return float("inf"), float("inf")
+    loss_diff = max((abs(x - y) for x, y in zip(a.losses, b.losses)), default=0.0)
+    state_a, state_b = a.model.state_dict(), b.model.state_dict()
+    if state_a.keys() != state_b.keys():
+        return loss_diff, float("inf")
+    weight_diff = max(
+        ((state_a[k].double() - state_b[k].double()).abs().max().item() for k in state_a if state_a[k].numel()),
+        default=0.0,
+    )
+    return loss_diff, weight_diff
 
 
 def time_data(dm: FashionMNISTDataModule, args: argparse.Namespace) -> tuple[float, float]:
@@ -215,9 +246,12 @@ def report(
     data: list[tuple[float, float]],
     loads: tuple[str, str],
     elapsed: float,
+    agreement: list[tuple[float, float]],
 ) -> str:
     """The markdown report: setup, machine, the figures against their targets, and every repeat."""
     med = statistics.median
+    loss_diff = max(a[0] for a in agreement)
+    weight_diff = max(a[1] for a in agreement)
     trainer_sps = med(t.steps_per_s for t in trainer)
     plain_sps = med(p.steps_per_s for p in plain)
     model_sps = med(p.compute_steps_per_s for p in plain)
@@ -250,7 +284,9 @@ def report(
         "they share the machine's load); 'from median step times' uses each run's median step time instead, "
         "which ignores bursts of other processes. Trainer: no logger, no checkpointing, no progress bar, no model summary, "
         "no validation. The Trainer arm runs the module's `training_step` (torchmetrics update and `self.log` "
-        "included); the hand-written arm only `model(x)` + `F.cross_entropy`.",
+        "included); the hand-written arm only `model(x)` + `F.cross_entropy`. Both arms start from the same "
+        "weights and see the same batches, so they compute the same losses and end with the same weights "
+        "(the 'Arms agree' rows, over every step and repeat).",
         "",
         "| Figure | Measured (median of repeats) | Target | Met |",
         "|---|---|---|---|",
@@ -266,6 +302,10 @@ def report(
         f"| Data path / model step | {data_ratio:.1f} | >= {TARGET_DATA_RATIO:g} | "
         f"{met(data_ratio >= TARGET_DATA_RATIO)} |",
         f"| Batch fetch share of a hand-written step | {100 * med(p.fetch_share for p in plain):.1f}% | | |",
+        f"| Arms agree: largest per-step loss difference | {loss_diff:.1e} | <= {AGREEMENT_TOLERANCE:g} | "
+        f"{met(loss_diff <= AGREEMENT_TOLERANCE)} |",
+        f"| Arms agree: largest final weight difference | {weight_diff:.1e} | <= {AGREEMENT_TOLERANCE:g} | "
+        f"{met(weight_diff <= AGREEMENT_TOLERANCE)} |",
         "",
         "Per repeat (the arm that ran first in a repeat is marked *):",
         "",
@@ -318,20 +358,25 @@ def main(argv: list[str] | None = None) -> str:
 
     dm = FashionMNISTDataModule(root=args.root, classes=CLASSES, batch_size=args.batch_size, seed=args.seed)
     dm.setup("fit")  # once: the Trainer's own setup call then finds the splits built
-    trainer, plain, data = [], [], []
+    trainer, plain, data, agreement = [], [], [], []
     for repeat in range(args.repeats):
         data.append(time_data(dm, args))
         arms = [(time_trainer, trainer), (time_plain, plain)]
         for arm, results in arms if repeat % 2 == 0 else arms[::-1]:
             gc.collect()
             results.append(arm(dm, args))
+        agreement.append(arm_difference(trainer[-1], plain[-1]))
+        for timing in (trainer[-1], plain[-1]):
+            timing.model = timing.optimizer = None  # compared; free them before the next repeat
         print(
             f"repeat {repeat + 1}/{args.repeats}: hand-written {plain[-1].steps_per_s:.3f} steps/s, "
-            f"Trainer {trainer[-1].steps_per_s:.3f} steps/s, data {data[-1][0]:.1f} batches/s",
+            f"Trainer {trainer[-1].steps_per_s:.3f} steps/s, data {data[-1][0]:.1f} batches/s, "
+            f"arms differ by {agreement[-1][0]:.1e} (loss) / {agreement[-1][1]:.1e} (weights)",
             flush=True,
         )
 
-    markdown = report(args, trainer, plain, data, (load_start, load_average()), time.perf_counter() - started)
+    loads = (load_start, load_average())
+    markdown = report(args, trainer, plain, data, loads, time.perf_counter() - started, agreement)
     print(markdown)
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)

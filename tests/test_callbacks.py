@@ -129,3 +129,169 @@ def test_warmup_composes_with_scheduler_and_restarts_for_unfrozen_groups(tmp_pat
         step = first + k
         assert rec.lrs[step]["backbone.layer1"] == pytest.approx(0.1 * 0.5**step * warmup.factor(k))
     assert warmup.factor(0) == 0 and warmup.factor(4) == 1 and math.isclose(warmup.factor(2), 0.5)
+
+
+def test_closure_exception_restores_the_scheduled_lr():
+    p = nn.Parameter(torch.ones(1))
+    opt = torch.optim.SGD([{"params": [p], "lr": 1.0}])
+    install_lr_factor_hooks(opt)
+    set_lr_factor(opt.param_groups[0], "warmup", 0.5)
+
+    def failing_closure():
+        raise RuntimeError("nan in loss")
+
+    with pytest.raises(RuntimeError, match="nan in loss"):
+        opt.step(failing_closure)
+    assert opt.param_groups[0]["lr"] == 1.0  # not left at 0.5
+    p.grad = torch.ones(1)
+    opt.step()
+    assert p.item() == pytest.approx(0.5)  # scaled once (0.5), not twice (0.25)
+    assert opt.param_groups[0]["applied_lr"] == 0.5 and opt.param_groups[0]["steps_trained"] == 1
+
+
+def test_applied_lr_monitor_logs_what_steps_used_and_zero_when_frozen(tmp_path, tiny_target):
+    from functools import partial
+
+    from lit_finetune.callbacks import AppliedLRMonitor
+
+    model = ImageClassifier(num_classes=5, optimizer=partial(torch.optim.SGD, lr=0.1), backbone_lr_ratio=0.5)
+    rec = Recorder()
+    trainer = quiet_trainer(
+        tmp_path, max_epochs=2, log_every_n_steps=1, limit_val_batches=1,
+        callbacks=[LayerFreezing(["backbone"], unfreeze_at_epoch=1, unfreeze_lr_scale=0.2), LRWarmup(4), AppliedLRMonitor(), rec],
+    )  # fmt: skip
+    trainer.fit(model, datamodule=tiny_target)
+    import csv
+
+    rows = [r for r in csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))) if r.get("lr/head")]
+    assert len(rows) == len(rec.lrs)
+    steps_per_epoch = len(rows) // 2
+    for step, (row, used) in enumerate(zip(rows, rec.lrs)):
+        assert float(row["lr/head"]) == pytest.approx(used["head"])  # what the optimizer step used
+        if step < steps_per_epoch:
+            assert float(row["lr/backbone.layer1"]) == 0.0  # frozen: no update at all
+        else:
+            assert float(row["lr/backbone.layer1"]) == pytest.approx(used["backbone.layer1"])
+            assert used["backbone.layer1"] > 0
+    assert float(rows[0]["lr/head"]) == pytest.approx(0.1 * 0.01)  # warm-up's first step, not the scheduler's 0.1
+    after = rows[steps_per_epoch]  # the backbone's first step: its own warm-up x unfreeze scale x ratio
+    assert float(after["lr/backbone.layer1"]) == pytest.approx(0.1 * 0.01 * 0.2 * 0.5)
+
+
+def test_applied_lr_monitor_without_logger(tmp_path, tiny_target):
+    from lit_finetune.callbacks import AppliedLRMonitor
+
+    trainer = quiet_trainer(tmp_path, logger=False, max_steps=2, callbacks=[AppliedLRMonitor()])
+    trainer.fit(ImageClassifier(num_classes=5), datamodule=tiny_target)
+    assert trainer.callback_metrics["lr/head"] > 0
+
+
+class FilteredOptimizerModule(L.LightningModule):
+    """A user's own module whose optimizer holds only trainable parameters (Lightning's docs pattern)."""
+
+    def __init__(self, scheduler: bool = False):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+        self.head = nn.Linear(8, 2)
+        self.scheduler = scheduler
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.head(self.backbone(x)), y)
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(filter(lambda p: p.requires_grad, self.parameters()), lr=0.1)
+        if not self.scheduler:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1)}
+
+    def train_dataloader(self):
+        data = torch.utils.data.TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
+        return torch.utils.data.DataLoader(data, batch_size=4)
+
+
+def test_freezing_adds_missing_params_at_unfreeze_or_refuses_at_fit_start(tmp_path):
+    model = FilteredOptimizerModule()
+    before = model.backbone[0].weight.detach().clone()
+    trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=[LayerFreezing(["backbone"], unfreeze_at_epoch=1)])
+    trainer.fit(model)
+    assert not torch.equal(model.backbone[0].weight, before)  # trained after unfreezing
+    names = [g.get("name") for g in trainer.optimizers[0].param_groups]
+    assert names[-1] == "backbone"
+
+    with pytest.raises(ValueError, match="not in the optimizer.*filter.*scheduler"):
+        quiet_trainer(tmp_path, max_epochs=2, callbacks=[LayerFreezing(["backbone"], unfreeze_at_epoch=1)]).fit(
+            FilteredOptimizerModule(scheduler=True)
+        )
+
+
+def test_freezing_acts_only_when_fitting(tmp_path, tiny_target):
+    model = ImageClassifier(num_classes=5)
+    trainer = quiet_trainer(tmp_path, callbacks=[LayerFreezing(["backbone"], unfreeze_at_epoch=None)], limit_test_batches=1)
+    trainer.test(model, datamodule=tiny_target)
+    trainer.validate(model, datamodule=tiny_target)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_train_bn_true_trains_bn_affine_of_frozen_module(tmp_path, tiny_target):
+    model = ImageClassifier(num_classes=5)
+    gamma, conv = model.backbone.bn1.weight.detach().clone(), model.backbone.conv1.weight.detach().clone()
+    quiet_trainer(tmp_path, max_steps=3, callbacks=[LayerFreezing(["backbone"], None, train_bn=True)]).fit(
+        model, datamodule=tiny_target
+    )
+    assert not torch.equal(model.backbone.bn1.weight, gamma)  # BN affine trains...
+    assert torch.equal(model.backbone.conv1.weight, conv)  # ...the frozen convolution does not
+
+
+class TwoOptimizerModule(L.LightningModule):
+    """Manual optimisation with two optimizers and 3 steps of the second per batch (a GAN's shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.g = nn.Linear(4, 4)
+        self.d = nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        opt_g, opt_d = self.optimizers()
+        for _ in range(3):
+            loss_d = self.d(batch[0]).pow(2).mean()
+            opt_d.zero_grad()
+            self.manual_backward(loss_d)
+            opt_d.step()
+        loss_g = self.d(self.g(batch[0])).mean()
+        opt_g.zero_grad()
+        self.manual_backward(loss_g)
+        opt_g.step()
+
+    def configure_optimizers(self):
+        return (
+            torch.optim.SGD([{"name": "g", "params": self.g.parameters()}], lr=0.1),
+            torch.optim.SGD([{"name": "d", "params": self.d.parameters()}], lr=0.2),
+        )
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(20, 4)), batch_size=4)
+
+
+def test_warmup_counts_each_optimizers_own_steps_with_grad_scaler(tmp_path):
+    """Two optimizers, 3 D steps per G step, under a GradScaler (fp16 AMP's path; CPU-enabled here)."""
+    model = TwoOptimizerModule()
+    used: dict[str, list[float]] = {"g": [], "d": []}
+
+    class Spy(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            for opt in trainer.optimizers:
+                opt.register_step_post_hook(lambda o, a, k: used[o.param_groups[0]["name"]].append(o.param_groups[0]["lr"]))
+
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    warmup = LRWarmup(warmup_steps=5, start_factor=0.0)
+    quiet_trainer(
+        tmp_path, max_epochs=1, callbacks=[warmup, Spy()], plugins=[MixedPrecision("16-mixed", "cpu", scaler)]
+    ).fit(model)
+    assert len(used["g"]) == 5 and len(used["d"]) == 15
+    assert used["g"] == pytest.approx([0.1 * warmup.factor(k) for k in range(5)])
+    assert used["d"] == pytest.approx([0.2 * warmup.factor(k) for k in range(15)])
+    assert model.trainer.optimizers[1].param_groups[0]["lr"] == 0.2  # scheduler value restored after each step

@@ -1,3 +1,5 @@
+import itertools
+
 import lightning as L
 import pytest
 import torch
@@ -8,11 +10,15 @@ from lit_finetune.callbacks import PredictionWriter
 from lit_finetune.data import DigitsDataModule, FashionMNISTDataModule, ImageFolderDataModule
 
 
-def test_defaults_build_a_working_model():
+def test_defaults_build_a_working_model(tmp_path):
     model = ImageClassifier(num_classes=5)
     assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 5)
-    for dm in (FashionMNISTDataModule(), DigitsDataModule(), ImageFolderDataModule()):
-        assert dm.batch_size > 0  # every datamodule builds with defaults alone
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "cat" / "0.png")
+    for dm in (FashionMNISTDataModule(), DigitsDataModule(), ImageFolderDataModule(root=str(tmp_path))):
+        assert dm.batch_size > 0  # every datamodule builds with defaults alone (a folder needs its root)
     from lit_finetune.callbacks import LayerFreezing, LRWarmup
 
     assert LayerFreezing().module_names == ["backbone"] and LRWarmup().warmup_steps > 0
@@ -26,7 +32,14 @@ def test_fit_test_logs_metrics_per_class_and_confusion_png(tmp_path, tiny_target
     metrics = trainer.test(model, datamodule=tiny_target)[0]
     for key in ("test/acc", "test/f1_macro", "test/loss", "test/acc_class/Ankle_boot", "test/acc_class/Sandal"):
         assert key in metrics
-    assert 0.0 <= metrics["test/acc"] <= 1.0
+    # the logged accuracy is the accuracy of the model's predictions on the test split (recomputed here)
+    tiny_target.setup("test")
+    model.eval()
+    batches = list(itertools.islice(tiny_target.test_dataloader(), 3))
+    with torch.no_grad():
+        preds = torch.cat([model(x).argmax(-1) for x, _ in batches])
+    labels = torch.cat([y for _, y in batches])
+    assert metrics["test/acc"] == pytest.approx((preds == labels).float().mean().item(), abs=1e-6)
     pngs = list(tmp_path.rglob("test_confusion_matrix_step*.png"))
     assert pngs and pngs[0].stat().st_size > 1000
 

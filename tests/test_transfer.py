@@ -1,4 +1,5 @@
 import pickle
+from functools import partial
 
 import pytest
 import torch
@@ -61,34 +62,64 @@ def test_not_a_checkpoint_and_malicious_pickle_are_refused(tmp_path):
     with pytest.raises(PretrainedLoadError, match="Refused"):
         load_pretrained(ImageClassifier(num_classes=2), tmp_path / "evil.pt")
     assert not marker.exists()
-    with pytest.raises(PretrainedLoadError, match="does not exist"):
-        ImageClassifier(num_classes=2, pretrained=str(tmp_path / "missing.ckpt"))
+    with pytest.raises(PretrainedLoadError, match="missing.ckpt.*does not exist"):
+        ImageClassifier(num_classes=2, pretrained=str(tmp_path / "missing.ckpt")).load_pretrained_weights()
+
+
+def _resnet18_cache_file(torch_home) -> "Path":
+    """Where torch.hub looks for torchvision's ResNet-18 ImageNet weights under ``torch_home``."""
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    from torchvision.models import ResNet18_Weights
+
+    name = Path(urlparse(ResNet18_Weights.IMAGENET1K_V1.url).path).name
+    folder = Path(torch_home) / "hub" / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name
 
 
 def test_torchvision_weight_name_offline_gives_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    import torchvision.models._api as api
 
-    def no_network(self, *args, **kwargs):
+    def no_network(url, dst, *args, **kwargs):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(api.WeightsEnum, "get_state_dict", no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    model = ImageClassifier(num_classes=3, backbone="resnet18", in_channels=3, pretrained="IMAGENET1K_V1")
     with pytest.raises(PretrainedLoadError, match="hub/checkpoints"):
-        ImageClassifier(num_classes=3, backbone="resnet18", in_channels=3, pretrained="IMAGENET1K_V1")
+        model.load_pretrained_weights()
     with pytest.raises(ValueError, match="torchvision backbone"):
         ImageClassifier(num_classes=3, backbone="resnet_small", pretrained="IMAGENET1K_V1")
 
 
-def test_torchvision_weight_name_loads_from_local_cache(monkeypatch):
-    """The real code path for users with weights: get_state_dict is faked to return resnet18 tensors."""
-    import torchvision.models._api as api
-
+def test_torchvision_weight_name_loads_from_local_cache(monkeypatch, tmp_path):
+    """The real torch.hub path, fed from a file in $TORCH_HOME/hub/checkpoints (no network needed)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     reference = build_resnet("resnet18", 3, small_input=False)[0]
     full = {**reference.state_dict(), "fc.weight": torch.randn(1000, 512), "fc.bias": torch.randn(1000)}
-    monkeypatch.setattr(api.WeightsEnum, "get_state_dict", lambda self, *a, **k: full)
+    torch.save(full, _resnet18_cache_file(tmp_path))
     model = ImageClassifier(num_classes=3, backbone="resnet18", in_channels=3, image_size=224, pretrained="IMAGENET1K_V1")
-    assert model.load_report.loaded and "backbone.layer4.1.conv2.weight" in model.load_report.loaded
-    assert model.input_mean is not None  # ImageNet statistics for ImageNet weights
+    report = model.load_pretrained_weights()
+    assert "backbone.layer4.1.conv2.weight" in report.loaded and report.clean
+    assert torch.equal(model.backbone.layer4[1].conv2.weight, full["layer4.1.conv2.weight"])
+    assert model.input_mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])  # ImageNet statistics
+
+
+def test_planted_torchvision_cache_file_cannot_run_code(monkeypatch, tmp_path):
+    """A pickle that runs code, placed where the offline error tells users to put weights, is refused."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"conv1.weight": Exploit()}, _resnet18_cache_file(tmp_path))
+    model = ImageClassifier(num_classes=3, backbone="resnet18", in_channels=3, pretrained="IMAGENET1K_V1")
+    with pytest.raises(PretrainedLoadError, match="Refused to load the cached torchvision weights"):
+        model.load_pretrained_weights()
+    assert not marker.exists()
 
 
 def test_l2sp_is_half_squared_distance_and_zero_disables():
@@ -103,13 +134,75 @@ def test_l2sp_is_half_squared_distance_and_zero_disables():
     assert L2SP(net, alpha=0.0)().item() == 0
 
 
-def test_discriminative_lr_and_layer_decay_groups():
-    model = ImageClassifier(num_classes=3, backbone_lr_ratio=0.1, layer_decay=0.5)
-    opt = model.configure_optimizers()
-    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
-    assert lrs["head"] == pytest.approx(1e-3)
-    assert lrs["backbone.layer4"] == pytest.approx(1e-4)
-    assert lrs["backbone.layer3"] == pytest.approx(0.5e-4)
-    assert lrs["backbone.conv1"] == pytest.approx(1e-4 * 0.5**5)
+def _applied_lrs(model, steps: int = 6) -> list[dict[str, float]]:
+    """Step ``model``'s configured optimizer (and scheduler) on fake gradients; the LRs each step used."""
+    config = model.configure_optimizers()
+    opt = config["optimizer"] if isinstance(config, dict) else config
+    sched = config["lr_scheduler"]["scheduler"] if isinstance(config, dict) else None
+    used = []
+    for _ in range(steps):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 1e-3)
+        opt.step()
+        used.append({g["name"]: g["applied_lr"] for g in opt.param_groups})
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            sched.step(1.0)  # a flat metric: the plateau scheduler decays the LR after `patience` steps
+        elif sched is not None:
+            sched.step()
+    return used
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        None,
+        partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.01, total_steps=6),
+        partial(torch.optim.lr_scheduler.CyclicLR, base_lr=1e-4, max_lr=1e-2, step_size_up=2),
+        partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=6),
+        partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=0, factor=0.5),
+    ],
+    ids=["none", "onecycle", "cyclic", "cosine", "plateau"],
+)
+def test_discriminative_lr_and_layer_decay_hold_under_every_scheduler(scheduler):
+    model = ImageClassifier(
+        num_classes=3, backbone_lr_ratio=0.1, layer_decay=0.5, optimizer=partial(torch.optim.SGD, lr=1e-3),
+        lr_scheduler=scheduler,
+    )  # fmt: skip
+    used = _applied_lrs(model)
+    assert len({round(step["head"], 12) for step in used}) > 1 or scheduler is None  # the schedule moved
+    for step in used:
+        assert step["backbone.layer4"] == pytest.approx(0.1 * step["head"])
+        assert step["backbone.layer3"] == pytest.approx(0.05 * step["head"])
+        assert step["backbone.conv1"] == pytest.approx(0.1 * 0.5**5 * step["head"])
+        assert step["backbone.layer1.no_decay"] == pytest.approx(step["backbone.layer1"])
     names = [g["name"] for g in block_groups(model.backbone, "backbone")]
     assert names[:2] == ["backbone.conv1", "backbone.bn1"]
+
+
+def test_weight_decay_spares_norms_biases_and_l2sp_anchored_weights():
+    def decay_of(model) -> dict[str, float]:
+        opt = model.configure_optimizers()
+        return {n: g["weight_decay"] for g in opt.param_groups for n in _names(model, g["params"])}
+
+    def _names(model, params):
+        ids = {id(p) for p in params}
+        return [n for n, p in model.named_parameters() if id(p) in ids]
+
+    adamw = partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.05)
+    plain = decay_of(ImageClassifier(num_classes=3, optimizer=adamw))
+    assert plain["head.weight"] == 0.05 and plain["backbone.layer1.0.conv1.weight"] == 0.05
+    assert plain["head.bias"] == 0 and plain["backbone.bn1.weight"] == 0 and plain["backbone.bn1.bias"] == 0
+    anchored = decay_of(ImageClassifier(num_classes=3, optimizer=adamw, l2sp_alpha=0.01))
+    assert anchored["head.weight"] == 0.05  # the new head keeps plain weight decay
+    assert all(v == 0 for k, v in anchored.items() if k.startswith("backbone."))  # L2-SP replaces decay
+
+    # and the optimizer really honours it: an anchored weight at its anchor with zero gradient does not move
+    model = ImageClassifier(num_classes=3, optimizer=adamw, l2sp_alpha=0.01)
+    opt = model.configure_optimizers()
+    before = model.backbone.layer1[0].conv1.weight.detach().clone()
+    head_before = model.head.weight.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.equal(model.backbone.layer1[0].conv1.weight, before)
+    assert not torch.equal(model.head.weight, head_before)  # decayed toward 0

@@ -18,7 +18,16 @@ How a module is "frozen":
 
 Either way frozen BatchNorm layers run in eval mode (running statistics fixed) unless
 ``train_bn=True``; this is re-applied before every training batch because Lightning switches
-the whole model back to train mode at epoch and validation boundaries.
+the whole model back to train mode at epoch and validation boundaries. With ``train_bn=True``
+the BatchNorm affine parameters of a frozen module train too (as in ``BaseFinetuning``).
+
+The callback acts only while fitting: validate / test / predict leave the model as it is.
+
+Optimizers built over trainable parameters only (``filter(lambda p: p.requires_grad, ...)``,
+as Lightning's ``BaseFinetuning`` docs show) miss the frozen modules. Those parameters are
+added as a new named group when their module unfreezes (``BaseFinetuning``'s own way, which
+also restores such groups on resume). A learning-rate scheduler cannot follow a group added
+mid-run, so that combination stops at fit start with a message saying what to change.
 """
 
 from __future__ import annotations
@@ -32,6 +41,10 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lit_finetune.transfer.lr_factors import install_lr_factor_hooks, set_lr_factor
+
+
+def _optimizer_param_ids(optimizer: Optimizer) -> set[int]:
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
 
 
 def get_submodule(pl_module: nn.Module, name: str) -> nn.Module:
@@ -86,6 +99,7 @@ class LayerFreezing(BaseFinetuning):
         self._distributed = False
         self._frozen: dict[str, bool] = {}
         self._frozen_param_ids: set[int] = set()
+        self._adds_groups_to: Optimizer | None = None
 
     # -- state --------------------------------------------------------------------------------
     def is_frozen(self, name: str) -> bool:
@@ -138,6 +152,8 @@ class LayerFreezing(BaseFinetuning):
 
     # -- BaseFinetuning API -------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":  # validate / test / predict: leave the model as it is
+            return
         self._distributed = trainer.world_size > 1
         super().setup(trainer, pl_module, stage)  # -> freeze_before_training, before any DDP wrap
 
@@ -150,11 +166,49 @@ class LayerFreezing(BaseFinetuning):
             should_freeze = milestone is None or epoch < milestone
             if should_freeze != self.is_frozen(name):
                 self._set_frozen(pl_module, name, should_freeze)
+                if not should_freeze and optimizer is self._adds_groups_to:
+                    self._add_missing_group(pl_module, name, optimizer)
         self._mark_groups(pl_module, optimizer)
+
+    def _missing_params(self, pl_module: L.LightningModule, name: str, optimizer: Optimizer) -> list:
+        present = _optimizer_param_ids(optimizer)
+        return [p for p in get_submodule(pl_module, name).parameters() if id(p) not in present]
+
+    def _add_missing_group(self, pl_module: L.LightningModule, name: str, optimizer: Optimizer) -> None:
+        """Give an unfrozen module's parameters that no group holds a group of their own, named ``name``."""
+        missing = self._missing_params(pl_module, name, optimizer)
+        if missing:
+            optimizer.add_param_group({"name": name, "params": missing, "lr": optimizer.param_groups[0]["lr"]})
+
+    def _check_optimizers_hold_frozen(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Decide, at fit start, what to do with frozen parameters that no optimizer holds."""
+        self._adds_groups_to = None
+        to_unfreeze = [n for n, m in zip(self.module_names, self.milestones) if m is not None]
+        all_ids = set().union(*(_optimizer_param_ids(o) for o in trainer.optimizers)) if trainer.optimizers else set()
+        lacking = [n for n in to_unfreeze if any(id(p) not in all_ids for p in get_submodule(pl_module, n).parameters())]
+        if not lacking:
+            return
+        fix = (
+            "Build the optimizer over all parameters (e.g. `self.parameters()`): LayerFreezing freezes them itself, "
+            "and frozen parameters get no update."
+        )
+        if len(trainer.optimizers) != 1:
+            raise ValueError(
+                f"LayerFreezing: {lacking} will be unfrozen but their parameters are in none of the "
+                f"{len(trainer.optimizers)} optimizers, and it cannot tell which one should train them. {fix}"
+            )
+        if trainer.lr_scheduler_configs:
+            raise ValueError(
+                f"LayerFreezing: {lacking} will be unfrozen but their parameters are not in the optimizer (was it built "
+                "from `filter(lambda p: p.requires_grad, ...)`?), and a learning-rate scheduler cannot follow a parameter "
+                f"group added mid-run. {fix}"
+            )
+        self._adds_groups_to = trainer.optimizers[0]
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
+        super().on_fit_start(trainer, pl_module)  # re-creates groups added before a checkpoint
+        self._check_optimizers_hold_frozen(trainer, pl_module)
         for optimizer in trainer.optimizers:
             if not getattr(optimizer, "_lit_finetune_freeze_hook", False):
                 optimizer.register_step_pre_hook(self._drop_frozen_grads)

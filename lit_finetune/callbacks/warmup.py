@@ -7,7 +7,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from lit_finetune.transfer.lr_factors import install_lr_factor_hooks, set_lr_factor
+from lit_finetune.transfer.lr_factors import add_lr_factor_fn
 
 
 class LRWarmup(Callback):
@@ -15,12 +15,14 @@ class LRWarmup(Callback):
 
     The factor multiplies whatever the module's scheduler set, only while the optimizer steps
     (:mod:`lit_finetune.transfer.lr_factors`), so cosine, step or plateau schedulers keep their
-    own arithmetic. Each group's warm-up starts at the first step in which it trains: a group
-    still frozen by :class:`~lit_finetune.callbacks.LayerFreezing` (or added later by another
-    callback) is warmed up from the step it joins. Steps are training batches.
+    own arithmetic. Steps are counted per parameter group, as the optimizer steps that updated
+    it (``group["steps_trained"]``): each optimizer has its own clock (a GAN's D may step several
+    times per G step), and a group frozen by :class:`~lit_finetune.callbacks.LayerFreezing` (or
+    added later by another callback) is warmed up from the step it starts training. The count
+    is part of the optimizer's state, so a resumed run continues the ramp where it stopped.
 
     Args:
-        warmup_steps: length of the ramp in batches; 0 disables warm-up.
+        warmup_steps: length of the ramp in optimizer steps of a group; 0 disables warm-up.
         start_factor: LR factor on a group's first step.
     """
 
@@ -36,15 +38,10 @@ class LRWarmup(Callback):
             return 1.0
         return self.start_factor + (1.0 - self.start_factor) * steps_trained / self.warmup_steps
 
+    def group_factor(self, group: dict[str, Any]) -> float:
+        """Factor for a parameter group's next step."""
+        return self.factor(group.get("steps_trained", 0))
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for optimizer in trainer.optimizers:
-            install_lr_factor_hooks(optimizer)
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step // max(1, len(trainer.optimizers))
-        for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                if group.get("frozen", False):
-                    continue
-                start = group.setdefault("warmup_start_step", step)
-                set_lr_factor(group, "warmup", self.factor(step - start))
+            add_lr_factor_fn(optimizer, "warmup", self.group_factor)

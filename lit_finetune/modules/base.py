@@ -1,4 +1,5 @@
-"""What every LightningModule of the package shares: optimizers over named groups, data checks."""
+"""What every LightningModule of the package shares: pretrained loading at fit start, optimizers
+over named groups, data checks."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from lit_finetune.transfer.lr_factors import install_lr_factor_hooks
-from lit_finetune.transfer.param_groups import apply_lr_scale, check_groups_cover
+from lit_finetune.transfer.lr_factors import install_lr_scale
+from lit_finetune.transfer.param_groups import check_groups_cover
+from lit_finetune.transfer.pretrained import LoadReport
 
 
 class TransferModule(L.LightningModule):
@@ -20,6 +22,12 @@ class TransferModule(L.LightningModule):
     or ``functools.partial``) so LightningCLI configs set it without the CLI's automatic optimizer,
     which would cover frozen parameters with one group.
 
+    Pretrained weights (``pretrained=``) are read once, when the first fit / validate / test /
+    predict starts without a checkpoint to restore (``on_fit_start`` and siblings), or on
+    :meth:`load_pretrained_weights`; never in ``__init__``: a checkpoint already holds them, together with whatever the module derived
+    from them (L2-SP anchors, input normalisation), so restoring, testing or resuming it never
+    needs the source file.
+
     Args:
         num_classes: classes in the data (linked from the datamodule by the CLI).
         in_channels: image channels (linked from the datamodule).
@@ -28,6 +36,7 @@ class TransferModule(L.LightningModule):
         lr_scheduler: optional, e.g. ``functools.partial(CosineAnnealingLR, T_max=20)``.
         scheduler_interval: ``"epoch"`` or ``"step"``.
         scheduler_monitor: metric for ``ReduceLROnPlateau``.
+        pretrained: where the weights come from (read by :meth:`read_pretrained`).
     """
 
     def __init__(
@@ -39,6 +48,7 @@ class TransferModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "epoch",
         scheduler_monitor: str = "val/loss",
+        pretrained: str | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -54,18 +64,58 @@ class TransferModule(L.LightningModule):
         self.scheduler_factory = lr_scheduler
         self.scheduler_interval = scheduler_interval
         self.scheduler_monitor = scheduler_monitor
+        self.pretrained = pretrained
+        #: what the last pretrained load did (``None`` until weights were read)
+        self.load_report: LoadReport | None = None
+        self._weights_resolved = pretrained is None
 
     # -- what subclasses provide ----------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
         """Named parameter groups (``name``, ``params``, ``lr_scale``) covering every parameter."""
         raise NotImplementedError
 
+    def read_pretrained(self, source: str) -> LoadReport:
+        """Load ``source`` into the module (and derive what depends on it); return the report."""
+        raise NotImplementedError(f"{type(self).__name__} does not load pretrained weights")
+
+    # -- pretrained weights -----------------------------------------------------------------------
+    def load_pretrained_weights(self) -> LoadReport | None:
+        """Read ``pretrained`` now (once); later calls and restored checkpoints do nothing."""
+        if not self._weights_resolved:
+            self.load_report = self.read_pretrained(self.pretrained)
+            self._weights_resolved = True
+        return self.load_report
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the checkpoint's weights win: the pretrained source is never read for a restored module
+        self._weights_resolved = True
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # LightningCLI rebuilds the model of `--ckpt_path` from the checkpoint's hyper-parameters and
+        # their `_class_path`; checkpoints written from plain Python lack it and would build this base class.
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams is not None:
+            hparams.setdefault("_class_path", f"{type(self).__module__}.{type(self).__qualname__}")
+
+    # Lightning restores ``ckpt_path`` (calling on_load_checkpoint) after ``setup`` and before these
+    # hooks, so reading here is what skips the source whenever a checkpoint is restored.
+    def on_fit_start(self) -> None:
+        self.load_pretrained_weights()
+
+    def on_validation_start(self) -> None:
+        self.load_pretrained_weights()
+
+    def on_test_start(self) -> None:
+        self.load_pretrained_weights()
+
+    def on_predict_start(self) -> None:
+        self.load_pretrained_weights()
+
     # -- shared ---------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         groups = self.param_groups()
         check_groups_cover(self, groups)
-        optimizer = apply_lr_scale(self.optimizer_factory(groups))
-        install_lr_factor_hooks(optimizer)
+        optimizer = install_lr_scale(self.optimizer_factory(groups))
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)

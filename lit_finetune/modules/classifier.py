@@ -16,7 +16,7 @@ from lit_finetune.callbacks.image_logging import figure_to_array, log_image
 from lit_finetune.modules.base import TransferModule
 from lit_finetune.nets.resnet import TORCHVISION_RESNETS, build_resnet
 from lit_finetune.transfer.l2sp import L2SP
-from lit_finetune.transfer.param_groups import block_groups, module_group
+from lit_finetune.transfer.param_groups import block_groups, module_group, weight_decay_groups
 from lit_finetune.transfer.pretrained import LoadReport, is_torchvision_weight_name, load_pretrained
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -25,8 +25,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TORCHVISION_KEY_MAP = {"": "backbone.", "fc.": "head."}
 
 
+#: the statistics that make input normalisation the identity on ``[-1, 1]`` images
+IDENTITY_MEAN, IDENTITY_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+INPUT_STATS = ("input_mean", "input_std")
+
+
 def _per_channel(rgb_stats: tuple[float, float, float], channels: int) -> torch.Tensor:
-    """ImageNet RGB statistics as a ``(1, C, 1, 1)`` tensor; other channel counts get their mean."""
+    """RGB statistics as a ``(1, C, 1, 1)`` tensor; other channel counts get their mean."""
     stats = torch.tensor(rgb_stats)
     return (stats if channels == 3 else stats.mean().repeat(channels)).view(1, -1, 1, 1)
 
@@ -44,15 +49,20 @@ class ImageClassifier(TransferModule):
         image_size: input side; sizes <= 64 use the small-input stem unless ``small_input`` says otherwise.
         pretrained: path of a lit-finetune checkpoint or state dict, or a torchvision weight
             name such as ``IMAGENET1K_V1`` (needs a torchvision backbone and a network or cache).
+            Read when a fit (or test...) starts without a checkpoint to restore, or by
+            :meth:`load_pretrained_weights`; ``load_report`` then says what was loaded.
         load_head: also load the pretrained head when its shape fits (off: a new task gets a new head).
         small_input: force the small-input stem on or off (``None``: by ``image_size``).
         label_smoothing: cross-entropy label smoothing.
-        l2sp_alpha: L2-SP coefficient toward the pretrained backbone (0 disables it).
+        l2sp_alpha: L2-SP coefficient toward the pretrained backbone (0 disables it). The
+            anchored backbone gets no weight decay (L2-SP replaces it); see
+            :func:`~lit_finetune.transfer.weight_decay_groups`.
         backbone_lr_ratio: backbone LR as a fraction of the head's (discriminative LR).
         layer_decay: extra LR factor per backbone block below the top one (1 disables it).
         dropout: dropout before the head.
-        input_normalization: ``"auto"`` (ImageNet statistics for torchvision weights, else none),
-            ``"imagenet"`` or ``"none"``.
+        input_normalization: ``"auto"`` (ImageNet statistics for torchvision weights, the source's
+            own statistics for a lit-finetune checkpoint, else none), ``"imagenet"`` or ``"none"``.
+            The resolved statistics are buffers, so they travel in every checkpoint.
         optimizer, lr_scheduler, scheduler_interval, scheduler_monitor: see :class:`TransferModule`.
     """
 
@@ -76,7 +86,9 @@ class ImageClassifier(TransferModule):
         scheduler_interval: str = "epoch",
         scheduler_monitor: str = "val/loss",
     ) -> None:
-        super().__init__(num_classes, in_channels, image_size, optimizer, lr_scheduler, scheduler_interval, scheduler_monitor)
+        super().__init__(
+            num_classes, in_channels, image_size, optimizer, lr_scheduler, scheduler_interval, scheduler_monitor, pretrained
+        )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if input_normalization not in ("auto", "imagenet", "none"):
             raise ValueError(f"input_normalization must be auto, imagenet or none; got {input_normalization!r}")
@@ -87,17 +99,11 @@ class ImageClassifier(TransferModule):
         self.head = nn.Linear(num_features, num_classes)
         self.class_names = [str(i) for i in range(num_classes)]
 
-        self.load_report: LoadReport | None = None
-        weight_name = pretrained is not None and is_torchvision_weight_name(pretrained)
-        if weight_name and backbone not in TORCHVISION_RESNETS:
+        if pretrained is not None and is_torchvision_weight_name(pretrained) and backbone not in TORCHVISION_RESNETS:
             raise ValueError(f"Torchvision weights {pretrained!r} need a torchvision backbone {TORCHVISION_RESNETS}.")
-        if pretrained is not None:
-            self.load_report = load_pretrained(
-                self, pretrained, key_map=TORCHVISION_KEY_MAP, arch=backbone, exclude=() if load_head else ("head.",)
-            )
-        use_imagenet = input_normalization == "imagenet" or (input_normalization == "auto" and weight_name)
-        for name, stats in (("input_mean", IMAGENET_MEAN), ("input_std", IMAGENET_STD)):
-            self.register_buffer(name, _per_channel(stats, in_channels) if use_imagenet else None, persistent=False)
+        imagenet = input_normalization == "imagenet"
+        for name, stats in zip(INPUT_STATS, (IMAGENET_MEAN, IMAGENET_STD) if imagenet else (IDENTITY_MEAN, IDENTITY_STD)):
+            self.register_buffer(name, _per_channel(stats, in_channels))
         self.l2sp = L2SP(self.backbone, l2sp_alpha) if l2sp_alpha > 0 else None
 
         metrics = MetricCollection(
@@ -112,17 +118,38 @@ class ImageClassifier(TransferModule):
         self.test_per_class = MulticlassAccuracy(num_classes, average=None)
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
 
+    # -- pretrained weights ---------------------------------------------------------------------
+    def read_pretrained(self, source: str) -> LoadReport:
+        """Load backbone (and, with ``load_head``, head) weights, then derive the L2-SP anchor and
+        the input statistics from them."""
+        weight_name = is_torchvision_weight_name(source)
+        exclude = ["l2sp."]  # the anchor is re-taken below, from the loaded weights
+        if not self.hparams.load_head:
+            exclude.append("head.")
+        if self.hparams.input_normalization != "auto" or weight_name:
+            exclude += INPUT_STATS  # fixed by the setting, or ImageNet's for torchvision weights
+        report = load_pretrained(self, source, key_map=TORCHVISION_KEY_MAP, arch=self.hparams.backbone, exclude=exclude)
+        if weight_name and self.hparams.input_normalization == "auto":
+            for name, stats in zip(INPUT_STATS, (IMAGENET_MEAN, IMAGENET_STD)):
+                getattr(self, name).copy_(_per_channel(stats, self.in_channels))
+        if self.l2sp is not None:
+            self.l2sp.reset_anchor()
+        return report
+
     # -- model ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for ``[-1, 1]`` images ``(B, C, H, W)``."""
         self.check_input(x)
-        if self.input_mean is not None:
-            x = ((x + 1) / 2 - self.input_mean) / self.input_std
-        return self.head(self.dropout(self.backbone(x)))
+        return self.head(self.dropout(self.backbone(self.normalize_input(x))))
+
+    def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``((x + 1) / 2 - mean) / std`` with the resolved statistics (exactly ``x`` when there are none)."""
+        return x * (0.5 / self.input_std) + (0.5 - self.input_mean) / self.input_std
 
     def param_groups(self) -> list[dict[str, Any]]:
         ratio, decay = self.hparams.backbone_lr_ratio, self.hparams.layer_decay
-        return [module_group(self.head, "head"), *block_groups(self.backbone, "backbone", ratio, decay)]
+        groups = [module_group(self.head, "head"), *block_groups(self.backbone, "backbone", ratio, decay)]
+        return weight_decay_groups(groups, anchored=["backbone"] if self.l2sp is not None else [])
 
     def setup(self, stage: str) -> None:
         super().setup(stage)

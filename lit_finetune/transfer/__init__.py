@@ -1,8 +1,14 @@
 """Fine-tuning mechanics shared by all modules: pretrained loading, L2-SP, parameter groups."""
 
 from lit_finetune.transfer.l2sp import L2SP
-from lit_finetune.transfer.lr_factors import effective_lr, install_lr_factor_hooks, set_lr_factor
-from lit_finetune.transfer.param_groups import apply_lr_scale, block_groups, check_groups_cover, module_group
+from lit_finetune.transfer.lr_factors import (
+    add_lr_factor_fn,
+    effective_lr,
+    install_lr_factor_hooks,
+    install_lr_scale,
+    set_lr_factor,
+)
+from lit_finetune.transfer.param_groups import block_groups, check_groups_cover, module_group, weight_decay_groups
 from lit_finetune.transfer.pretrained import (
     LoadReport,
     PretrainedLoadError,
@@ -15,14 +21,16 @@ __all__ = [
     "L2SP",
     "LoadReport",
     "PretrainedLoadError",
-    "apply_lr_scale",
+    "add_lr_factor_fn",
     "block_groups",
     "check_groups_cover",
     "effective_lr",
     "install_lr_factor_hooks",
+    "install_lr_scale",
     "is_torchvision_weight_name",
     "load_pretrained",
     "module_group",
     "read_state_dict",
     "set_lr_factor",
+    "weight_decay_groups",
 ]

@@ -9,18 +9,25 @@ from torch import nn
 class L2SP(nn.Module):
     """``alpha * sum(1/2 * ||theta - theta_0||^2)`` over ``module``'s parameters.
 
-    ``theta_0`` is a detached snapshot taken at construction (after pretrained loading). It is
-    held in non-persistent buffers: checkpoints stay the size of the model, and a resumed run
-    rebuilds the anchor from the same ``pretrained`` source. ``alpha=0`` disables the term.
+    ``theta_0`` (the anchor) is a detached snapshot of ``module``'s parameters, held in
+    persistent buffers: a checkpoint carries its anchor, so a resumed or re-loaded module
+    regularises toward the same point without the pretrained file. Call :meth:`reset_anchor`
+    right after loading pretrained weights. ``alpha=0`` disables the term.
     """
 
     def __init__(self, module: nn.Module, alpha: float) -> None:
         super().__init__()
         self.alpha = float(alpha)
         self._params = dict(module.named_parameters())
-        for i, (name, param) in enumerate(self._params.items()):
-            self.register_buffer(f"anchor_{i}", param.detach().clone(), persistent=False)
         self._names = list(self._params)
+        for i, param in enumerate(self._params.values()):
+            self.register_buffer(f"anchor_{i}", param.detach().clone())
+
+    @torch.no_grad()
+    def reset_anchor(self) -> None:
+        """Take the module's current parameters as the new anchor."""
+        for i, name in enumerate(self._names):
+            getattr(self, f"anchor_{i}").copy_(self._params[name])
 
     def forward(self) -> torch.Tensor:
         if self.alpha == 0 or not self._names:

@@ -1,20 +1,40 @@
 """Per-group LR factors applied only for the duration of ``optimizer.step()``.
 
-Warm-up and unfreezing both need to scale a group's LR on top of whatever the module's
-scheduler set. Writing the scaled value into ``group["lr"]`` breaks chainable schedulers
-(they read the previous LR back), so instead an optimizer step pre-hook multiplies each
-group's LR by the product of its ``lr_factors`` and a post-hook restores the scheduler's value.
-This works for automatic and manual optimisation, AMP's GradScaler and plain PyTorch loops.
+Every LR change that is not the scheduler's own (``lr_scale`` of discriminative LRs and layer
+decay, warm-up, the unfreeze scale) is a named factor on a parameter group. Writing the scaled
+value into ``group["lr"]`` would break schedulers: chainable ones read the previous LR back, and
+OneCycleLR / CyclicLR overwrite it with absolute values, erasing any ratio baked into it. So
+the optimizer's ``step`` is wrapped: it multiplies each group's LR by the product of its
+``lr_factors``, runs the real step (hooks, closure and all), and restores the scheduler's value
+in a ``finally`` block, so an exception inside the closure never leaves a scaled LR behind.
+
+The wrapper also keeps, per group, what the step did:
+
+* ``applied_lr``: the LR the last step used for that group, 0.0 when the group had no
+  gradients (frozen, or untouched by the loss), which is what :class:`AppliedLRMonitor` logs;
+* ``steps_trained``: how many steps updated the group; warm-up counts these, so every
+  optimizer (a GAN's G and D, with any number of D steps per batch) has its own clock.
+
+Both live in the group dict and therefore in ``optimizer.state_dict()``: a resumed run
+continues them exactly. Factor *functions* (:func:`add_lr_factor_fn`) are evaluated right
+before each step, from the group itself.
+
+The wrapper is an instance attribute (not a step pre-hook) because pre-hooks run before the
+closure, and no hook runs after a closure that raised.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import types
+from collections.abc import Callable
 from typing import Any
 
 from torch.optim import Optimizer
 
-_HOOKED = "_lit_finetune_lr_factor_hooks"
+_WRAPPED = "_lit_finetune_lr_factors"
+FactorFn = Callable[[dict[str, Any]], float]
 
 
 def set_lr_factor(group: dict[str, Any], name: str, value: float) -> None:
@@ -27,22 +47,56 @@ def effective_lr(group: dict[str, Any]) -> float:
     return group["lr"] * math.prod(group.get("lr_factors", {}).values())
 
 
-def _scale(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+def _has_grad(group: dict[str, Any]) -> bool:
+    return any(p.grad is not None for p in group["params"])
+
+
+def install_lr_factor_hooks(optimizer: Optimizer) -> Optimizer:
+    """Wrap ``optimizer.step`` so the groups' LR factors apply during it (idempotent)."""
+    if getattr(optimizer, _WRAPPED, None) is not None:
+        return optimizer
+    factor_fns: dict[str, FactorFn] = {}
+    setattr(optimizer, _WRAPPED, factor_fns)
+    inner_step = optimizer.step
+
+    @functools.wraps(inner_step)
+    def step(self: Optimizer, *args: Any, **kwargs: Any) -> Any:
+        groups = self.param_groups
+        for group in groups:
+            for name, fn in factor_fns.items():
+                set_lr_factor(group, name, fn(group))
+        scheduled = [group["lr"] for group in groups]
+        for group in groups:
+            group["lr"] = effective_lr(group)
+        try:
+            result = inner_step(*args, **kwargs)
+            for group in groups:
+                trained = _has_grad(group)
+                group["applied_lr"] = group["lr"] if trained else 0.0
+                group["steps_trained"] = group.get("steps_trained", 0) + int(trained)
+            return result
+        finally:
+            for group, lr in zip(groups, scheduled):
+                group["lr"] = lr
+
+    # a bound method, like the original: torch's schedulers re-wrap ``step`` through ``__func__``
+    optimizer.step = types.MethodType(step, optimizer)  # type: ignore[method-assign]
+    return optimizer
+
+
+def add_lr_factor_fn(optimizer: Optimizer, name: str, fn: FactorFn) -> None:
+    """Evaluate ``fn(group)`` as factor ``name`` of every group right before each step."""
+    install_lr_factor_hooks(optimizer)
+    getattr(optimizer, _WRAPPED)[name] = fn
+
+
+def install_lr_scale(optimizer: Optimizer) -> Optimizer:
+    """Turn each group's ``lr_scale`` (discriminative LR, layer decay) into its ``lr_scale`` factor.
+
+    A factor, not a change of ``group["lr"]``: the ratio between groups then holds under every
+    torch scheduler, including OneCycleLR and CyclicLR, which set absolute LRs.
+    """
+    install_lr_factor_hooks(optimizer)
     for group in optimizer.param_groups:
-        group["unscaled_lr"] = group["lr"]
-        group["lr"] = effective_lr(group)
-
-
-def _restore(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-    for group in optimizer.param_groups:
-        if "unscaled_lr" in group:
-            group["lr"] = group.pop("unscaled_lr")
-
-
-def install_lr_factor_hooks(optimizer: Optimizer) -> None:
-    """Register the scale/restore hooks once per optimizer (idempotent)."""
-    if getattr(optimizer, _HOOKED, False):
-        return
-    optimizer.register_step_pre_hook(_scale)
-    optimizer.register_step_post_hook(_restore)
-    setattr(optimizer, _HOOKED, True)
+        set_lr_factor(group, "lr_scale", group.get("lr_scale", 1.0))
+    return optimizer

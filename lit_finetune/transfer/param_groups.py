@@ -1,9 +1,17 @@
-"""Named parameter groups: discriminative learning rates, one group per block.
+"""Named parameter groups: discriminative learning rates, one group per block, weight-decay rules.
 
 Every module builds its optimizer from these groups, so that freezing, warm-up, schedulers and
-``LearningRateMonitor`` all see the same named groups from the first step (groups added later
-break schedulers, Lightning #8720). Each group carries ``lr_scale``; :func:`apply_lr_scale`
-turns it into the group's LR once the optimizer exists (timm's convention).
+the LR monitor all see the same named groups from the first step (groups added later break
+schedulers, Lightning #8720). Each group carries ``lr_scale``, which
+:func:`~lit_finetune.transfer.lr_factors.install_lr_scale` turns into an LR factor once the
+optimizer exists, so the ratio survives every scheduler.
+
+Weight decay follows two rules (applied by :func:`weight_decay_groups`):
+
+* no decay on norm weights and biases (every parameter with ``ndim <= 1``), as in timm;
+  they go to a sibling group named ``<name>.no_decay``;
+* no decay on weights that L2-SP anchors: decay pulls them toward 0 while L2-SP pulls them
+  toward their pretrained values, and Li et al. (2018) replace the one by the other.
 """
 
 from __future__ import annotations
@@ -12,7 +20,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
-from torch.optim import Optimizer
 
 
 def block_groups(
@@ -42,21 +49,35 @@ def module_group(module: nn.Module, name: str, lr_scale: float = 1.0) -> dict[st
     return {"name": name, "params": list(module.parameters()), "lr_scale": lr_scale}
 
 
-def apply_lr_scale(optimizer: Optimizer) -> Optimizer:
-    """Multiply each group's LR by its ``lr_scale`` (call before building a scheduler)."""
-    for group in optimizer.param_groups:
-        group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
-    return optimizer
+def weight_decay_groups(groups: Sequence[dict[str, Any]], anchored: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Split each group into decayed weights and a ``<name>.no_decay`` sibling (``ndim <= 1``).
+
+    Groups whose name starts with one of ``anchored`` (weights held by L2-SP) get no weight
+    decay at all. Other groups keep the optimizer's default decay. Empty groups are dropped.
+    """
+    out = []
+    for group in groups:
+        decay = [p for p in group["params"] if p.ndim > 1]
+        flat = [p for p in group["params"] if p.ndim <= 1]
+        is_anchored = any(group["name"] == a or group["name"].startswith(a + ".") for a in anchored)
+        if decay:
+            out.append({**group, "params": decay, **({"weight_decay": 0.0} if is_anchored else {})})
+        if flat:
+            out.append({**group, "name": f"{group['name']}.no_decay", "params": flat, "weight_decay": 0.0})
+    return out
 
 
 def check_groups_cover(module: nn.Module, groups: Sequence[dict[str, Any]]) -> None:
-    """Every trainable parameter in exactly one group (guards against silently untrained weights)."""
+    """Every trainable parameter in exactly one group (guards against silently untrained weights).
+
+    Parameters with ``requires_grad=False`` (a frozen generator, an EMA copy) may stay out.
+    """
     seen: dict[int, str] = {}
     for group in groups:
         for p in group["params"]:
             if id(p) in seen:
                 raise ValueError(f"Parameter in two groups: {seen[id(p)]} and {group['name']}")
             seen[id(p)] = group["name"]
-    left = [n for n, p in module.named_parameters() if id(p) not in seen]
+    left = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in seen]
     if left:
         raise ValueError(f"Parameters in no optimizer group: {left[:5]}")

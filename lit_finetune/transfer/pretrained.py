@@ -86,10 +86,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        lines = str(err).splitlines()
-        reason = next((line.strip() for line in lines if "Unsupported" in line), lines[0] if lines else "")
         raise PretrainedLoadError(
-            f"Refused to load {str(path)!r}: torch.load(weights_only=True) rejected it ({reason}). Files that "
+            f"Refused to load {str(path)!r}: torch.load(weights_only=True) rejected it ({_first_line(err)}). Files that "
             "need arbitrary code to unpickle are never loaded; re-save the weights with "
             "torch.save(model.state_dict(), path) from a trusted environment."
         ) from err
@@ -122,14 +120,27 @@ def torchvision_state_dict(arch: str, weight_name: str) -> dict[str, torch.Tenso
     except KeyError as err:
         names = ", ".join(w.name for w in enum)
         raise PretrainedLoadError(f"{weight_name!r} is not a weight of {arch}; choose one of {names}.") from err
+    # Not ``weights.get_state_dict()``: it reaches torch.hub with weights_only=False, so a file planted
+    # in $TORCH_HOME/hub/checkpoints under the expected name would run code on load.
     try:
-        return weights.get_state_dict(progress=False, check_hash=True)
+        return torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise PretrainedLoadError(
+            f"Refused to load the cached torchvision weights for {enum.__name__}.{weights.name}: "
+            f"torch.load(weights_only=True) rejected the file in {torch.hub.get_dir()}/checkpoints ({_first_line(err)}). "
+            "Delete it and download the weights again from a trusted source."
+        ) from err
     except Exception as err:  # urllib/http errors differ by platform; all mean "could not fetch"
         raise PretrainedLoadError(
             f"Could not download torchvision weights {enum.__name__}.{weights.name} from {weights.url} ({err}). "
             "Without a network, copy that file into $TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch/hub/"
             "checkpoints/) on this machine, or pass a local checkpoint path instead."
         ) from err
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return next((line for line in lines if "Unsupported" in line), lines[0] if lines else type(err).__name__)
 
 
 def _map_key(key: str, key_map: Mapping[str, str], target: Mapping[str, torch.Tensor]) -> str | None:

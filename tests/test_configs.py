@@ -1,0 +1,85 @@
+"""Every shipped config survives what users type to try it: a few steps, no logger, fast_dev_run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from lit_finetune.cli import cli_main
+
+CONFIGS = REPO / "configs" / "classifier"
+FIT_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "predict_folder.yaml")
+SMOKE = {
+    "max_steps": ["--trainer.max_steps", "3"],
+    "no_logger": ["--trainer.max_steps", "3", "--trainer.logger", "false"],
+    "fast_dev_run": ["--trainer.fast_dev_run", "true"],
+}
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, fashion_root):
+    """What the configs expect from the user: a source checkpoint and, for ImageFolder, a folder of images."""
+    from PIL import Image
+
+    from lit_finetune import ImageClassifier
+
+    root = tmp_path_factory.mktemp("inputs")
+    source = root / "source.ckpt"
+    torch.save({"state_dict": ImageClassifier(num_classes=5).state_dict()}, source)
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 12), ("test", 3)):
+        for cls in ("ant", "bee"):
+            (root / "images" / split / cls).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(root / "images" / split / cls / f"{i}.png")
+    return {"source": source, "images": root / "images"}
+
+
+def _user_args(config: str, inputs, fashion_root) -> list[str]:
+    args = []
+    if config != "pretrain_source.yaml" and config != "scratch_target.yaml":
+        args += ["--model.init_args.pretrained", str(inputs["source"])]
+    if config == "imagefolder_target.yaml":
+        # the config's resnet18 takes ImageNet weights; here the source is a resnet_small checkpoint
+        args += ["--data.init_args.root", str(inputs["images"]), "--data.init_args.val_split", "4",
+                 "--model.init_args.backbone", "resnet_small"]  # fmt: skip
+    elif config != "digits_target.yaml":
+        args += ["--data.init_args.root", str(fashion_root)]
+    return args
+
+
+def test_every_fit_config_is_covered():
+    assert {"pretrain_source.yaml", "finetune_target.yaml", "scratch_target.yaml", "digits_target.yaml",
+            "imagefolder_target.yaml"} <= set(FIT_CONFIGS)  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", list(SMOKE))
+@pytest.mark.parametrize("config", FIT_CONFIGS)
+def test_shipped_config_smoke_run(config, mode, inputs, fashion_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["fit", "--config", str(CONFIGS / config), *_user_args(config, inputs, fashion_root), *SMOKE[mode], *QUIET])
+    assert cli.trainer.global_step >= 1
+    if mode == "no_logger":
+        assert cli.trainer.logger is None
+        if "AppliedLRMonitor" in (CONFIGS / config).read_text():
+            assert cli.trainer.callback_metrics["lr/head"] > 0  # the LR monitor works without a logger
+
+
+def test_predict_folder_config_smoke_run(inputs, fashion_root, tmp_path, monkeypatch):
+    from lit_finetune import ImageClassifier
+
+    monkeypatch.chdir(tmp_path)
+    import lightning as L
+
+    ckpt = tmp_path / "model.ckpt"
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=0)
+    trainer.strategy.connect(ImageClassifier(num_classes=5))
+    trainer.save_checkpoint(ckpt)
+    cli_main(["predict", "--config", str(CONFIGS / "finetune_target.yaml"), "--config", str(CONFIGS / "predict_folder.yaml"),
+              "--data.init_args.root", str(fashion_root), "--data.init_args.predict_dir", str(inputs["images"] / "test"),
+              "--ckpt_path", str(ckpt), "--trainer.fast_dev_run", "true", *QUIET])  # fmt: skip
+    rows = (tmp_path / "predictions.csv").read_text().splitlines()
+    assert rows[0].startswith("index,file,label") and len(rows) > 1

@@ -13,7 +13,8 @@ from lit_finetune.data import (
     TensorImageDataset,
     split_indices,
 )
-from lit_finetune.data.tensor_dataset import EpochSeededRandomSampler
+from lit_finetune.data.resumable import ResumableDataLoader
+from lit_finetune.data.tensor_dataset import EpochSeededRandomSampler, collate_batched
 
 
 def test_fashion_subset_remaps_labels_and_few_shot_is_balanced(fashion_root):
@@ -263,3 +264,85 @@ def test_image_folder_test_class_not_in_train_fails_at_construction(tmp_path):
     dm = ImageFolderDataModule(root=str(tmp_path), image_size=8, val_split=2)
     dm.setup("test")
     assert dm.class_names == ["ant", "bee"] and torch.bincount(dm.test_set.labels).tolist() == [2, 2]
+
+
+def _resumable(n: int = 50, num_workers: int = 0, sampler_factory=None) -> ResumableDataLoader:
+    images = torch.randint(0, 256, (n, 1, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    data = TensorImageDataset(images, torch.arange(n), augment=True)
+    sampler = sampler_factory(data) if sampler_factory else EpochSeededRandomSampler(data, seed=1)
+    return ResumableDataLoader(
+        data, batch_size=7, sampler=sampler, collate_fn=collate_batched, num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )  # fmt: skip
+
+
+def _epoch(loader, epoch: int) -> list:
+    loader.sampler.set_epoch(epoch)
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+
+
+def test_resumable_loader_resumes_at_the_next_batch_twice_in_one_epoch():
+    ref = _resumable()
+    epoch1 = _epoch(ref, 1)  # 50 images, batch 7: 8 batches
+    assert len(epoch1) == len(ref) == 8
+    first = _resumable()
+    it = iter(first)
+    first.sampler.set_epoch(1)  # Lightning sets the epoch after iter(): the iteration starts lazily
+    got = [next(it) for _ in range(3)]
+    state = first.state_dict()
+    assert state == {"epoch": 1, "batches": 3}
+    second = _resumable()
+    second.load_state_dict(state)
+    second.sampler.set_epoch(1)
+    it = iter(second)
+    got += [next(it) for _ in range(2)]
+    assert second.state_dict() == {"epoch": 1, "batches": 5}  # counts the skipped batches too
+    third = _resumable()
+    third.load_state_dict(second.state_dict())
+    got += _epoch(third, 1)
+    assert _same(got, epoch1)
+    assert third.state_dict() == {"epoch": 1, "batches": 8}
+    assert _same(_epoch(third, 2), _epoch(ref, 2))  # a loaded state applies to one iteration only
+
+
+def test_resumable_loader_ignores_a_state_from_another_or_a_finished_epoch():
+    ref = _resumable()
+    loader = _resumable()
+    loader.load_state_dict({"epoch": 0, "batches": 3})
+    assert _same(_epoch(loader, 1), _epoch(ref, 1))  # saved in epoch 0, resumed into epoch 1: whole epoch
+    loader.load_state_dict({"epoch": 1, "batches": 8})
+    assert _same(_epoch(loader, 1), _epoch(ref, 1))  # the epoch had ended: nothing to skip
+    assert _resumable().state_dict() == {"epoch": None, "batches": 0}
+
+
+def test_resumable_loader_with_a_persistent_worker_and_lightnings_ddp_sampler():
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import DistributedSampler
+
+    ref = _epoch(_resumable(), 3)
+    loader = _resumable(num_workers=1)
+    it = iter(loader)
+    loader.sampler.set_epoch(3)  # after iter(), as Lightning does on a resumed run: the worker must see it
+    head = [next(it) for _ in range(2)]
+    resumed = _resumable(num_workers=1)
+    resumed.load_state_dict(loader.state_dict())
+    assert _same(head + _epoch(resumed, 3), ref)
+    assert _same(_epoch(resumed, 3), ref)  # the persistent worker's next epoch starts from its first batch
+
+    # under DDP Lightning rebuilds the loader around a DistributedSampler: it stays resumable
+    plain = _resumable()
+    ddp = _update_dataloader(plain, DistributedSampler(plain.dataset, num_replicas=2, rank=1, shuffle=True, seed=4))
+    assert type(ddp) is ResumableDataLoader and isinstance(ddp.sampler, DistributedSampler)
+    whole = _epoch(ddp, 2)
+    assert len(whole) == 4  # 25 of 50 images on this rank, batch 7
+    it = iter(ddp)
+    ddp.sampler.set_epoch(2)
+    next(it)
+    again = _update_dataloader(plain, DistributedSampler(plain.dataset, num_replicas=2, rank=1, shuffle=True, seed=4))
+    again.load_state_dict(ddp.state_dict())
+    assert ddp.state_dict() == {"epoch": 2, "batches": 1}
+    assert _same(whole[:1] + _epoch(again, 2), whole)

@@ -4,6 +4,7 @@ from lit_finetune.data.base import DatasetNotFoundError, ImageDataModule, split_
 from lit_finetune.data.digits import DigitsDataModule
 from lit_finetune.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNISTDataModule
 from lit_finetune.data.image_folder import ImageFolderDataModule
+from lit_finetune.data.resumable import ResumableDataLoader
 from lit_finetune.data.tensor_dataset import EpochSeededRandomSampler, TensorImageDataset
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "FashionMNISTDataModule",
     "ImageDataModule",
     "ImageFolderDataModule",
+    "ResumableDataLoader",
     "TensorImageDataset",
     "split_indices",
 ]

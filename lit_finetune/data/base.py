@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 
+from lit_finetune.data.resumable import ResumableDataLoader
 from lit_finetune.data.tensor_dataset import (
     EpochSeededRandomSampler,
     TensorImageDataset,
@@ -225,7 +226,9 @@ class ImageDataModule(L.LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}.setup() has not built the {name} split yet.")
         if len(dataset) == 0:
             raise ValueError(f"The {name} split of {type(self).__name__} is empty; check classes/val_split.")
-        return DataLoader(
+        # the shuffled (training) loader is resumable mid-epoch; evaluation loaders always run whole
+        loader_class = ResumableDataLoader if shuffle else DataLoader
+        return loader_class(
             dataset,
             batch_size=self.batch_size,
             sampler=EpochSeededRandomSampler(dataset, self.seed) if shuffle else None,

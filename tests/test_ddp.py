@@ -58,7 +58,8 @@ class RankRecorder(Callback):
     def _path(self, trainer: L.Trainer, name: str) -> Path:
         return self.out_dir / f"rank{trainer.global_rank}_{name}"
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after the module's on_fit_start, which reads the pretrained weights
         torch.save(_backbone_state(pl_module), self._path(trainer, "start.pt"))
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -116,7 +117,7 @@ def test_ddp_freeze_then_unfreeze_stays_in_sync(tmp_path: Path, fashion_root: Pa
     out.mkdir()
     L.seed_everything(0, workers=True)
     model = ImageClassifier(num_classes=5, pretrained=str(tmp_path / "pretrained.pt"), backbone_lr_ratio=0.1)
-    assert model.load_report is not None and model.load_report.loaded
+    assert model.load_report is None  # read when the fit starts, on every rank
     head_init = model.head.weight.detach().clone()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -183,7 +184,15 @@ def test_ddp_freeze_then_unfreeze_stays_in_sync(tmp_path: Path, fashion_root: Pa
         assert m0 == pytest.approx(m1, abs=1e-6), f"epoch {epoch}: {m0} vs {m1}"
 
 
-def test_cli_fit_ddp_spawn(tmp_path: Path, fashion_root: Path, loopback_env: None) -> None:
+@pytest.mark.parametrize(
+    "launch",
+    [
+        ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"],
+        ["--config", str(REPO / "configs/trainer/ddp_cpu.yaml")],  # as shipped: strategy ddp, re-launches the CLI
+    ],
+    ids=["ddp_spawn", "shipped_ddp_cpu_yaml"],
+)
+def test_cli_fit_ddp(launch: list[str], tmp_path: Path, fashion_root: Path, loopback_env: None) -> None:
     """``lit-finetune fit`` with the shipped fine-tune config on 2 CPU processes.
 
     Run from ``tmp_path`` so the config's relative run directories land there, with the
@@ -205,9 +214,7 @@ def test_cli_fit_ddp_spawn(tmp_path: Path, fashion_root: Path, loopback_env: Non
     args = [
         sys.executable, "-m", "lit_finetune.cli", "fit",
         "--config", str(REPO / "configs/classifier/finetune_target.yaml"),
-        "--trainer.accelerator", "cpu",
-        "--trainer.devices", "2",
-        "--trainer.strategy", "ddp_spawn",
+        *launch,
         "--trainer.max_epochs", "2",
         "--trainer.limit_train_batches", "2",
         "--trainer.limit_val_batches", "1",
@@ -236,4 +243,5 @@ def test_cli_fit_ddp_spawn(tmp_path: Path, fashion_root: Path, loopback_env: Non
     assert len(versions) == 1, versions
     assert "val/acc" in (versions[0] / "metrics.csv").read_text().splitlines()[0]
     resolved = yaml.safe_load((versions[0] / "config.yaml").read_text())
-    assert resolved["trainer"]["strategy"] == "ddp_spawn" and str(resolved["trainer"]["devices"]) == "2"
+    strategy = "ddp_spawn" if "ddp_spawn" in launch else "ddp"
+    assert resolved["trainer"]["strategy"] == strategy and str(resolved["trainer"]["devices"]) == "2"

@@ -98,7 +98,9 @@ class TransferModule(L.LightningModule):
             hparams.setdefault("_class_path", f"{type(self).__module__}.{type(self).__qualname__}")
 
     # Lightning restores ``ckpt_path`` (calling on_load_checkpoint) after ``setup`` and before these
-    # hooks, so reading here is what skips the source whenever a checkpoint is restored.
+    # hooks, so reading here is what skips the source whenever a checkpoint is restored. Callbacks'
+    # ``on_fit_start`` runs before the module's: a callback that needs the loaded weights reads them
+    # from ``on_train_start`` on.
     def on_fit_start(self) -> None:
         self.load_pretrained_weights()
 

@@ -87,14 +87,6 @@ def test_resume_mid_epoch_matches_uninterrupted(tmp_path, fashion_root):
     _assert_same_weights(full, resumed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LayerFreezing freezes at setup and unfreezes only in on_train_epoch_start, which Lightning skips when "
-    "it resumes inside an epoch: the backbone stays frozen after a mid-epoch resume past its unfreeze epoch. Fix "
-    "(callbacks/freezing.py): an on_train_start that calls self.on_train_epoch_start(trainer, pl_module) when "
-    "trainer.fit_loop.restarted_mid_epoch (on_fit_start is too early: the loops, so current_epoch, are restored "
-    "after it). Remove this marker with that fix.",
-)
 def test_resume_mid_epoch_after_unfreeze_matches_uninterrupted(tmp_path, fashion_root):
     """As above with LayerFreezing(unfreeze_at_epoch=1): stops at step 2 (frozen) and step 4 (just unfrozen)."""
     full = _run(tmp_path / "full", fashion_root, max_epochs=3)

@@ -216,6 +216,12 @@ class LayerFreezing(BaseFinetuning):
             install_lr_factor_hooks(optimizer)
             self._mark_groups(pl_module, optimizer)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Resumed inside an epoch, Lightning skips that epoch's on_train_epoch_start, where the phase is
+        # applied; the loops (so current_epoch) are restored only after on_fit_start, hence here.
+        if trainer.fit_loop.restarted_mid_epoch:
+            self.on_train_epoch_start(trainer, pl_module)
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._apply_bn_mode(pl_module)
 

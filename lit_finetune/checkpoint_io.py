@@ -24,6 +24,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        # ``None`` would leave the choice to the installed Lightning/torch; resumed files are untrusted too
+        weights_only = True if weights_only is None else weights_only
         try:
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except FileNotFoundError:

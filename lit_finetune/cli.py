@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -16,8 +17,9 @@ from lightning.pytorch.loggers import WandbLogger
 
 import lit_finetune.callbacks  # noqa: F401  (registers LayerFreezing, LRWarmup... for --trainer.callbacks)
 import lit_finetune.data  # noqa: F401  (registers the datamodules for --data)
-from lit_finetune.data.base import ImageDataModule
+from lit_finetune.data.base import DatasetNotFoundError, ImageDataModule
 from lit_finetune.modules.base import TransferModule
+from lit_finetune.transfer.pretrained import PretrainedLoadError
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
@@ -47,6 +49,20 @@ class LitFinetuneCLI(LightningCLI):
     the model, so a config states them once (under ``data``).
     """
 
+    def instantiate_classes(self) -> None:
+        # jsonargparse reports a failed instantiation as "does not validate against any of the Union
+        # subtypes" followed by the whole namespace; a missing dataset is the user's to fix, so show
+        # its own message (which names the path) instead
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            cause = err
+            while cause is not None and not isinstance(cause, DatasetNotFoundError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.channels", "model.init_args.in_channels", apply_on="instantiate")
@@ -70,7 +86,12 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitFinetuneCLI:
 
 
 def main() -> None:
-    cli_main()
+    """Console entry point: errors the user fixes (a missing dataset or pretrained file) without a traceback."""
+    try:
+        cli_main()
+    except (DatasetNotFoundError, PretrainedLoadError) as err:
+        sys.stderr.write(f"lit-finetune: error: {err}\n")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

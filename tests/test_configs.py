@@ -83,3 +83,32 @@ def test_predict_folder_config_smoke_run(inputs, fashion_root, tmp_path, monkeyp
               "--ckpt_path", str(ckpt), "--trainer.fast_dev_run", "true", *QUIET])  # fmt: skip
     rows = (tmp_path / "predictions.csv").read_text().splitlines()
     assert rows[0].startswith("index,file,label") and len(rows) > 1
+
+
+def test_digits_config_reaches_every_unfreeze_step(tmp_path, monkeypatch):
+    """digits_target.yaml unfreezes layer4 at epoch 3 ... conv1 at epoch 12: run past all of them (1 batch/epoch)."""
+    import csv
+
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    shipped = yaml.safe_load((CONFIGS / "digits_target.yaml").read_text())
+    freezing = next(c for c in shipped["trainer"]["callbacks"] if c["class_path"].endswith("LayerFreezing"))["init_args"]
+    schedule = dict(zip(freezing["modules"], freezing["unfreeze_at_epoch"]))
+    # the same config with early stopping's patience beyond the run, so 1-batch epochs cannot stop it early
+    early = next(c for c in shipped["trainer"]["callbacks"] if c["class_path"].endswith("EarlyStopping"))
+    early["init_args"]["patience"] = 1000
+    config = tmp_path / "digits_target.yaml"
+    config.write_text(yaml.safe_dump(shipped))
+    cli = cli_main(["fit", "--config", str(config), "--model.init_args.pretrained", "null",
+                    "--trainer.max_epochs", str(max(schedule.values()) + 1), "--trainer.limit_train_batches", "1",
+                    "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1", *QUIET])  # fmt: skip
+    assert cli.trainer.current_epoch == max(schedule.values()) + 1  # early stopping did not cut the schedule short
+    metrics = next((tmp_path / "runs/classifier/digits_target").rglob("metrics.csv"))
+    rows = [r for r in csv.DictReader(metrics.open()) if r.get("lr/head")]
+    assert len(rows) == max(schedule.values()) + 1  # one step per epoch
+    for module, epoch in schedule.items():
+        key = f"lr/{module}" if f"lr/{module}" in rows[0] else f"lr/{module}.no_decay"  # bn1: norm weights only
+        applied = [float(r[key]) for r in rows]
+        assert all(lr == 0 for lr in applied[:epoch]), module  # frozen before its epoch
+        assert all(lr > 0 for lr in applied[epoch:]), module  # trains from its epoch on

@@ -15,10 +15,11 @@ from lit_finetune.checkpoint_io import AtomicCheckpointIO
 from lit_finetune.data import FashionMNISTDataModule
 
 
-def _run(tmp_path, fashion_root, max_epochs, ckpt_path=None, max_steps=-1, step_checkpoints=False, freezing=True):
+def _run(tmp_path, fashion_root, max_epochs, ckpt_path=None, max_steps=-1, step_checkpoints=False, freezing=True, dropout=0.0):
     L.seed_everything(0)
     model = ImageClassifier(
         num_classes=5,
+        dropout=dropout,
         optimizer=partial(torch.optim.AdamW, lr=3e-3),
         lr_scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=3),
     )
@@ -62,14 +63,15 @@ def _loader_state(ckpt):
     return torch.load(ckpt, weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
 
 
-def _stop_twice_and_resume(tmp_path, fashion_root, first: int, second: int, freezing: bool):
+def _stop_twice_and_resume(tmp_path, fashion_root, first: int, second: int, freezing: bool, dropout: float = 0.0):
     """Stop at step ``first``, resume from its step checkpoint, stop at ``second``, resume again to the end."""
     part = tmp_path / "part"
-    _run(part, fashion_root, max_epochs=3, max_steps=first, step_checkpoints=True, freezing=freezing)
+    kw = dict(max_epochs=3, freezing=freezing, dropout=dropout)
+    _run(part, fashion_root, max_steps=first, step_checkpoints=True, **kw)
     step_a = part / "steps" / f"step={first}.ckpt"
-    _run(part, fashion_root, max_epochs=3, max_steps=second, step_checkpoints=True, freezing=freezing, ckpt_path=str(step_a))
+    _run(part, fashion_root, max_steps=second, step_checkpoints=True, ckpt_path=str(step_a), **kw)
     step_b = part / "steps" / f"step={second}.ckpt"
-    resumed = _run(part, fashion_root, max_epochs=3, freezing=freezing, ckpt_path=str(step_b))
+    resumed = _run(part, fashion_root, ckpt_path=str(step_b), **kw)
     return resumed, step_a, step_b
 
 
@@ -91,6 +93,13 @@ def test_resume_mid_epoch_after_unfreeze_matches_uninterrupted(tmp_path, fashion
     """As above with LayerFreezing(unfreeze_at_epoch=1): stops at step 2 (frozen) and step 4 (just unfrozen)."""
     full = _run(tmp_path / "full", fashion_root, max_epochs=3)
     resumed, _, _ = _stop_twice_and_resume(tmp_path, fashion_root, 2, 4, freezing=True)
+    _assert_same_weights(full, resumed)
+
+
+def test_resume_with_dropout_matches_uninterrupted(tmp_path, fashion_root):
+    """Dropout draws from the global RNG, which the module saves in its checkpoints and restores."""
+    full = _run(tmp_path / "full", fashion_root, max_epochs=3, dropout=0.3)
+    resumed, _, _ = _stop_twice_and_resume(tmp_path, fashion_root, 2, 7, freezing=True, dropout=0.3)
     _assert_same_weights(full, resumed)
 
 
@@ -197,3 +206,21 @@ def test_corrupt_checkpoint_resume_error_names_the_file(tmp_path, tiny_target):
     trainer = quiet_trainer(tmp_path, plugins=[AtomicCheckpointIO()])
     with pytest.raises(RuntimeError, match="Cannot resume from .*last.ckpt"):
         trainer.fit(ImageClassifier(num_classes=5), datamodule=tiny_target, ckpt_path=str(bad))
+
+
+def test_resuming_a_code_running_checkpoint_is_refused(tmp_path, tiny_target):
+    """Resume reads with weights_only=True: a checkpoint whose pickle runs code is refused, nothing runs."""
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "epoch": Exploit()}, evil, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    trainer = quiet_trainer(tmp_path, plugins=[AtomicCheckpointIO()])
+    with pytest.raises(RuntimeError, match="Cannot resume from .*last.ckpt.*weights_only"):
+        trainer.fit(ImageClassifier(num_classes=5), datamodule=tiny_target, ckpt_path=str(evil))
+    assert not marker.exists()

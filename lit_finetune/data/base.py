@@ -235,6 +235,9 @@ class ImageDataModule(L.LightningDataModule):
             collate_fn=collate_batched,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # each iterator draws a base seed; from its own generator it leaves the global RNG (dropout...)
+            # untouched, so the global state a checkpoint saves is what the next training step uses
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -13,6 +13,9 @@ from lit_finetune.transfer.lr_factors import install_lr_scale
 from lit_finetune.transfer.param_groups import check_groups_cover
 from lit_finetune.transfer.pretrained import LoadReport
 
+#: checkpoint key of the global random number generator states (see ``on_save_checkpoint``)
+RNG_KEY = "lit_finetune_rng_states"
+
 
 class TransferModule(L.LightningModule):
     """Base class: builds the optimizer and scheduler from config over :meth:`param_groups`.
@@ -89,6 +92,15 @@ class TransferModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the checkpoint's weights win: the pretrained source is never read for a restored module
         self._weights_resolved = True
+        self._rng_to_restore = checkpoint.get(RNG_KEY)
+
+    def on_train_start(self) -> None:
+        # restored here, after the sanity-check validation, right before the first resumed batch
+        states, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
+        if states:
+            torch.set_rng_state(states["torch"])
+            if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(states["cuda"])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # LightningCLI rebuilds the model of `--ckpt_path` from the checkpoint's hyper-parameters and
@@ -96,6 +108,11 @@ class TransferModule(L.LightningModule):
         hparams = checkpoint.get("hyper_parameters")
         if hparams is not None:
             hparams.setdefault("_class_path", f"{type(self).__module__}.{type(self).__qualname__}")
+        # Lightning does not checkpoint the global RNG: without it, dropout (or any sampling in a
+        # training step) draws other numbers after a resume. Tensors only, so weights_only loading works.
+        checkpoint[RNG_KEY] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            checkpoint[RNG_KEY]["cuda"] = torch.cuda.get_rng_state_all()
 
     # Lightning restores ``ckpt_path`` (calling on_load_checkpoint) after ``setup`` and before these
     # hooks, so reading here is what skips the source whenever a checkpoint is restored. Callbacks'

@@ -74,7 +74,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise PretrainedLoadError(
             f"Pretrained file {str(path)!r} does not exist. Pass the path of a .ckpt written by lit-finetune "
             "(e.g. <run dir>/checkpoints/last.ckpt), a state-dict .pt file, or a torchvision weight name "
-            "such as IMAGENET1K_V1. When restoring a checkpoint whose pretrained source moved, pass pretrained=None."
+            "such as IMAGENET1K_V1."
         )
     with path.open("rb") as f:
         head = f.read(2)

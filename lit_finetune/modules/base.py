@@ -1,8 +1,9 @@
-"""What every LightningModule of the package shares: pretrained loading at fit start, optimizers
-over named groups, data checks."""
+"""What every LightningModule of the package shares: pretrained loading at fit start, one optimizer
+per network over named groups, data checks."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -17,13 +18,48 @@ from lit_finetune.transfer.pretrained import LoadReport
 RNG_KEY = "lit_finetune_rng_states"
 
 
+@dataclass
+class Network:
+    """One trained network of a module: its named parameter groups and how to optimise them.
+
+    Each network gets its own optimizer (a GAN's generator and discriminator) and, optionally,
+    its own scheduler. ``groups`` follow :mod:`lit_finetune.transfer.param_groups`.
+    """
+
+    name: str
+    groups: list[dict[str, Any]]
+    optimizer: OptimizerCallable
+    lr_scheduler: LRSchedulerCallable | None = None
+    scheduler_interval: str = "epoch"
+    scheduler_monitor: str = "val/loss"
+
+
+def build_optimizer(network: Network) -> dict[str, Any]:
+    """The optimizer (LR factors installed) and scheduler config of one network."""
+    if network.scheduler_interval not in ("epoch", "step"):
+        raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {network.scheduler_interval!r}")
+    optimizer = install_lr_scale(network.optimizer(network.groups))
+    config: dict[str, Any] = {"optimizer": optimizer}
+    if network.lr_scheduler is not None:
+        config["lr_scheduler"] = {
+            "scheduler": network.lr_scheduler(optimizer),
+            "interval": network.scheduler_interval,
+            "monitor": network.scheduler_monitor,
+            "name": network.name,
+        }
+    return config
+
+
 class TransferModule(L.LightningModule):
-    """Base class: builds the optimizer and scheduler from config over :meth:`param_groups`.
+    """Base class: one optimizer (and scheduler) per network, built from config over named groups.
 
     Subclasses define what they optimise (``training_step``) and how their parameters split
-    into named groups (:meth:`param_groups`). The optimizer is an ``OptimizerCallable`` (a class
-    or ``functools.partial``) so LightningCLI configs set it without the CLI's automatic optimizer,
-    which would cover frozen parameters with one group.
+    into named groups: :meth:`param_groups` for a module with one network, or :meth:`networks`
+    for several (a GAN's G and D, each with its own optimizer and scheduler). Optimizers are
+    ``OptimizerCallable`` (a class or ``functools.partial``) so LightningCLI configs set them
+    without the CLI's automatic optimizer, which would cover frozen parameters with one group.
+    Under manual optimisation the base steps every scheduler at its configured interval, which
+    Lightning itself only does under automatic optimisation.
 
     Pretrained weights (``pretrained=``) are read once, when the first fit / validate / test /
     predict starts without a checkpoint to restore (``on_fit_start`` and siblings), or on
@@ -32,7 +68,8 @@ class TransferModule(L.LightningModule):
     needs the source file.
 
     Args:
-        num_classes: classes in the data (linked from the datamodule by the CLI).
+        num_classes: classes in the data (linked from the datamodule by the CLI); ``None`` for
+            modules that use no labels.
         in_channels: image channels (linked from the datamodule).
         image_size: image side in pixels (linked from the datamodule).
         optimizer: e.g. ``torch.optim.AdamW`` or ``functools.partial(torch.optim.SGD, lr=0.1)``.
@@ -44,7 +81,7 @@ class TransferModule(L.LightningModule):
 
     def __init__(
         self,
-        num_classes: int,
+        num_classes: int | None,
         in_channels: int = 1,
         image_size: int = 28,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -54,7 +91,7 @@ class TransferModule(L.LightningModule):
         pretrained: str | None = None,
     ) -> None:
         super().__init__()
-        if num_classes < 1:
+        if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {in_channels}")
@@ -74,8 +111,17 @@ class TransferModule(L.LightningModule):
 
     # -- what subclasses provide ----------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
-        """Named parameter groups (``name``, ``params``, ``lr_scale``) covering every parameter."""
+        """Named parameter groups (``name``, ``params``, ``lr_scale``) covering every trainable parameter."""
         raise NotImplementedError
+
+    def networks(self) -> list[Network]:
+        """The networks to optimise; by default one, from :meth:`param_groups` and the module's optimizer."""
+        return [
+            Network(
+                "model", self.param_groups(), self.optimizer_factory, self.scheduler_factory,
+                self.scheduler_interval, self.scheduler_monitor,
+            )  # fmt: skip
+        ]
 
     def read_pretrained(self, source: str) -> LoadReport:
         """Load ``source`` into the module (and derive what depends on it); return the report."""
@@ -132,16 +178,33 @@ class TransferModule(L.LightningModule):
 
     # -- shared ---------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        groups = self.param_groups()
-        check_groups_cover(self, groups)
-        optimizer = install_lr_scale(self.optimizer_factory(groups))
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval, "monitor": self.scheduler_monitor},
-        }
+        networks = self.networks()
+        check_groups_cover(self, [group for network in networks for group in network.groups])
+        configs = [build_optimizer(network) for network in networks]
+        if len(configs) == 1:
+            return configs[0] if "lr_scheduler" in configs[0] else configs[0]["optimizer"]
+        return configs
+
+    def step_schedulers(self, interval: str) -> None:
+        """Step every scheduler configured for ``interval`` (manual optimisation; Lightning does it otherwise)."""
+        for config in self.trainer.lr_scheduler_configs:
+            if config.interval != interval:
+                continue
+            if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                metric = self.trainer.callback_metrics.get(config.monitor)
+                if metric is None:  # e.g. a run that stops before its first validation
+                    continue
+                config.scheduler.step(metric)
+            else:
+                config.scheduler.step()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self.automatic_optimization:
+            self.step_schedulers("step")
+
+    def on_train_epoch_end(self) -> None:
+        if not self.automatic_optimization:
+            self.step_schedulers("epoch")
 
     def check_input(self, x: torch.Tensor) -> None:
         """Fail early, with the fix, when a batch has another channel count than the model."""
@@ -163,7 +226,7 @@ class TransferModule(L.LightningModule):
                 "(the CLI links them: pass --data.channels only)."
             )
         classes = getattr(dm, "num_classes", self.num_classes)
-        if classes != self.num_classes:
+        if self.num_classes is not None and classes != self.num_classes:
             raise ValueError(
                 f"num_classes mismatch: {type(dm).__name__} has {classes} classes, {type(self).__name__} was built "
                 f"with num_classes={self.num_classes}. Build the model with num_classes={classes} "

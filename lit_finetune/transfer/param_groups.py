@@ -27,13 +27,20 @@ def block_groups(
     prefix: str,
     lr_scale: float = 1.0,
     layer_decay: float = 1.0,
+    expand: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """One group per direct child of ``module`` holding parameters, named ``prefix.child``.
 
-    With ``layer_decay < 1`` the last child gets ``lr_scale`` and each earlier child is scaled
+    Children named in ``expand`` (e.g. a GAN's ``blocks`` container) give one group per child
+    of their own instead (``prefix.blocks.0``, ...), so each block can be frozen and scaled alone.
+    With ``layer_decay < 1`` the last group gets ``lr_scale`` and each earlier one is scaled
     down by another factor of ``layer_decay`` (timm's layer-wise LR decay).
     """
-    children = [(n, c) for n, c in module.named_children() if any(True for _ in c.parameters())]
+    children = []
+    for name, child in module.named_children():
+        inner = child.named_children() if name in expand else [(None, child)]
+        children += [(name if sub is None else f"{name}.{sub}", c) for sub, c in inner]
+    children = [(n, c) for n, c in children if any(True for _ in c.parameters())]
     own = list(module.parameters(recurse=False))
     groups = []
     if own:

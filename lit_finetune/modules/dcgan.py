@@ -1,0 +1,242 @@
+"""DCGAN pretraining and fine-tuning: TransferGAN, FreezeD, L2-SP, DiffAugment, an EMA generator."""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from lit_finetune.modules.base import Network, TransferModule
+from lit_finetune.nets.dcgan import DCGANDiscriminator, DCGANGenerator
+from lit_finetune.transfer.diffaugment import DiffAugment
+from lit_finetune.transfer.l2sp import L2SP
+from lit_finetune.transfer.param_groups import block_groups, weight_decay_groups
+from lit_finetune.transfer.pretrained import LoadReport, load_pretrained
+
+LOSSES = ("nonsaturating", "hinge")
+#: the DCGAN paper's optimizer, used where a config names none
+DCGAN_ADAM = partial(torch.optim.Adam, lr=2e-4, betas=(0.5, 0.999))
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite; training stopped before the update that would spread it."""
+
+
+def discriminator_loss(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Logit forms (no sigmoid + BCE), safe under bf16 autocast."""
+    if kind == "hinge":
+        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def generator_loss(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Non-saturating ``-log D(G(z))`` or hinge ``-D(G(z))``."""
+    return -fake_logits.mean() if kind == "hinge" else F.softplus(-fake_logits).mean()
+
+
+class DCGAN(TransferModule):
+    """A DCGAN, trained from scratch or fine-tuned from a pretrained one, with manual optimisation.
+
+    Each training batch runs ``n_critic`` discriminator steps on the real batch and fresh fakes,
+    then one generator step; each network has its own optimizer and scheduler (``generator_*``,
+    ``discriminator_*``). Fine-tuning strategies are switches that combine:
+
+    * full fine-tune (TransferGAN): ``pretrained=<DCGAN checkpoint>``;
+    * FreezeD: freeze the lowest discriminator blocks with
+      ``LayerFreezing(["discriminator.blocks.0", ...], unfreeze_at_epoch=None)``;
+    * L2-SP toward the pretrained weights: ``l2sp_generator`` / ``l2sp_discriminator``;
+    * DiffAugment: ``diffaugment="color,translation,cutout"``, the same random differentiable
+      augmentation on real and fake images, in both the D and the G step.
+
+    An exponential moving average of the generator (``generator_ema``, ``ema_decay``) samples
+    and is evaluated; it is part of the checkpoint. Lightning's ``EMAWeightAveraging`` is not
+    used: it averages the whole LightningModule (the discriminator too) and swaps the average
+    into the module for validation and checkpoints, while a GAN keeps training the raw
+    generator and samples from its average.
+
+    Args:
+        latent_dim: size of the noise ``z``.
+        in_channels, image_size: image shape (linked from the datamodule by the CLI).
+        num_classes: classes of the data (linked); used when ``conditional``.
+        conditional: class-conditional ``G(z, y)`` and ``D(x, y)``.
+        generator_width, discriminator_width: channel widths of the nets.
+        conditioning: how D sees labels, ``"projection"`` or ``"concat"``.
+        spectral_norm: spectral normalisation in D.
+        loss: ``"nonsaturating"`` or ``"hinge"``.
+        n_critic: discriminator steps per generator step.
+        pretrained: a DCGAN checkpoint (or state dict) to fine-tune from; read at fit start.
+        l2sp_generator, l2sp_discriminator: L2-SP coefficients toward the pretrained weights.
+        diffaugment: DiffAugment policy, e.g. ``"color,translation,cutout"`` (empty: off).
+        ema_decay: decay of the generator's moving average (0: the EMA copies G every step).
+        gradient_clip_val: clip each network's gradient norm (``self.clip_gradients``).
+        num_sample_images: size of the fixed-noise grid of :meth:`image_samples`.
+        generator_optimizer, discriminator_optimizer: default Adam(lr=2e-4, betas=(0.5, 0.999)).
+        generator_lr_scheduler, discriminator_lr_scheduler, scheduler_interval: optional schedulers.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int = 100,
+        in_channels: int = 1,
+        image_size: int = 28,
+        num_classes: int | None = None,
+        conditional: bool = False,
+        generator_width: int = 64,
+        discriminator_width: int = 64,
+        conditioning: str = "projection",
+        spectral_norm: bool = False,
+        loss: str = "nonsaturating",
+        n_critic: int = 1,
+        pretrained: str | None = None,
+        l2sp_generator: float = 0.0,
+        l2sp_discriminator: float = 0.0,
+        diffaugment: str = "",
+        ema_decay: float = 0.999,
+        gradient_clip_val: float | None = None,
+        num_sample_images: int = 64,
+        generator_optimizer: OptimizerCallable | None = None,
+        discriminator_optimizer: OptimizerCallable | None = None,
+        generator_lr_scheduler: LRSchedulerCallable | None = None,
+        discriminator_lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: str = "epoch",
+    ) -> None:
+        if conditional and num_classes is None:
+            raise ValueError("A conditional DCGAN needs num_classes (the CLI links it from the datamodule).")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if n_critic < 1 or not 0 <= ema_decay < 1:
+            raise ValueError(f"need n_critic >= 1 and 0 <= ema_decay < 1, got {n_critic} and {ema_decay}")
+        super().__init__(
+            num_classes if conditional else None, in_channels, image_size,
+            scheduler_interval=scheduler_interval, pretrained=pretrained,
+        )  # fmt: skip
+        # optimizers and schedulers are callables, not plain types: kept out of the checkpoint's hyper-parameters
+        self.save_hyperparameters(
+            ignore=["generator_optimizer", "discriminator_optimizer", "generator_lr_scheduler", "discriminator_lr_scheduler"]
+        )
+        self.optimizer_factories = {"generator": generator_optimizer or DCGAN_ADAM, "discriminator": discriminator_optimizer or DCGAN_ADAM}
+        self.scheduler_factories = {"generator": generator_lr_scheduler, "discriminator": discriminator_lr_scheduler}
+        self.automatic_optimization = False
+        classes = num_classes if conditional else None
+        self.generator = DCGANGenerator(latent_dim, image_size, in_channels, generator_width, classes)
+        self.discriminator = DCGANDiscriminator(
+            image_size, in_channels, discriminator_width, classes, conditioning, spectral_norm
+        )
+        self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
+        self.augment = DiffAugment(diffaugment) if diffaugment else nn.Identity()
+        self.l2sp_g = L2SP(self.generator, l2sp_generator) if l2sp_generator > 0 else None
+        self.l2sp_d = L2SP(self.discriminator, l2sp_discriminator) if l2sp_discriminator > 0 else None
+        # fixed noise (and labels) so sample grids are comparable across epochs and runs
+        fixed = torch.Generator().manual_seed(0)
+        self.register_buffer("fixed_z", torch.randn(num_sample_images, latent_dim, generator=fixed))
+        fixed_y = torch.arange(num_sample_images) % classes if classes else torch.zeros(num_sample_images, dtype=torch.long)
+        self.register_buffer("fixed_y", fixed_y)
+
+    # -- networks and optimizers -------------------------------------------------------------------
+    def networks(self) -> list[Network]:
+        networks = []
+        for name, net, anchored in (("generator", self.generator, self.l2sp_g), ("discriminator", self.discriminator, self.l2sp_d)):
+            groups = block_groups(net, name, expand=["blocks"])  # one group per block: FreezeD freezes by block
+            groups = weight_decay_groups(groups, anchored=[name] if anchored is not None else [])
+            networks.append(
+                Network(name, groups, self.optimizer_factories[name], self.scheduler_factories[name], self.scheduler_interval)
+            )
+        return networks
+
+    # -- pretrained weights ------------------------------------------------------------------------
+    def read_pretrained(self, source: str) -> LoadReport:
+        """Load G and D (TransferGAN); the EMA starts from the loaded G, L2-SP anchors at it."""
+        report = load_pretrained(self, source, exclude=["generator_ema.", "l2sp_g.", "l2sp_d.", "fixed_"])
+        self.generator_ema.load_state_dict(self.generator.state_dict())
+        for reg in (self.l2sp_g, self.l2sp_d):
+            if reg is not None:
+                reg.reset_anchor()
+        return report
+
+    # -- sampling ----------------------------------------------------------------------------------
+    def _labels(self, n: int, labels: torch.Tensor | None) -> torch.Tensor | None:
+        if not self.hparams.conditional:
+            return None
+        if labels is None:
+            labels = torch.randint(0, self.hparams.num_classes, (n,), device=self.device)
+        return labels.to(self.device)
+
+    @torch.no_grad()
+    def sample(self, n: int, labels: torch.Tensor | None = None, ema: bool = True) -> torch.Tensor:
+        """``n`` images in [-1, 1] from the EMA generator (or the raw one); labels random if not given."""
+        z = torch.randn(n, self.hparams.latent_dim, device=self.device)
+        generator = self.generator_ema if ema else self.generator
+        return generator(z, self._labels(n, labels))
+
+    def image_samples(self) -> dict[str, torch.Tensor]:
+        """Fixed-noise grids for :class:`~lit_finetune.callbacks.SampleImages`."""
+        y = self.fixed_y if self.hparams.conditional else None
+        return {"samples_ema": self.generator_ema(self.fixed_z, y), "samples": self.generator(self.fixed_z, y)}
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The EMA generator: ``G_ema(z, y)``."""
+        return self.generator_ema(z, y)
+
+    # -- training ----------------------------------------------------------------------------------
+    def _check_finite(self, name: str, value: torch.Tensor) -> None:
+        if not torch.isfinite(value):
+            raise TrainingDiverged(
+                f"{name} is {value.item()} at global step {self.global_step} (epoch {self.current_epoch}); training "
+                "stopped before the update, and the last checkpoint is kept as it was. Lower the learning rates, "
+                "set gradient_clip_val, or try loss='hinge' / spectral_norm=True."
+            )
+
+    def _step(self, optimizer: Any, loss: torch.Tensor) -> None:
+        self.toggle_optimizer(optimizer)  # no gradients for the other network's parameters
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.hparams.gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm")
+        optimizer.step()
+        self.untoggle_optimizer(optimizer)
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """``ema = decay * ema + (1 - decay) * G`` for weights; buffers (BatchNorm statistics) copied."""
+        decay = self.hparams.ema_decay
+        ema_params = list(self.generator_ema.parameters())
+        torch._foreach_lerp_(ema_params, [p.detach() for p in self.generator.parameters()], 1 - decay)
+        for ema_buffer, buffer in zip(self.generator_ema.buffers(), self.generator.buffers()):
+            ema_buffer.copy_(buffer)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        real, labels = batch
+        self.check_input(real)
+        y = labels if self.hparams.conditional else None
+        opt_g, opt_d = self.optimizers()
+        kind, n = self.hparams.loss, real.shape[0]
+        for _ in range(self.hparams.n_critic):
+            z = torch.randn(n, self.hparams.latent_dim, device=self.device)
+            with torch.no_grad():
+                fake = self.generator(z, y)
+            d_loss = discriminator_loss(kind, self.discriminator(self.augment(real), y), self.discriminator(self.augment(fake), y))
+            if self.l2sp_d is not None:
+                d_loss = d_loss + self.l2sp_d()
+            self._check_finite("discriminator loss", d_loss)
+            self._step(opt_d, d_loss)
+        z = torch.randn(n, self.hparams.latent_dim, device=self.device)
+        g_loss = generator_loss(kind, self.discriminator(self.augment(self.generator(z, y)), y))
+        if self.l2sp_g is not None:
+            g_loss = g_loss + self.l2sp_g()
+        self._check_finite("generator loss", g_loss)
+        self._step(opt_g, g_loss)
+        self.update_ema()
+        self.log_dict({"train/d_loss": d_loss.detach(), "train/g_loss": g_loss.detach()}, prog_bar=True, batch_size=n)
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        real, labels = batch
+        y = labels if self.hparams.conditional else None
+        fake = self.generator_ema(torch.randn(real.shape[0], self.hparams.latent_dim, device=self.device), y)
+        d_loss = discriminator_loss(self.hparams.loss, self.discriminator(real, y), self.discriminator(fake, y))
+        self.log("val/d_loss", d_loss, sync_dist=True, batch_size=real.shape[0])

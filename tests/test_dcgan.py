@@ -1,0 +1,163 @@
+"""DCGAN: manual optimisation, fine-tuning strategies, EMA, divergence, self-contained checkpoints, resume."""
+
+from __future__ import annotations
+
+import shutil
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from conftest import quiet_trainer
+from lit_finetune import DCGAN
+from lit_finetune.callbacks import LayerFreezing
+from lit_finetune.checkpoint_io import AtomicCheckpointIO
+from lit_finetune.data import FashionMNISTDataModule
+from lit_finetune.modules.dcgan import TrainingDiverged
+
+TINY = dict(latent_dim=16, generator_width=8, discriminator_width=8)
+
+
+@pytest.fixture
+def gan_data(fashion_root):
+    return FashionMNISTDataModule(
+        root=str(fashion_root), classes=[5, 6, 7, 8, 9], samples_per_class=8, val_split=50, batch_size=20, augment=False
+    )
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _save_source(tmp_path, **kwargs) -> tuple[str, dict[str, torch.Tensor]]:
+    torch.manual_seed(1)
+    source = DCGAN(**TINY, **kwargs)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=0)
+    trainer.strategy.connect(source)
+    trainer.save_checkpoint(tmp_path / "source.ckpt")
+    return str(tmp_path / "source.ckpt"), _state(source)
+
+
+def test_two_optimizers_named_groups_and_losses(tmp_path, gan_data):
+    model = DCGAN(**TINY, n_critic=2)
+    trainer = quiet_trainer(tmp_path, max_steps=4, limit_val_batches=1)
+    trainer.fit(model, datamodule=gan_data)
+    opt_g, opt_d = trainer.optimizers
+    assert all(g["name"].startswith("generator") for g in opt_g.param_groups)
+    assert {"discriminator.blocks.0", "discriminator.blocks.1", "discriminator.head"} <= {g["name"] for g in opt_d.param_groups}
+    # n_critic=2: two D steps per G step; global_step counts optimizer steps of both
+    assert opt_d.param_groups[0]["steps_trained"] == 2 * opt_g.param_groups[0]["steps_trained"]
+    assert {"train/d_loss", "train/g_loss", "val/d_loss"} <= trainer.callback_metrics.keys()
+    assert model.sample(3).shape == (3, 1, 28, 28)
+
+
+def test_freezed_keeps_lowest_discriminator_block_fixed(tmp_path, gan_data):
+    model = DCGAN(**TINY)
+    before = _state(model)
+    freezing = LayerFreezing(["discriminator.blocks.0"], unfreeze_at_epoch=None)
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[freezing], limit_val_batches=1).fit(model, datamodule=gan_data)
+    after = _state(model)
+    frozen = [k for k in before if k.startswith("discriminator.blocks.0.")]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    for prefix in ("discriminator.blocks.1.", "discriminator.head.", "generator.blocks.0."):
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
+
+
+def test_diffaugment_applies_to_real_and_fake_in_both_steps(tmp_path, gan_data):
+    model = DCGAN(**TINY, diffaugment="translation", n_critic=2)
+    calls: list[tuple[int, bool]] = []  # (batch size, needs grad: a fake in the G step)
+    model.augment.register_forward_pre_hook(lambda module, args: calls.append((args[0].shape[0], args[0].requires_grad)))
+    quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(model, datamodule=gan_data)
+    # per D step: the real batch and a detached fake; then the G step's fake, with gradients to G
+    assert calls == [(20, False), (20, False), (20, False), (20, False), (20, True)]
+
+
+def test_l2sp_is_zero_at_the_pretrained_weights_and_pulls_back(tmp_path, gan_data):
+    source, source_state = _save_source(tmp_path)
+    model = DCGAN(**TINY, pretrained=source, l2sp_generator=1.0, l2sp_discriminator=1.0)
+    report = model.load_pretrained_weights()
+    assert report.loaded and not report.missing and not report.reshaped
+    assert model.l2sp_g().item() == 0 and model.l2sp_d().item() == 0
+    assert torch.equal(model.generator_ema.project.conv.weight, source_state["generator.project.conv.weight"])
+    quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(model, datamodule=gan_data)
+    assert model.l2sp_g().item() > 0 and model.l2sp_d().item() > 0
+
+
+def test_conditional_from_unconditional_source_reports_new_label_weights(tmp_path):
+    source, _ = _save_source(tmp_path)
+    model = DCGAN(**TINY, num_classes=5, conditional=True, pretrained=source)
+    report = model.load_pretrained_weights()
+    assert "generator.embed.weight" in report.missing and "discriminator.embed.weight" in report.missing
+    labels = torch.tensor([0, 1, 2, 3, 4])
+    assert model.sample(5, labels=labels).shape == (5, 1, 28, 28)
+
+
+def test_divergence_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, gan_data):
+    model = DCGAN(**TINY)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+    quiet_trainer(tmp_path, max_epochs=1, callbacks=[ckpt], limit_val_batches=0, plugins=[AtomicCheckpointIO()]).fit(
+        model, datamodule=gan_data
+    )
+    last = tmp_path / "ckpt" / "last.ckpt"
+    good = last.read_bytes()
+    forward = model.discriminator.forward
+    model.discriminator.forward = lambda x, y=None: forward(x, y) * float("nan")
+    trainer = quiet_trainer(tmp_path, max_epochs=3, callbacks=[ckpt], limit_val_batches=0, plugins=[AtomicCheckpointIO()])
+    with pytest.raises(TrainingDiverged, match=r"discriminator loss is nan at global step \d+"):
+        trainer.fit(model, datamodule=gan_data, ckpt_path=str(last))
+    assert last.read_bytes() == good
+
+
+def _resume_run(tmp_path, gan_data, max_epochs, ckpt_path=None):
+    L.seed_everything(0)
+    model = DCGAN(**TINY, n_critic=2, diffaugment="color,translation,cutout", ema_decay=0.9,
+                  generator_lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, 0.5))  # fmt: skip
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last", monitor=None, enable_version_counter=False)
+    trainer = quiet_trainer(tmp_path, max_epochs=max_epochs, deterministic=True, callbacks=[ckpt], limit_val_batches=1)
+    trainer.fit(model, datamodule=gan_data, ckpt_path=ckpt_path)
+    return model, trainer
+
+
+def test_resume_continues_both_optimizers_the_ema_and_schedulers_exactly(tmp_path, gan_data):
+    full, full_trainer = _resume_run(tmp_path / "full", gan_data, max_epochs=3)
+    _resume_run(tmp_path / "part", gan_data, max_epochs=2)
+    resumed, resumed_trainer = _resume_run(tmp_path / "part", gan_data, 3, str(tmp_path / "part/ckpt/last.ckpt"))
+    a, b = full.state_dict(), resumed.state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []  # G, D and the EMA generator
+    for opt_a, opt_b in zip(full_trainer.optimizers, resumed_trainer.optimizers):
+        for (_, sa), (_, sb) in zip(opt_a.state.items(), opt_b.state.items()):
+            assert all(torch.equal(sa[k], sb[k]) for k in sa)  # Adam moments of both networks
+        assert [g["lr"] for g in opt_a.param_groups] == [g["lr"] for g in opt_b.param_groups]
+
+
+def test_fine_tuned_checkpoint_samples_and_resumes_without_its_source(tmp_path, gan_data):
+    from lit_finetune.sample import load_module, write_samples
+
+    source, _ = _save_source(tmp_path, num_classes=5, conditional=True)
+    model = DCGAN(**TINY, num_classes=5, conditional=True, pretrained=source, l2sp_generator=0.1)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last", monitor=None, enable_version_counter=False)
+    quiet_trainer(tmp_path, max_epochs=1, callbacks=[ckpt], limit_val_batches=1).fit(model, datamodule=gan_data)
+    anchor = model.l2sp_g.anchor_0.clone()
+    moved = tmp_path / "moved.ckpt"
+    shutil.copy(tmp_path / "ckpt/last.ckpt", moved)
+    (tmp_path / "source.ckpt").unlink()
+
+    loaded = load_module(moved)
+    assert isinstance(loaded, DCGAN) and torch.equal(loaded.l2sp_g.anchor_0, anchor)
+    paths = write_samples(loaded, 7, tmp_path / "samples", labels=[0, 4])
+    assert len(paths) == 8 and paths[-1].name == "grid.png" and all(p.stat().st_size > 100 for p in paths)
+    again = DCGAN(**TINY, num_classes=5, conditional=True, pretrained=source, l2sp_generator=0.1)
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[ckpt], limit_val_batches=1).fit(
+        again, datamodule=gan_data, ckpt_path=str(moved)
+    )
+    assert torch.equal(again.l2sp_g.anchor_0, anchor)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="conditional DCGAN needs num_classes"):
+        DCGAN(conditional=True)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        DCGAN(loss="wasserstein")
+    with pytest.raises(ValueError, match="expects images"):
+        DCGAN(**TINY, in_channels=3).training_step((torch.zeros(2, 1, 28, 28), torch.zeros(2)), 0)

@@ -245,3 +245,42 @@ def test_cli_fit_ddp(launch: list[str], tmp_path: Path, fashion_root: Path, loop
     resolved = yaml.safe_load((versions[0] / "config.yaml").read_text())
     strategy = "ddp_spawn" if "ddp_spawn" in launch else "ddp"
     assert resolved["trainer"]["strategy"] == strategy and str(resolved["trainer"]["devices"]) == "2"
+
+
+class RankStateWriter(Callback):
+    """Each rank writes its full state dict at the end of training."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        state = {k: v.detach().clone().cpu() for k, v in pl_module.state_dict().items()}
+        torch.save(state, self.out_dir / f"rank{trainer.global_rank}_end.pt")
+
+
+def test_dcgan_freezed_fine_tune_on_two_processes_stays_in_sync(tmp_path: Path, fashion_root: Path, loopback_env: None) -> None:
+    """FreezeD fine-tuning under 2-process DDP: frozen D block unchanged, G, D and the EMA equal on both ranks."""
+    from lit_finetune import DCGAN
+
+    tiny = dict(latent_dim=16, generator_width=8, discriminator_width=8, diffaugment="translation")
+    torch.manual_seed(5)
+    source = DCGAN(**tiny)
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "source.ckpt")
+    out = tmp_path / "ranks"
+    out.mkdir()
+    L.seed_everything(0)
+    model = DCGAN(**tiny, pretrained=str(tmp_path / "source.ckpt"))
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn_find_unused_parameters_true", max_epochs=2,
+        limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[LayerFreezing(["discriminator.blocks.0"], unfreeze_at_epoch=None), RankStateWriter(str(out))],
+    )  # fmt: skip
+    trainer.fit(model, datamodule=_tiny_datamodule(fashion_root))
+    end = [torch.load(out / f"rank{r}_end.pt", weights_only=True) for r in (0, 1)]
+    _assert_same(end[0], end[1], "ranks disagree after DCGAN fine-tuning")
+    src = source.state_dict()
+    frozen = [k for k in src if k.startswith("discriminator.blocks.0.")]
+    assert frozen and all(torch.equal(end[0][k], src[k]) for k in frozen)  # FreezeD held under DDP
+    assert any(not torch.equal(end[0][k], src[k]) for k in src if k.startswith("generator."))
+    assert any(not torch.equal(end[0][k], src[k]) for k in src if k.startswith("discriminator.head."))

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from lit_finetune.modules.base import Network, TransferModule
@@ -158,6 +159,18 @@ class DCGAN(TransferModule):
                 reg.reset_anchor()
         return report
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        strategy = self.trainer.strategy
+        if stage == "fit" and isinstance(strategy, DDPStrategy) and not getattr(strategy, "_ddp_kwargs", {}).get(
+            "find_unused_parameters", False
+        ):
+            # each backward reaches only G or only D; plain DDP would wait for the other's gradients forever
+            raise ValueError(
+                "DCGAN under DDP needs find_unused_parameters: pass --trainer.strategy ddp_find_unused_parameters_true "
+                "(or ddp_spawn_find_unused_parameters_true)."
+            )
+
     # -- sampling ----------------------------------------------------------------------------------
     def _labels(self, n: int, labels: torch.Tensor | None) -> torch.Tensor | None:
         if not self.hparams.conditional:
@@ -230,8 +243,30 @@ class DCGAN(TransferModule):
             g_loss = g_loss + self.l2sp_g()
         self._check_finite("generator loss", g_loss)
         self._step(opt_g, g_loss)
-        self.update_ema()
         self.log_dict({"train/d_loss": d_loss.detach(), "train/g_loss": g_loss.detach()}, prog_bar=True, batch_size=n)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)  # steps the schedulers
+        if self.trainer.world_size > 1:
+            self._average_batchnorm_statistics()
+        self.update_ema()
+
+    @torch.no_grad()
+    def _average_batchnorm_statistics(self) -> None:
+        """Average BatchNorm running statistics over ranks after each step.
+
+        DDP broadcasts buffers once per ``training_step``, but D runs several forwards in one (real,
+        fake, ``n_critic`` times), each on its rank's own data: without this, the ranks' statistics
+        (and so D in eval mode, and the EMA generator) would drift apart. ``SyncBatchNorm`` is no
+        alternative on CPUs (gloo) and costs a sync per layer per forward.
+        """
+        world = self.trainer.world_size
+        for net in (self.generator, self.discriminator):
+            for module in net.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+                    for buffer in (module.running_mean, module.running_var):
+                        torch.distributed.all_reduce(buffer)
+                        buffer.div_(world)
 
     # -- evaluation --------------------------------------------------------------------------------
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

@@ -1,5 +1,6 @@
 """Fine-tuning mechanics shared by all modules: pretrained loading, L2-SP, parameter groups."""
 
+from lit_finetune.transfer.diffaugment import DiffAugment
 from lit_finetune.transfer.l2sp import L2SP
 from lit_finetune.transfer.lr_factors import (
     add_lr_factor_fn,
@@ -18,6 +19,7 @@ from lit_finetune.transfer.pretrained import (
 )
 
 __all__ = [
+    "DiffAugment",
     "L2SP",
     "LoadReport",
     "PretrainedLoadError",

@@ -27,6 +27,9 @@ VARIANTS = {
     "bf16-mixed": ("bf16-mixed", False, False),
     "bf16-mixed+channels_last": ("bf16-mixed", True, False),
     "bf16-mixed+channels_last+compile": ("bf16-mixed", True, True),
+    # the GAN: manual optimisation of two optimizers, logit losses and DiffAugment under autocast
+    "dcgan fp32": ("32-true", False, False),
+    "dcgan bf16-mixed": ("bf16-mixed", False, False),
 }
 
 
@@ -34,7 +37,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     import lightning as L
     import torch
 
-    from lit_finetune import ImageClassifier
+    from lit_finetune import DCGAN, ImageClassifier
     from lit_finetune.callbacks import AppliedLRMonitor
     from lit_finetune.callbacks.channels_last import ChannelsLast
     from lit_finetune.data import FashionMNISTDataModule
@@ -50,12 +53,16 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
             if args.device == "cuda":
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter())
-            self.losses.append(float(outputs["loss"]))
+            loss = outputs["loss"] if outputs else trainer.callback_metrics["train/d_loss"]
+            self.losses.append(float(loss))
 
     L.seed_everything(0)
     root = {"root": args.data_root} if args.data_root else {}
     data = FashionMNISTDataModule(**root, batch_size=args.batch_size, val_split=1000, augment=True)
-    model = ImageClassifier(num_classes=10, backbone=args.backbone, label_smoothing=0.1)
+    if name.startswith("dcgan"):
+        model = DCGAN(num_classes=10, conditional=True, diffaugment="color,translation,cutout")
+    else:
+        model = ImageClassifier(num_classes=10, backbone=args.backbone, label_smoothing=0.1)
     clock = Clock()
     callbacks = [clock, AppliedLRMonitor()] + ([ChannelsLast()] if channels_last else [])
     trainer = L.Trainer(
@@ -66,14 +73,15 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     trainer.fit(torch.compile(model) if compile_ else model, datamodule=data)
     timed = clock.times[args.warmup - 1 :]
     steps_per_s = (len(timed) - 1) / (timed[-1] - timed[0])
-    conv = model.backbone.layer1[0].conv1.weight  # (C_out, C_in > 1, k, k): its layout tells the formats apart
+    # a (C_out, C_in > 1, k, k) weight: its layout tells the formats apart
+    conv = model.discriminator.blocks[1].conv.weight if name.startswith("dcgan") else model.backbone.layer1[0].conv1.weight
     return {
         "variant": name,
         "steps_per_s": steps_per_s,
         "first_loss": clock.losses[0],
         "last_loss": clock.losses[-1],
         "finite": all(math.isfinite(x) for x in clock.losses),
-        "lr_head": float(trainer.callback_metrics["lr/head"]),
+        "lr_head": float(trainer.callback_metrics.get("lr/head", trainer.callback_metrics.get("lr/generator.project", 0))),
         "channels_last": conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous(),
     }
 
@@ -108,22 +116,24 @@ def main() -> None:
         except Exception as err:  # report a broken path instead of losing the others
             rows.append({"variant": name, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"})
         print(rows[-1], flush=True)
-    base = next((r["steps_per_s"] for r in rows if r["variant"] == "fp32" and "error" not in r), None)
+    bases = {r["variant"]: r["steps_per_s"] for r in rows if "error" not in r and r["variant"] in ("fp32", "dcgan fp32")}
     lines = [
-        "| variant | steps/s | vs fp32 | loss first → last | finite | lr/head applied | conv weights channels_last |",
+        "| variant | steps/s | vs fp32 | loss first → last | finite | LR applied (head; G for the GAN) | conv weights channels_last |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['variant']} | failed: {r['error']} | | | | | |")
             continue
+        base = bases.get("dcgan fp32" if r["variant"].startswith("dcgan") else "fp32")
         ratio = f"{r['steps_per_s'] / base:.2f}x" if base else ""
         lines.append(
             f"| {r['variant']} | {r['steps_per_s']:.1f} | {ratio} | {r['first_loss']:.3f} → {r['last_loss']:.3f} | "
             f"{'yes' if r['finite'] else 'NO'} | {r['lr_head']:.2e} | {'yes' if r['channels_last'] else 'no'} |"
         )
     lines.append(
-        f"\n`ImageClassifier(backbone={args.backbone!r})`, Fashion-MNIST 28x28, batch {args.batch_size}, AdamW; "
+        f"\n`ImageClassifier(backbone={args.backbone!r})` (AdamW) and a conditional `DCGAN` with DiffAugment (one D and "
+        f"one G step per batch; loss column: D's), Fashion-MNIST 28x28, batch {args.batch_size}; "
         f"{args.steps} timed steps after {args.warmup} warm-up steps per variant (`benchmarks/gpu_check.py`). "
         f"Measured on {machine(args.device)}; {(time.perf_counter() - start) / 60:.1f} min in all."
     )

@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 
@@ -40,11 +41,10 @@ def log_image(trainer: L.Trainer, key: str, image: np.ndarray | torch.Tensor, st
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[..., 0]
     step = trainer.global_step if step is None else step
-    for logger in trainer.loggers:
-        name = type(logger).__name__
-        if name == "WandbLogger":
+    for logger in trainer.loggers:  # isinstance, so subclasses of these loggers get the image too
+        if isinstance(logger, WandbLogger):
             logger.log_image(key=key, images=[image], step=step)
-        elif name == "TensorBoardLogger":
+        elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(key, image, step, dataformats="HW" if image.ndim == 2 else "HWC")
     path = image_dir(trainer) / f"{key.replace('/', '_')}_step{step}.png"
     path.parent.mkdir(parents=True, exist_ok=True)

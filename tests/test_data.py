@@ -346,3 +346,15 @@ def test_resumable_loader_with_a_persistent_worker_and_lightnings_ddp_sampler():
     again.load_state_dict(ddp.state_dict())
     assert ddp.state_dict() == {"epoch": 2, "batches": 1}
     assert _same(whole[:1] + _epoch(again, 2), whole)
+
+
+def test_hidden_files_in_class_folders_are_skipped(tmp_path):
+    from PIL import Image
+
+    from lit_finetune.data.base import list_image_files
+
+    (tmp_path / "cat" / ".ipynb_checkpoints").mkdir(parents=True)
+    Image.new("L", (4, 4)).save(tmp_path / "cat" / "a.png")
+    (tmp_path / "cat" / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS metadata, not an image
+    Image.new("L", (4, 4)).save(tmp_path / "cat" / ".ipynb_checkpoints" / "a-checkpoint.png")
+    assert [p.name for p in list_image_files(tmp_path)] == ["a.png"]

@@ -65,11 +65,17 @@ def read_image_files(paths: Sequence[Path], image_size: int, channels: int) -> t
 
 
 def list_image_files(folder: str | Path) -> list[Path]:
-    """All image files under ``folder`` (recursive, sorted)."""
+    """All image files under ``folder`` (recursive, sorted); hidden files and folders (``.x``) are skipped."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetNotFoundError(f"Image folder {str(folder)!r} does not exist.")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)  # macOS ._x.png, checkpoints
+    )
     if not files:
         raise DatasetNotFoundError(f"No image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {str(folder)!r}.")
     return files

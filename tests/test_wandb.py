@@ -108,8 +108,26 @@ class OfflineRun:
         return [row[key] for row in self.history if key in row]
 
 
-def offline_runs(save_dir: Path) -> list[OfflineRun]:
-    return [OfflineRun(d) for d in sorted((save_dir / "wandb").glob("offline-run-*"))]
+def offline_runs(save_dir: Path, timeout: float = 30.0) -> list[OfflineRun]:
+    """The finished offline runs under ``save_dir``.
+
+    ``wandb.finish()`` can return before wandb-core has written the transaction log (seen: a
+    7-byte file right after it, the whole log a moment later), so wait for every run's exit record.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        dirs = sorted((save_dir / "wandb").glob("offline-run-*"))
+        try:
+            runs = [OfflineRun(d) for d in dirs]
+            if all(run.exit_code is not None for run in runs):
+                return runs
+        except (StopIteration, ValueError):  # no run record or log file yet
+            pass
+        if time.monotonic() > deadline:
+            return [OfflineRun(d) for d in dirs]
+        time.sleep(0.2)
 
 
 # -- fixtures --------------------------------------------------------------------------------------

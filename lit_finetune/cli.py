@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import WandbLogger
 import lit_finetune.callbacks  # noqa: F401  (registers LayerFreezing, LRWarmup... for --trainer.callbacks)
 import lit_finetune.data  # noqa: F401  (registers the datamodules for --data)
 from lit_finetune.data.base import DatasetNotFoundError, ImageDataModule
+from lit_finetune.metrics import ExtractorNotFoundError
 from lit_finetune.modules.base import TransferModule
 from lit_finetune.transfer.pretrained import PretrainedLoadError
 
@@ -86,10 +87,11 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitFinetuneCLI:
 
 
 def main() -> None:
-    """Console entry point: errors the user fixes (a missing dataset or pretrained file) without a traceback."""
+    """Console entry point: errors the user fixes (a missing dataset, pretrained file or feature extractor)
+    without a traceback."""
     try:
         cli_main()
-    except (DatasetNotFoundError, PretrainedLoadError) as err:
+    except (DatasetNotFoundError, PretrainedLoadError, ExtractorNotFoundError) as err:
         sys.stderr.write(f"lit-finetune: error: {err}\n")
         sys.exit(2)
 

@@ -43,13 +43,18 @@ def inputs(tmp_path_factory, fashion_root):
     shape = yaml.safe_load((CONFIG_ROOT / "dcgan/pretrain.yaml").read_text())["model"]["init_args"]
     nets = {k: shape[k] for k in ("latent_dim", "generator_width", "discriminator_width")}
     torch.save({"state_dict": DCGAN(**nets).state_dict()}, root / "dcgan.ckpt")
+    import lightning as L
+
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=0)
+    trainer.strategy.connect(ImageClassifier(num_classes=10))
+    trainer.save_checkpoint(root / "extractor.ckpt")  # an untrained FID/KID feature extractor
     rng = np.random.default_rng(0)
     for split, count in (("train", 12), ("test", 3)):
         for cls in ("ant", "bee"):
             (root / "images" / split / cls).mkdir(parents=True)
             for i in range(count):
                 Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(root / "images" / split / cls / f"{i}.png")
-    return {"source": source, "dcgan": root / "dcgan.ckpt", "images": root / "images"}
+    return {"source": source, "dcgan": root / "dcgan.ckpt", "extractor": root / "extractor.ckpt", "images": root / "images"}
 
 
 def _user_args(config: str, inputs, fashion_root) -> list[str]:
@@ -60,6 +65,8 @@ def _user_args(config: str, inputs, fashion_root) -> list[str]:
     if shipped["model"].get("init_args", {}).get("pretrained"):  # the config expects a source checkpoint
         source = inputs["dcgan"] if config.startswith("dcgan/") else inputs["source"]
         args += ["--model.init_args.pretrained", str(source)]
+    if shipped["model"].get("init_args", {}).get("feature_extractor"):
+        args += ["--model.init_args.feature_extractor", str(inputs["extractor"])]
     config = config.split("/")[-1]
     if config == "imagefolder_target.yaml":
         # the config's resnet18 takes ImageNet weights; here the source is a resnet_small checkpoint

@@ -161,3 +161,34 @@ def test_bad_settings_are_refused():
         DCGAN(loss="wasserstein")
     with pytest.raises(ValueError, match="expects images"):
         DCGAN(**TINY, in_channels=3).training_step((torch.zeros(2, 1, 28, 28), torch.zeros(2)), 0)
+
+
+@pytest.fixture
+def tiny_extractor(tmp_path):
+    """An (untrained) 10-class extractor checkpoint: FID/KID mechanics need features, not good ones."""
+    from lit_finetune import ImageClassifier
+
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=0)
+    trainer.strategy.connect(ImageClassifier(num_classes=10))
+    trainer.save_checkpoint(tmp_path / "extractor.ckpt")
+    return str(tmp_path / "extractor.ckpt")
+
+
+def test_fid_kid_class_counts_and_label_agreement_at_validation_and_test(tmp_path, gan_data, tiny_extractor):
+    model = DCGAN(**TINY, num_classes=5, conditional=True, feature_extractor=tiny_extractor)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_val_batches=2, limit_test_batches=2)
+    trainer.fit(model, datamodule=gan_data)
+    assert {"val/fid", "val/kid_mean", "val/kid_std", "val/label_agreement"} <= trainer.callback_metrics.keys()
+    results = trainer.test(model, datamodule=gan_data)[0]
+    assert results["test/fid"] > 0 and 0 <= results["test/label_agreement"] <= 1
+    counts = [results[f"test/class_count/{i}"] for i in range(10)]
+    assert sum(counts) == 40  # 2 test batches of 20: as many fakes as real images
+    assert "generative_metrics" not in "".join(model.state_dict())  # the checkpoint stays metric-free
+
+
+def test_missing_feature_extractor_names_the_command(tmp_path, gan_data):
+    from lit_finetune.metrics import ExtractorNotFoundError
+
+    model = DCGAN(**TINY, feature_extractor=str(tmp_path / "nope.ckpt"))
+    with pytest.raises(ExtractorNotFoundError, match="configs/metrics/feature_extractor.yaml"):
+        quiet_trainer(tmp_path, max_steps=1).fit(model, datamodule=gan_data)

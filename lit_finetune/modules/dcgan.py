@@ -12,6 +12,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
+from lit_finetune.metrics import GenerativeMetrics
 from lit_finetune.modules.base import Network, TransferModule
 from lit_finetune.nets.dcgan import DCGANDiscriminator, DCGANGenerator
 from lit_finetune.transfer.diffaugment import DiffAugment
@@ -76,6 +77,13 @@ class DCGAN(TransferModule):
         ema_decay: decay of the generator's moving average (0: the EMA copies G every step).
         gradient_clip_val: clip each network's gradient norm (``self.clip_gradients``).
         num_sample_images: size of the fixed-noise grid of :meth:`image_samples`.
+        feature_extractor: checkpoint of the FID/KID feature extractor (see :mod:`lit_finetune.metrics`;
+            ``lit-finetune fit --config configs/metrics/feature_extractor.yaml`` writes it). With it,
+            validation (every ``metrics_every_n_epochs`` validated epochs) and test log FID, KID,
+            the extractor's count of generated samples per class and, when conditional, how often
+            it assigns a sample the label it was generated for. As many fakes as real images are
+            drawn from the EMA generator (class-matched when conditional). ``None``: no metrics.
+        metrics_every_n_epochs: compute validation metrics in every n-th validated epoch.
         generator_optimizer, discriminator_optimizer: default Adam(lr=2e-4, betas=(0.5, 0.999)).
         generator_lr_scheduler, discriminator_lr_scheduler, scheduler_interval: optional schedulers.
     """
@@ -100,6 +108,8 @@ class DCGAN(TransferModule):
         ema_decay: float = 0.999,
         gradient_clip_val: float | None = None,
         num_sample_images: int = 64,
+        feature_extractor: str | None = None,
+        metrics_every_n_epochs: int = 1,
         generator_optimizer: OptimizerCallable | None = None,
         discriminator_optimizer: OptimizerCallable | None = None,
         generator_lr_scheduler: LRSchedulerCallable | None = None,
@@ -137,6 +147,8 @@ class DCGAN(TransferModule):
         self.register_buffer("fixed_z", torch.randn(num_sample_images, latent_dim, generator=fixed))
         fixed_y = torch.arange(num_sample_images) % classes if classes else torch.zeros(num_sample_images, dtype=torch.long)
         self.register_buffer("fixed_y", fixed_y)
+        #: FID / KID, built at setup from ``feature_extractor`` (it holds no state-dict keys)
+        self.generative_metrics: GenerativeMetrics | None = None
 
     # -- networks and optimizers -------------------------------------------------------------------
     def networks(self) -> list[Network]:
@@ -161,6 +173,10 @@ class DCGAN(TransferModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
+        if self.hparams.feature_extractor and self.generative_metrics is None:
+            # the generator's labels are the datamodule's 0..k-1; the extractor knows the dataset's original ids
+            classes = getattr(self.trainer.datamodule, "classes", None) if self.hparams.conditional else None
+            self.generative_metrics = GenerativeMetrics(self.hparams.feature_extractor, classes=classes)
         strategy = self.trainer.strategy
         if stage == "fit" and isinstance(strategy, DDPStrategy) and not getattr(strategy, "_ddp_kwargs", {}).get(
             "find_unused_parameters", False
@@ -269,9 +285,41 @@ class DCGAN(TransferModule):
                         buffer.div_(world)
 
     # -- evaluation --------------------------------------------------------------------------------
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def _metrics_on(self) -> bool:
+        if self.generative_metrics is None or self.trainer.sanity_checking:
+            return False
+        if self.trainer.testing:
+            return True
+        return (self.current_epoch // self.trainer.check_val_every_n_epoch) % self.hparams.metrics_every_n_epochs == 0
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str) -> None:
         real, labels = batch
+        self.check_input(real)
         y = labels if self.hparams.conditional else None
         fake = self.generator_ema(torch.randn(real.shape[0], self.hparams.latent_dim, device=self.device), y)
         d_loss = discriminator_loss(self.hparams.loss, self.discriminator(real, y), self.discriminator(fake, y))
-        self.log("val/d_loss", d_loss, sync_dist=True, batch_size=real.shape[0])
+        self.log(f"{prefix}/d_loss", d_loss, sync_dist=True, batch_size=real.shape[0])
+        if self._metrics_on():
+            self.generative_metrics.update(real=real, fake=fake, fake_labels=y)
+
+    def _log_metrics(self, prefix: str) -> None:
+        if not self._metrics_on():
+            return
+        values = self.generative_metrics.compute()  # synced over processes: equal on every rank
+        self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, sync_dist=False)
+        if prefix == "test":
+            counts = self.generative_metrics.compute_class_counts()
+            self.log_dict({f"test/class_count/{i}": c.float() for i, c in enumerate(counts)}, sync_dist=False)
+        self.generative_metrics.reset()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")

@@ -109,13 +109,18 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.perf_counter()
-    rows = []
+    rows: list[dict] = []
     for name in args.variants:
         try:
             rows.append(run_variant(name, args))
         except Exception as err:  # report a broken path instead of losing the others
             rows.append({"variant": name, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"})
         print(rows[-1], flush=True)
+        write_table(rows, args, time.perf_counter() - start)  # after each variant: a cut-off run keeps its rows
+    print((Path(args.out) / "gpu_check.md").read_text())
+
+
+def write_table(rows: list[dict], args: argparse.Namespace, seconds: float) -> None:
     bases = {r["variant"]: r["steps_per_s"] for r in rows if "error" not in r and r["variant"] in ("fp32", "dcgan fp32")}
     lines = [
         "| variant | steps/s | vs fp32 | loss first → last | finite | LR applied (head; G for the GAN) | conv weights channels_last |",
@@ -135,12 +140,11 @@ def main() -> None:
         f"\n`ImageClassifier(backbone={args.backbone!r})` (AdamW) and a conditional `DCGAN` with DiffAugment (one D and "
         f"one G step per batch; loss column: D's), Fashion-MNIST 28x28, batch {args.batch_size}; "
         f"{args.steps} timed steps after {args.warmup} warm-up steps per variant (`benchmarks/gpu_check.py`). "
-        f"Measured on {machine(args.device)}; {(time.perf_counter() - start) / 60:.1f} min in all."
+        f"Measured on {machine(args.device)}; {seconds / 60:.1f} min in all."
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

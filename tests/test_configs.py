@@ -138,3 +138,20 @@ def test_digits_config_reaches_every_unfreeze_step(tmp_path, monkeypatch):
         applied = [float(r[key]) for r in rows]
         assert all(lr == 0 for lr in applied[:epoch]), module  # frozen before its epoch
         assert all(lr > 0 for lr in applied[epoch:]), module  # trains from its epoch on
+
+
+def test_dcgan_on_a_flat_folder_of_unlabelled_images(tmp_path, monkeypatch):
+    """The README's own-images command for a GAN: the shipped config with the data swapped for a flat folder."""
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_images").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(30):
+        Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(tmp_path / "my_images" / f"{i}.png")
+    cli = cli_main(["fit", "--config", str(CONFIG_ROOT / "dcgan/pretrain.yaml"), "--data", "lit_finetune.data.ImageFolderDataModule",
+                    "--data.root", "my_images/", "--data.classes", "null", "--data.val_split", "0.1", "--data.channels", "1",
+                    "--data.image_size", "28", "--trainer.max_steps", "4", *QUIET])  # fmt: skip
+    assert cli.datamodule.num_classes == 1 and len(cli.datamodule.train_set) == 27
+    # global_step counts optimizer steps: one D and one G step per batch
+    assert cli.trainer.global_step == 4 and cli.trainer.fit_loop.epoch_loop.batch_progress.total.completed == 2

@@ -192,3 +192,17 @@ def test_missing_feature_extractor_names_the_command(tmp_path, gan_data):
     model = DCGAN(**TINY, feature_extractor=str(tmp_path / "nope.ckpt"))
     with pytest.raises(ExtractorNotFoundError, match="configs/metrics/feature_extractor.yaml"):
         quiet_trainer(tmp_path, max_steps=1).fit(model, datamodule=gan_data)
+
+
+def test_evaluate_raw_generator_instead_of_ema(tmp_path, gan_data, tiny_extractor):
+    model = DCGAN(**TINY, feature_extractor=tiny_extractor, ema_decay=0.999)
+    trainer = quiet_trainer(tmp_path, max_steps=4, limit_val_batches=0, limit_test_batches=2)
+    trainer.fit(model, datamodule=gan_data)
+    torch.manual_seed(0)
+    ema = trainer.test(model, datamodule=gan_data)[0]["test/fid"]
+    model.hparams.evaluate_ema = False
+    torch.manual_seed(0)
+    raw = trainer.test(model, datamodule=gan_data)[0]["test/fid"]
+    assert ema != raw  # different generators (the EMA has barely moved from the initial G after 2 steps)
+    torch.manual_seed(0)
+    assert torch.equal(model.sample(2), (torch.manual_seed(0), model.generator(torch.randn(2, 16)))[1])

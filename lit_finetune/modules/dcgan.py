@@ -84,6 +84,8 @@ class DCGAN(TransferModule):
             it assigns a sample the label it was generated for. As many fakes as real images are
             drawn from the EMA generator (class-matched when conditional). ``None``: no metrics.
         metrics_every_n_epochs: compute validation metrics in every n-th validated epoch.
+        evaluate_ema: evaluate (and sample from) the EMA generator; ``False`` uses the raw one, e.g. to
+            measure what the EMA is worth (set ``model.hparams.evaluate_ema`` before ``trainer.test``).
         generator_optimizer, discriminator_optimizer: default Adam(lr=2e-4, betas=(0.5, 0.999)).
         generator_lr_scheduler, discriminator_lr_scheduler, scheduler_interval: optional schedulers.
     """
@@ -110,6 +112,7 @@ class DCGAN(TransferModule):
         num_sample_images: int = 64,
         feature_extractor: str | None = None,
         metrics_every_n_epochs: int = 1,
+        evaluate_ema: bool = True,
         generator_optimizer: OptimizerCallable | None = None,
         discriminator_optimizer: OptimizerCallable | None = None,
         generator_lr_scheduler: LRSchedulerCallable | None = None,
@@ -196,10 +199,11 @@ class DCGAN(TransferModule):
         return labels.to(self.device)
 
     @torch.no_grad()
-    def sample(self, n: int, labels: torch.Tensor | None = None, ema: bool = True) -> torch.Tensor:
-        """``n`` images in [-1, 1] from the EMA generator (or the raw one); labels random if not given."""
+    def sample(self, n: int, labels: torch.Tensor | None = None, ema: bool | None = None) -> torch.Tensor:
+        """``n`` images in [-1, 1] from the EMA generator (or the raw one; default: ``evaluate_ema``);
+        labels random if not given."""
         z = torch.randn(n, self.hparams.latent_dim, device=self.device)
-        generator = self.generator_ema if ema else self.generator
+        generator = self.generator_ema if (self.hparams.evaluate_ema if ema is None else ema) else self.generator
         return generator(z, self._labels(n, labels))
 
     def image_samples(self) -> dict[str, torch.Tensor]:
@@ -296,7 +300,8 @@ class DCGAN(TransferModule):
         real, labels = batch
         self.check_input(real)
         y = labels if self.hparams.conditional else None
-        fake = self.generator_ema(torch.randn(real.shape[0], self.hparams.latent_dim, device=self.device), y)
+        generator = self.generator_ema if self.hparams.evaluate_ema else self.generator
+        fake = generator(torch.randn(real.shape[0], self.hparams.latent_dim, device=self.device), y)
         d_loss = discriminator_loss(self.hparams.loss, self.discriminator(real, y), self.discriminator(fake, y))
         self.log(f"{prefix}/d_loss", d_loss, sync_dist=True, batch_size=real.shape[0])
         if self._metrics_on():

@@ -1,36 +1,52 @@
-"""Speed: ``ImageClassifier`` under ``lightning.Trainer`` vs a hand-written PyTorch loop, and the data path.
+"""Speed: ``ImageClassifier`` and ``DCGAN`` under ``lightning.Trainer`` vs hand-written PyTorch loops.
 
-The "Speed" protocol of docs/ARCHITECTURE.md, in one process:
+The "Speed" protocol of docs/ARCHITECTURE.md, in one process, for two modules:
 
-* **Same model, data and batch.** Each arm builds a fresh ``ImageClassifier(num_classes=5)``
-  (resnet_small, 28x28 grayscale) from the same seed and trains it on the same
-  ``FashionMNISTDataModule(classes=[0, 1, 2, 3, 4], batch_size=128)`` train loader (the batches
-  come in the same order), with the AdamW over named groups that ``configure_optimizers()`` builds.
-  The hand-written arm calls ``model(x)`` + ``F.cross_entropy``; the Trainer arm runs the module's
-  own ``training_step`` (which also updates its torchmetrics and calls ``self.log``).
-* **Same timing.** A step is timed from the end of one optimizer step to the end of the next, so
-  it holds fetching the batch, forward, backward and the optimizer step: for the Trainer through a
-  callback's ``on_train_batch_end``, for the hand-written loop right after ``optimizer.step()``.
-  Warm-up steps are excluded; Trainer construction and ``fit`` setup fall outside the window.
+* **Same model, data and batch.** Each arm builds fresh networks from the same seed and trains
+  them on the same ``FashionMNISTDataModule(classes=[0, 1, 2, 3, 4])`` train loader (the batches
+  come in the same order).
+
+  - Classifier: ``ImageClassifier(num_classes=5)`` (resnet_small, 28x28 grayscale), batch 128,
+    augmentation on, with the AdamW over named groups that ``configure_optimizers()`` builds. The
+    hand-written arm calls ``model(x)`` + ``F.cross_entropy``; the Trainer arm runs the module's
+    own ``training_step`` (which also updates its torchmetrics and calls ``self.log``).
+  - DCGAN: ``DCGAN`` with the sizes of ``configs/dcgan/pretrain.yaml`` (latent 64, widths 32,
+    non-saturating loss, EMA decay 0.999), batch 128, no augmentation. A step is one batch: one
+    D update (real batch and fresh fakes) and one G update, then the EMA update of G. The Trainer
+    arm runs the module (manual optimisation: ``toggle_optimizer``, ``manual_backward``, the
+    finite-loss checks, ``self.log_dict``, the EMA in ``on_train_batch_end``); the hand-written
+    arm runs ``DCGANGenerator`` / ``DCGANDiscriminator`` with the module's loss functions, two
+    ``Adam(lr=2e-4, betas=(0.5, 0.999))`` and the same EMA update, as the PyTorch DCGAN tutorial
+    writes it. Both arms seed the global RNG the same way when training starts, so they draw
+    the same noise.
+* **Same timing.** A step is timed from the end of one step to the end of the next, so it holds
+  fetching the batch, forward, backward and the optimizer step(s) (and, for the DCGAN, one EMA
+  update): for the Trainer through a callback's ``on_train_batch_end``, for the hand-written
+  loop at the end of its step. Warm-up steps are excluded; Trainer construction and ``fit``
+  setup fall outside the window.
 * **Interleaved repeats.** Each repeat times the data path, then both arms, alternating which
   arm goes first. The Trainer / hand-written figure is the median over repeats of the ratio
-  within a repeat (its two runs are back to back, under the same load), shown with its range
-  and with the same ratio from median step times (robust to bursts of other processes). Both arms
+  within a repeat (its two runs are back to back, under the same load), shown with its range,
+  with the same ratio from median step times (robust to bursts of other processes) and from the
+  CPU time the process spent (which leaves out waiting for a busy core). Both arms
   run with the same ``torch.set_num_threads`` (``--threads``, default 1: steadiest on a small
   or shared CPU).
-* **Same computation.** Both arms start from the same weights and see the same batches, so they
-  must compute the same loss at every step and end with the same weights; the report shows the
-  largest difference of each (a loop that skipped a step or fed other data would show it).
-* **Data path alone.** The same train loader iterated without a model (batches/s, images/s),
-  compared with the model step alone (the hand-written step minus its batch fetch).
+* **Same computation.** Both arms start from the same weights and see the same batches (and,
+  for the DCGAN, the same noise), so they must compute the same losses at every step and end
+  with the same weights (for the DCGAN: G, D and the EMA of G); the report shows the largest
+  difference of each (a loop that skipped a step or fed other data would show it).
+* **Data path alone** (classifier): the same train loader iterated without a model (batches/s,
+  images/s), compared with the model step alone (the hand-written step minus its batch fetch).
 
-    python benchmarks/speed.py            # ~2-3 min on a 2-core CPU; writes benchmarks/results/speed.md
+    python benchmarks/speed.py            # ~3 min on an idle 2-core CPU; writes benchmarks/results/speed.md
+    python benchmarks/speed.py --models dcgan --output /tmp/gan.md   # one module only
     python benchmarks/speed.py --quick    # a smoke test of a few steps (no file unless --output)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import logging
 import os
@@ -38,30 +54,36 @@ import platform
 import statistics
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader
 
-from lit_finetune import ImageClassifier
+from lit_finetune import DCGAN, ImageClassifier
 from lit_finetune.data import FashionMNISTDataModule
 from lit_finetune.data.fashion_mnist import DEBIAN_ROOT
+from lit_finetune.modules.dcgan import discriminator_loss, generator_loss
+from lit_finetune.nets import DCGANDiscriminator, DCGANGenerator
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "speed.md"
 CLASSES = [0, 1, 2, 3, 4]
+MODELS = ("classifier", "dcgan")
 TARGET_TRAINER_RATIO = 0.95  # Trainer steps/s >= 0.95 x hand-written loop
 TARGET_DATA_RATIO = 10.0  # data path batches/s >= 10 x model steps/s
 #: both arms run the same computation: per-step losses and final weights agree to float rounding
 AGREEMENT_TOLERANCE = 1e-4
+#: the DCGAN's optimizer (the module's default, the DCGAN paper's) and loss in both arms
+GAN_LR, GAN_BETAS, GAN_LOSS, GAN_EMA_DECAY = 2e-4, (0.5, 0.999), "nonsaturating", 0.999
 TIMING_METHOD = (
-    "per-step wall time (`time.perf_counter`) from the end of one optimizer step to the end of the next, "
-    "after the warm-up steps: Trainer arm via a callback's `on_train_batch_end`, hand-written arm right after "
-    "`optimizer.step()`; both include fetching the batch"
+    "per-step wall time (`time.perf_counter`) from the end of one step to the end of the next, "
+    "after the warm-up steps: Trainer arm via a callback's `on_train_batch_end`, hand-written arm at the end of its "
+    "step; both include fetching the batch"
 )
 
 
@@ -72,11 +94,19 @@ class ArmTiming:
     step_s: list[float]
     fetch_s: list[float] = field(default_factory=list)
     threads: int = 0
-    #: the training loss of every step, warm-up included
+    #: the training losses of every step, warm-up included (DCGAN: D's then G's, per step)
     losses: list[float] = field(default_factory=list)
-    #: the trained model and its optimizer (dropped once the arms were compared)
+    #: CPU seconds of this process (``time.process_time``) in each timed step: no time spent waiting for a core
+    cpu_s: list[float] = field(default_factory=list)
+    #: the trained networks and their optimizers (dropped once the arms were compared)
     model: torch.nn.Module | None = field(default=None, repr=False)
-    optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
+    optimizers: list[torch.optim.Optimizer] = field(default_factory=list, repr=False)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The one optimizer of a single-network arm."""
+        (optimizer,) = self.optimizers
+        return optimizer
 
     @property
     def steps_per_s(self) -> float:
@@ -87,6 +117,11 @@ class ArmTiming:
     def median_steps_per_s(self) -> float:
         """One over the median step time: robust to bursts of other processes on the machine."""
         return 1.0 / statistics.median(self.step_s)
+
+    @property
+    def cpu_steps_per_s(self) -> float:
+        """Timed steps over the CPU time this process spent on them."""
+        return len(self.cpu_s) / sum(self.cpu_s)
 
     @property
     def compute_steps_per_s(self) -> float:
@@ -100,10 +135,11 @@ class ArmTiming:
 
 
 class StepTimer(L.Callback):
-    """Records ``time.perf_counter()`` and the loss at the end of every training batch, and the thread count."""
+    """Records the wall and CPU clocks and the loss at the end of every training batch, and the thread count."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.cpu_times: list[float] = []
         self.losses: list[float] = []
         self.threads = 0
 
@@ -112,7 +148,34 @@ class StepTimer(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, *args: object) -> None:
         self.times.append(time.perf_counter())
+        self.cpu_times.append(time.process_time())
         self.losses.append(float(outputs["loss"]))  # the loss of the step that just ended
+
+
+class GANStepTimer(StepTimer):
+    """A :class:`StepTimer` for manual optimisation: seeds the noise, records every back-propagated loss.
+
+    ``training_step`` returns nothing under manual optimisation, so the losses are taken where
+    ``manual_backward`` hands them to the callbacks (``on_before_backward``): D's, then G's.
+    Lightning calls the callbacks' ``on_train_batch_end`` before the module's, so a timestamp
+    falls before that step's EMA update; every timed interval still holds exactly one step and
+    one EMA update, as in the hand-written loop.
+    """
+
+    def __init__(self, noise_seed: int) -> None:
+        super().__init__()
+        self.noise_seed = noise_seed
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        torch.manual_seed(self.noise_seed)  # the module draws its noise from the global RNG
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        self.losses.append(loss.item())
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, *args: object) -> None:
+        self.times.append(time.perf_counter())
+        self.cpu_times.append(time.process_time())
 
 
 def step_durations(times: list[float], warmup: int, steps: int) -> list[float]:
@@ -133,6 +196,23 @@ def endless(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch += 1
 
 
+def quiet_trainer(max_steps: int, timer: StepTimer) -> L.Trainer:
+    """A CPU Trainer that does nothing besides training: no logger, checkpoints, progress bar, summary, validation."""
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
+
+
+# -- classifier ------------------------------------------------------------------------------------
 def fresh_model(seed: int) -> ImageClassifier:
     """The benchmarked model, with the same initial weights in every arm."""
     torch.manual_seed(seed)
@@ -143,22 +223,14 @@ def time_trainer(dm: FashionMNISTDataModule, args: argparse.Namespace) -> ArmTim
     """``Trainer.fit`` for ``warmup + steps`` steps; steps/s over the steps after warm-up."""
     torch.set_num_threads(args.threads)
     timer = StepTimer()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=args.warmup + args.steps,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-    )
+    trainer = quiet_trainer(args.warmup + args.steps, timer)
     model = fresh_model(args.seed)
     trainer.fit(model, datamodule=dm)
     durations = step_durations(timer.times, args.warmup, args.steps)
-    return ArmTiming(durations, threads=timer.threads, losses=timer.losses, model=model, optimizer=trainer.optimizers[0])
+    return ArmTiming(
+        durations, threads=timer.threads, losses=timer.losses, model=model, optimizers=trainer.optimizers,
+        cpu_s=step_durations(timer.cpu_times, args.warmup, args.steps),
+    )  # fmt: skip
 
 
 def time_plain(dm: FashionMNISTDataModule, args: argparse.Namespace) -> ArmTiming:
@@ -169,7 +241,7 @@ def time_plain(dm: FashionMNISTDataModule, args: argparse.Namespace) -> ArmTimin
     if isinstance(optimizer, dict):
         optimizer = optimizer["optimizer"]
     batches = endless(dm.train_dataloader())
-    times, fetches, losses = [], [], []
+    times, cpu_times, fetches, losses = [], [], [], []
     for _ in range(args.warmup + args.steps):
         start = time.perf_counter()
         x, y = next(batches)
@@ -179,12 +251,105 @@ def time_plain(dm: FashionMNISTDataModule, args: argparse.Namespace) -> ArmTimin
         loss.backward()
         optimizer.step()
         times.append(time.perf_counter())
+        cpu_times.append(time.process_time())
         losses.append(loss.item())
     fetch = fetches[args.warmup : args.warmup + args.steps]
     durations = step_durations(times, args.warmup, args.steps)
-    return ArmTiming(durations, fetch, torch.get_num_threads(), losses, model, optimizer)
+    cpu = step_durations(cpu_times, args.warmup, args.steps)
+    return ArmTiming(durations, fetch, torch.get_num_threads(), losses, cpu, model, [optimizer])
 
 
+# -- DCGAN -----------------------------------------------------------------------------------------
+def fresh_gan(args: argparse.Namespace) -> DCGAN:
+    """The benchmarked ``DCGAN`` module (unconditional, 28x28x1), seeded like :func:`fresh_gan_nets`."""
+    torch.manual_seed(args.seed)
+    return DCGAN(
+        latent_dim=args.gan_latent_dim, generator_width=args.gan_width, discriminator_width=args.gan_width,
+        loss=GAN_LOSS, ema_decay=GAN_EMA_DECAY,
+    )  # fmt: skip
+
+
+def fresh_gan_nets(args: argparse.Namespace) -> tuple[DCGANGenerator, DCGANDiscriminator]:
+    """The same G and D as :func:`fresh_gan`'s: built in the module's order from the same seed."""
+    torch.manual_seed(args.seed)
+    generator = DCGANGenerator(args.gan_latent_dim, image_size=28, channels=1, width=args.gan_width)
+    discriminator = DCGANDiscriminator(image_size=28, channels=1, width=args.gan_width)
+    return generator, discriminator
+
+
+def gan_nets(generator: nn.Module, discriminator: nn.Module, generator_ema: nn.Module) -> nn.ModuleDict:
+    """The three networks an arm trains, under the ``DCGAN`` module's names (for comparing weights)."""
+    return nn.ModuleDict({"generator": generator, "discriminator": discriminator, "generator_ema": generator_ema})
+
+
+def gan_datamodule(args: argparse.Namespace) -> FashionMNISTDataModule:
+    """The DCGAN's data: source classes, no augmentation, as in ``configs/dcgan/pretrain.yaml``."""
+    return FashionMNISTDataModule(
+        root=args.root, classes=CLASSES, batch_size=args.gan_batch_size, augment=False, seed=args.seed
+    )
+
+
+def time_gan_trainer(dm: FashionMNISTDataModule, args: argparse.Namespace) -> ArmTiming:
+    """``Trainer.fit`` of ``DCGAN`` for ``warmup + gan_steps`` batches (one D and one G step each)."""
+    torch.set_num_threads(args.threads)
+    timer = GANStepTimer(noise_seed=args.seed)
+    trainer = quiet_trainer(2 * (args.warmup + args.gan_steps), timer)  # global_step counts both optimizers' steps
+    model = fresh_gan(args)
+    trainer.fit(model, datamodule=dm)
+    durations = step_durations(timer.times, args.warmup, args.gan_steps)
+    nets = gan_nets(model.generator, model.discriminator, model.generator_ema)
+    return ArmTiming(
+        durations, threads=timer.threads, losses=timer.losses, model=nets, optimizers=trainer.optimizers,
+        cpu_s=step_durations(timer.cpu_times, args.warmup, args.gan_steps),
+    )  # fmt: skip
+
+
+def time_gan_plain(dm: FashionMNISTDataModule, args: argparse.Namespace) -> ArmTiming:
+    """The DCGAN's hand-written loop (the PyTorch DCGAN tutorial's): same nets, losses, optimizers, data, noise, EMA."""
+    torch.set_num_threads(args.threads)
+    generator, discriminator = fresh_gan_nets(args)
+    generator_ema = copy.deepcopy(generator).requires_grad_(False)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=GAN_LR, betas=GAN_BETAS)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=GAN_LR, betas=GAN_BETAS)
+    batches = endless(dm.train_dataloader())
+    torch.manual_seed(args.seed)  # the noise, as GANStepTimer seeds it for the Trainer arm
+    times, cpu_times, fetches, losses = [], [], [], []
+    for _ in range(args.warmup + args.gan_steps):
+        start = time.perf_counter()
+        real, _ = next(batches)
+        fetches.append(time.perf_counter() - start)
+        n = real.shape[0]
+        # D step: the real batch and fresh fakes
+        z = torch.randn(n, args.gan_latent_dim)
+        with torch.no_grad():
+            fake = generator(z)
+        d_loss = discriminator_loss(GAN_LOSS, discriminator(real), discriminator(fake))
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
+        # G step: D's gradients from it are never used (cleared by the next D step's zero_grad)
+        z = torch.randn(n, args.gan_latent_dim)
+        g_loss = generator_loss(GAN_LOSS, discriminator(generator(z)))
+        opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        opt_g.step()
+        # EMA of G: weights averaged, buffers (BatchNorm statistics) copied
+        with torch.no_grad():
+            for ema_p, p in zip(generator_ema.parameters(), generator.parameters()):
+                ema_p.lerp_(p, 1 - GAN_EMA_DECAY)
+            for ema_b, b in zip(generator_ema.buffers(), generator.buffers()):
+                ema_b.copy_(b)
+        times.append(time.perf_counter())
+        cpu_times.append(time.process_time())
+        losses += [d_loss.item(), g_loss.item()]
+    fetch = fetches[args.warmup : args.warmup + args.gan_steps]
+    durations = step_durations(times, args.warmup, args.gan_steps)
+    cpu = step_durations(cpu_times, args.warmup, args.gan_steps)
+    nets = gan_nets(generator, discriminator, generator_ema)
+    return ArmTiming(durations, fetch, torch.get_num_threads(), losses, cpu, nets, [opt_g, opt_d])
+
+
+# -- comparing and timing --------------------------------------------------------------------------
 def arm_difference(a: ArmTiming, b: ArmTiming) -> tuple[float, float]:
     """(largest per-step loss difference, largest final weight/buffer difference) of two arms' runs."""
     if len(a.losses) != len(b.losses):
@@ -214,6 +379,46 @@ def time_data(dm: FashionMNISTDataModule, args: argparse.Namespace) -> tuple[flo
     return args.data_batches / seconds, images / seconds
 
 
+Arm = Callable[[FashionMNISTDataModule, argparse.Namespace], ArmTiming]
+
+
+@dataclass
+class Comparison:
+    """The repeats of one module's two arms (and, for the classifier, of the data path)."""
+
+    trainer: list[ArmTiming] = field(default_factory=list)
+    plain: list[ArmTiming] = field(default_factory=list)
+    agreement: list[tuple[float, float]] = field(default_factory=list)
+    data: list[tuple[float, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def run_repeat(
+    name: str, result: Comparison, dm: FashionMNISTDataModule, args: argparse.Namespace,
+    trainer_arm: Arm, plain_arm: Arm, repeat: int,
+) -> None:  # fmt: skip
+    """One repeat: both arms back to back (Trainer first in even repeats), compared, then freed."""
+    started = time.perf_counter()
+    arms = [(trainer_arm, result.trainer), (plain_arm, result.plain)]
+    for arm, results in arms if repeat % 2 == 0 else arms[::-1]:
+        gc.collect()
+        results.append(arm(dm, args))
+    result.agreement.append(arm_difference(result.trainer[-1], result.plain[-1]))
+    for timing in (result.trainer[-1], result.plain[-1]):
+        timing.model, timing.optimizers = None, []  # compared; free them before the next repeat
+    result.seconds += time.perf_counter() - started
+    data = f", data {result.data[-1][0]:.1f} batches/s" if len(result.data) > repeat else ""
+    t, p = result.trainer[-1], result.plain[-1]
+    print(
+        f"{name} repeat {repeat + 1}/{args.repeats}: hand-written {result.plain[-1].steps_per_s:.3f} steps/s, "
+        f"Trainer {result.trainer[-1].steps_per_s:.3f} steps/s{data}, ratio {t.steps_per_s / p.steps_per_s:.3f} "
+        f"(CPU time {t.cpu_steps_per_s / p.cpu_steps_per_s:.3f}), arms differ by "
+        f"{result.agreement[-1][0]:.1e} (loss) / {result.agreement[-1][1]:.1e} (weights)",
+        flush=True,
+    )
+
+
+# -- the report ------------------------------------------------------------------------------------
 def cpu_model() -> str:
     """CPU model name from /proc/cpuinfo (falls back to ``platform``)."""
     try:
@@ -239,55 +444,23 @@ def fmt(value: float) -> str:
     return f"{value:,.{decimals}f}"
 
 
-def report(
-    args: argparse.Namespace,
-    trainer: list[ArmTiming],
-    plain: list[ArmTiming],
-    data: list[tuple[float, float]],
-    loads: tuple[str, str],
-    elapsed: float,
-    agreement: list[tuple[float, float]],
-) -> str:
-    """The markdown report: setup, machine, the figures against their targets, and every repeat."""
+def met(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def trainer_rows(result: Comparison) -> list[str]:
+    """The Trainer-vs-hand-written rows of a figures table."""
     med = statistics.median
-    loss_diff = max(a[0] for a in agreement)
-    weight_diff = max(a[1] for a in agreement)
-    trainer_sps = med(t.steps_per_s for t in trainer)
-    plain_sps = med(p.steps_per_s for p in plain)
-    model_sps = med(p.compute_steps_per_s for p in plain)
-    data_bps = med(d[0] for d in data)
-    paired = [t.steps_per_s / p.steps_per_s for t, p in zip(trainer, plain)]
+    trainer_sps = med(t.steps_per_s for t in result.trainer)
+    plain_sps = med(p.steps_per_s for p in result.plain)
+    paired = [t.steps_per_s / p.steps_per_s for t, p in zip(result.trainer, result.plain)]
     ratio = med(paired)
-    robust = med(t.median_steps_per_s / p.median_steps_per_s for t, p in zip(trainer, plain))
-    data_ratio = data_bps / model_sps
-    threads = ", ".join(map(str, sorted({a.threads for a in trainer + plain})))
-
-    def met(ok: bool) -> str:
-        return "yes" if ok else "**no**"
-
-    lines = [
-        "# Speed: `ImageClassifier` under `lightning.Trainer` vs a hand-written PyTorch loop",
-        "",
-        f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch threads {threads}; torch {torch.__version__}, "
-        f"lightning {L.__version__}, Python {platform.python_version()}. 1-minute load average {loads[0]} at start, "
-        f"{loads[1]} at end (other processes on the machine slow both arms; the ratios are the figures).",
-        "",
-        f"Setup: `ImageClassifier(num_classes={len(CLASSES)})` (resnet_small, 28x28x1), "
-        f"`FashionMNISTDataModule(classes={CLASSES}, batch_size={args.batch_size})` train loader "
-        "(augmentation on, `num_workers=0`), AdamW from `configure_optimizers()`, CPU, fp32. "
-        f"{args.repeats} repeat(s) x {args.steps} timed steps after {args.warmup} warm-up step(s) per arm, "
-        f"arm order alternating; data path: {args.data_batches} batches after {args.warmup} warm-up batch(es). "
-        f"Total run {elapsed:.0f} s.{' **--quick: a smoke test, not a measurement.**' if args.quick else ''}",
-        "",
-        f"Timing: {TIMING_METHOD}. Steps/s of a run: timed steps over their total time. Trainer / hand-written: "
-        "the median over repeats of the ratio within each repeat (the two arms of a repeat run back to back, so "
-        "they share the machine's load); 'from median step times' uses each run's median step time instead, "
-        "which ignores bursts of other processes. Trainer: no logger, no checkpointing, no progress bar, no model summary, "
-        "no validation. The Trainer arm runs the module's `training_step` (torchmetrics update and `self.log` "
-        "included); the hand-written arm only `model(x)` + `F.cross_entropy`. Both arms start from the same "
-        "weights and see the same batches, so they compute the same losses and end with the same weights "
-        "(the 'Arms agree' rows, over every step and repeat).",
-        "",
+    robust = med(t.median_steps_per_s / p.median_steps_per_s for t, p in zip(result.trainer, result.plain))
+    cpu_ratio = med(t.cpu_steps_per_s / p.cpu_steps_per_s for t, p in zip(result.trainer, result.plain))
+    overhead_ms = med(
+        1000 * (statistics.median(t.step_s) - statistics.median(p.step_s)) for t, p in zip(result.trainer, result.plain)
+    )
+    return [
         "| Figure | Measured (median of repeats) | Target | Met |",
         "|---|---|---|---|",
         f"| Hand-written loop (steps/s) | {fmt(plain_sps)} | | |",
@@ -296,35 +469,142 @@ def report(
         f"| Trainer / hand-written, range over repeats | {min(paired):.3f} to {max(paired):.3f} | | |",
         f"| Trainer / hand-written, from median step times | {robust:.3f} | | |",
         f"| Trainer / hand-written, ratio of the steps/s above | {trainer_sps / plain_sps:.3f} | | |",
-        f"| Data path (batches/s) | {fmt(data_bps)} | | |",
-        f"| Data path (images/s) | {fmt(med(d[1] for d in data))} | | |",
-        f"| Model step alone (steps/s, hand-written minus batch fetch) | {fmt(model_sps)} | | |",
-        f"| Data path / model step | {data_ratio:.1f} | >= {TARGET_DATA_RATIO:g} | "
-        f"{met(data_ratio >= TARGET_DATA_RATIO)} |",
-        f"| Batch fetch share of a hand-written step | {100 * med(p.fetch_share for p in plain):.1f}% | | |",
+        f"| Trainer / hand-written, from CPU time (`time.process_time`) | {cpu_ratio:.3f} | | |",
+        f"| Trainer step time minus hand-written step time (ms, median step times) | {overhead_ms:+.1f} | | |",
+        f"| Batch fetch share of a hand-written step | {100 * med(p.fetch_share for p in result.plain):.1f}% | | |",
+    ]
+
+
+def agreement_rows(result: Comparison) -> list[str]:
+    loss_diff = max(a[0] for a in result.agreement)
+    weight_diff = max(a[1] for a in result.agreement)
+    return [
         f"| Arms agree: largest per-step loss difference | {loss_diff:.1e} | <= {AGREEMENT_TOLERANCE:g} | "
         f"{met(loss_diff <= AGREEMENT_TOLERANCE)} |",
         f"| Arms agree: largest final weight difference | {weight_diff:.1e} | <= {AGREEMENT_TOLERANCE:g} | "
         f"{met(weight_diff <= AGREEMENT_TOLERANCE)} |",
-        "",
+    ]
+
+
+def repeat_rows(result: Comparison) -> list[str]:
+    """The per-repeat table (the arm that ran first is marked *)."""
+    with_data = bool(result.data)
+    lines = [
         "Per repeat (the arm that ran first in a repeat is marked *):",
         "",
-        "| Repeat | Hand-written (steps/s) | Trainer (steps/s) | Trainer / hand-written | Data (batches/s) |",
-        "|---|---|---|---|---|",
+        "| Repeat | Hand-written (steps/s) | Trainer (steps/s) | Trainer / hand-written | Same, from CPU time |"
+        + (" Data (batches/s) |" if with_data else ""),
+        "|---|---|---|---|---|" + ("---|" if with_data else ""),
     ]
-    for i, (t, p, d, r) in enumerate(zip(trainer, plain, data, paired)):
+    for i, (t, p) in enumerate(zip(result.trainer, result.plain)):
         t_mark, p_mark = ("*", "") if i % 2 == 0 else ("", "*")
-        lines.append(f"| {i + 1} | {fmt(p.steps_per_s)}{p_mark} | {fmt(t.steps_per_s)}{t_mark} | {r:.3f} | {fmt(d[0])} |")
+        data = f" {fmt(result.data[i][0])} |" if with_data else ""
+        ratios = f"{t.steps_per_s / p.steps_per_s:.3f} | {t.cpu_steps_per_s / p.cpu_steps_per_s:.3f}"
+        lines.append(f"| {i + 1} | {fmt(p.steps_per_s)}{p_mark} | {fmt(t.steps_per_s)}{t_mark} | {ratios} |{data}")
+    return lines
+
+
+def classifier_section(args: argparse.Namespace, result: Comparison) -> list[str]:
+    med = statistics.median
+    model_sps = med(p.compute_steps_per_s for p in result.plain)
+    data_bps = med(d[0] for d in result.data)
+    data_ratio = data_bps / model_sps
+    return [
+        "#### `ImageClassifier`",
+        "",
+        f"Setup: `ImageClassifier(num_classes={len(CLASSES)})` (resnet_small, 28x28x1), "
+        f"`FashionMNISTDataModule(classes={CLASSES}, batch_size={args.batch_size})` train loader "
+        "(augmentation on, `num_workers=0`), AdamW from `configure_optimizers()`. "
+        f"{args.repeats} repeat(s) x {args.steps} timed steps after {args.warmup} warm-up step(s) per arm; "
+        f"data path: {args.data_batches} batches after {args.warmup} warm-up batch(es). "
+        f"{result.seconds:.0f} s. A step: one batch, one optimizer step. The Trainer arm runs the module's "
+        "`training_step` (torchmetrics update and `self.log` included); the hand-written arm only `model(x)` + "
+        "`F.cross_entropy`. Both arms start from the same weights and see the same batches, so they compute the "
+        "same losses and end with the same weights (the 'Arms agree' rows, over every step and repeat).",
+        "",
+        *trainer_rows(result),
+        f"| Data path (batches/s) | {fmt(data_bps)} | | |",
+        f"| Data path (images/s) | {fmt(med(d[1] for d in result.data))} | | |",
+        f"| Model step alone (steps/s, hand-written minus batch fetch) | {fmt(model_sps)} | | |",
+        f"| Data path / model step | {data_ratio:.1f} | >= {TARGET_DATA_RATIO:g} | "
+        f"{met(data_ratio >= TARGET_DATA_RATIO)} |",
+        *agreement_rows(result),
+        "",
+        *repeat_rows(result),
+    ]
+
+
+def gan_section(args: argparse.Namespace, result: Comparison) -> list[str]:
+    width, latent = args.gan_width, args.gan_latent_dim
+    return [
+        "#### `DCGAN`",
+        "",
+        f"Setup: `DCGAN(latent_dim={latent}, generator_width={width}, discriminator_width={width}, "
+        f"loss='{GAN_LOSS}', ema_decay={GAN_EMA_DECAY})` (28x28x1, unconditional, the sizes of "
+        "`configs/dcgan/pretrain.yaml`), "
+        f"`FashionMNISTDataModule(classes={CLASSES}, batch_size={args.gan_batch_size}, augment=False)` train loader; "
+        f"Adam(lr={GAN_LR:g}, betas={GAN_BETAS}) for G and for D. "
+        f"{args.repeats} repeat(s) x {args.gan_steps} timed steps after {args.warmup} warm-up step(s) per arm. "
+        f"{result.seconds:.0f} s. A step: one batch, i.e. one D update (real batch and fresh fakes) and one G update, "
+        "then the EMA update of G, in both arms. The Trainer arm runs the module under manual optimisation "
+        "(`toggle_optimizer`, `manual_backward`, finite-loss checks, `self.log_dict`, the EMA in "
+        "`on_train_batch_end`); the hand-written arm runs `DCGANGenerator` and `DCGANDiscriminator` with "
+        "`discriminator_loss` / `generator_loss` and two `torch.optim.Adam`, as the PyTorch DCGAN tutorial does. "
+        "In the G step both arms compute D's weight gradients and neither uses them (the module toggles the "
+        "optimizers after the forward, which only stops their accumulation; the hand-written loop's next "
+        "`zero_grad` drops them). "
+        "Both arms start from the same weights, see the same batches and seed the global RNG the same way when "
+        "training starts (the noise), so they compute the same D and G losses and end with the same G, D and EMA "
+        "weights (the 'Arms agree' rows).",
+        "",
+        *trainer_rows(result),
+        *agreement_rows(result),
+        "",
+        *repeat_rows(result),
+    ]
+
+
+def report(
+    args: argparse.Namespace, results: dict[str, Comparison], loads: tuple[str, str], elapsed: float
+) -> str:
+    """The markdown report: machine and timing; per module its setup, figures against their targets, every repeat."""
+    threads = ", ".join(
+        map(str, sorted({a.threads for result in results.values() for a in result.trainer + result.plain}))
+    )
+    names = " and ".join(f"`{'ImageClassifier' if name == 'classifier' else 'DCGAN'}`" for name in results)
+    lines = [
+        f"{names} under `lightning.Trainer` against hand-written PyTorch loops of the same networks, data and batch. "
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch threads {threads}; torch {torch.__version__}, "
+        f"lightning {L.__version__}, Python {platform.python_version()}; CPU, fp32. 1-minute load average {loads[0]} "
+        f"at start, {loads[1]} at end (other processes on the machine slow both arms; the ratios are the figures). "
+        f"Total run {elapsed:.0f} s.{' **--quick: a smoke test, not a measurement.**' if args.quick else ''}",
+        "",
+        f"Timing: {TIMING_METHOD}. Steps/s of a run: timed steps over their total time. Trainer / hand-written: "
+        "the median over repeats of the ratio within each repeat (the two arms of a repeat run back to back, so "
+        "they share the machine's load); 'from median step times' uses each run's median step time instead, "
+        "which ignores bursts of other processes; 'from CPU time' divides by the CPU seconds this process "
+        "spent in the timed steps (`time.process_time`, one torch thread), which leaves out the time spent waiting "
+        "for a core (other processes still slow it through shared caches and memory bandwidth). "
+        "Trainer: no logger, no checkpointing, no progress bar, no model summary, no validation.",
+    ]
+    sections = {"classifier": classifier_section, "dcgan": gan_section}
+    for name, result in results.items():
+        lines += ["", *sections[name](args, result)]
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--steps", type=int, default=25, help="timed steps per arm and repeat")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="modules to benchmark")
+    parser.add_argument("--steps", type=int, default=25, help="timed classifier steps per arm and repeat")
+    parser.add_argument("--gan-steps", type=int, default=20, help="timed DCGAN steps (batches) per arm and repeat")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (and data batches) first, >= 1")
     parser.add_argument("--repeats", type=int, default=6, help="repeats of every arm, order alternating")
     parser.add_argument("--data-batches", type=int, default=150, help="timed batches of the data path")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=128, help="classifier batch size")
+    parser.add_argument("--gan-batch-size", type=int, default=128, help="DCGAN batch size")
+    parser.add_argument("--gan-width", type=int, default=32, help="DCGAN generator and discriminator width")
+    parser.add_argument("--gan-latent-dim", type=int, default=64, help="DCGAN noise size")
     parser.add_argument(
         "--threads",
         type=int,
@@ -340,11 +620,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.warmup, args.repeats, args.data_batches = 2, 1, 1, 5
+        args.steps, args.gan_steps, args.warmup, args.repeats, args.data_batches = 2, 2, 1, 1, 5
     if args.output is None and not args.quick:
         args.output = DEFAULT_OUTPUT
-    if min(args.steps, args.warmup, args.repeats, args.data_batches, args.threads) < 1:
-        parser.error("--steps, --warmup, --repeats, --data-batches and --threads must be >= 1")
+    if min(args.steps, args.gan_steps, args.warmup, args.repeats, args.data_batches, args.threads) < 1:
+        parser.error("--steps, --gan-steps, --warmup, --repeats, --data-batches and --threads must be >= 1")
+    args.models = [name for name in MODELS if name in args.models]  # report order, no duplicates
     return args
 
 
@@ -353,30 +634,27 @@ def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*", FutureWarning)  # torch 2.14 vs lightning 2.6, once per fit
+    # the DCGAN keeps its EMA generator in eval mode on purpose (it is never trained, only averaged)
+    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode at the start of training.*")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     started, load_start = time.perf_counter(), load_average()
 
-    dm = FashionMNISTDataModule(root=args.root, classes=CLASSES, batch_size=args.batch_size, seed=args.seed)
-    dm.setup("fit")  # once: the Trainer's own setup call then finds the splits built
-    trainer, plain, data, agreement = [], [], [], []
-    for repeat in range(args.repeats):
-        data.append(time_data(dm, args))
-        arms = [(time_trainer, trainer), (time_plain, plain)]
-        for arm, results in arms if repeat % 2 == 0 else arms[::-1]:
-            gc.collect()
-            results.append(arm(dm, args))
-        agreement.append(arm_difference(trainer[-1], plain[-1]))
-        for timing in (trainer[-1], plain[-1]):
-            timing.model = timing.optimizer = None  # compared; free them before the next repeat
-        print(
-            f"repeat {repeat + 1}/{args.repeats}: hand-written {plain[-1].steps_per_s:.3f} steps/s, "
-            f"Trainer {trainer[-1].steps_per_s:.3f} steps/s, data {data[-1][0]:.1f} batches/s, "
-            f"arms differ by {agreement[-1][0]:.1e} (loss) / {agreement[-1][1]:.1e} (weights)",
-            flush=True,
-        )
+    results: dict[str, Comparison] = {}
+    if "classifier" in args.models:
+        dm = FashionMNISTDataModule(root=args.root, classes=CLASSES, batch_size=args.batch_size, seed=args.seed)
+        dm.setup("fit")  # once: the Trainer's own setup call then finds the splits built
+        result = results["classifier"] = Comparison()
+        for repeat in range(args.repeats):
+            result.data.append(time_data(dm, args))
+            run_repeat("classifier", result, dm, args, time_trainer, time_plain, repeat)
+    if "dcgan" in args.models:
+        dm = gan_datamodule(args)
+        dm.setup("fit")
+        result = results["dcgan"] = Comparison()
+        for repeat in range(args.repeats):
+            run_repeat("dcgan", result, dm, args, time_gan_trainer, time_gan_plain, repeat)
 
-    loads = (load_start, load_average())
-    markdown = report(args, trainer, plain, data, loads, time.perf_counter() - started, agreement)
+    markdown = report(args, results, (load_start, load_average()), time.perf_counter() - started)
     print(markdown)
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)

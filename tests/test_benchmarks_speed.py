@@ -1,16 +1,20 @@
-"""The speed benchmark compares like with like: both arms train the same model on the same data.
+"""The speed benchmark compares like with like: both arms train the same networks on the same data.
 
 A speed ratio means nothing if the hand-written loop does less work than the Trainer arm (skips a
-step, feeds other batches, trains fewer parameters). These tests run both arms for a few steps
-and require the same starting weights, the same first-batch loss as a hand computation, the same
-number of optimizer steps on every parameter, changed weights, and identical losses and final
-weights in the two arms; then the script runs end to end (``--quick``, in-process). Speed targets are not
-asserted here (they depend on the machine).
+step, feeds other batches or other noise, trains fewer parameters). These tests run both arms of
+each module (``ImageClassifier``, ``DCGAN``) for a few steps and require the same starting weights,
+the same first-batch loss(es) as a hand computation, the same number of optimizer steps on every
+parameter, changed weights, and identical losses and final weights in the two arms; then the
+script runs end to end (``--quick``, in-process). Speed targets are not asserted here (they depend
+on the machine).
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
 import importlib.util
+import math
 import re
 import sys
 from pathlib import Path
@@ -26,9 +30,11 @@ ROWS = (
     "Hand-written loop (steps/s)",
     "Trainer.fit (steps/s)",
     "Trainer / hand-written",
+    "Trainer / hand-written, from CPU time (`time.process_time`)",
     "Data path (batches/s)",
     "Data path / model step",
 )
+GAN_ROWS = ROWS[:4]
 AGREEMENT_ROWS = ("Arms agree: largest per-step loss difference", "Arms agree: largest final weight difference")
 
 
@@ -61,6 +67,29 @@ def setup(speed, fashion_root):
 
 
 @pytest.fixture(scope="module")
+def gan_setup(speed, fashion_root):
+    """Tiny DCGAN arguments (widths 4, noise 8, batch 16) and the datamodule both arms share."""
+    args = speed.parse_args(
+        ["--models", "dcgan", "--gan-steps", str(STEPS), "--warmup", str(WARMUP), "--repeats", "1",
+         "--gan-batch-size", "16", "--gan-width", "4", "--gan-latent-dim", "8", "--root", str(fashion_root)]
+    )  # fmt: skip
+    dm = speed.gan_datamodule(args)
+    dm.setup("fit")
+    return args, dm
+
+
+@pytest.fixture(scope="module")
+def gan_arms(speed, gan_setup):
+    """One run of each DCGAN arm, as one repeat of the benchmark runs them."""
+    args, dm = gan_setup
+    threads = torch.get_num_threads()
+    try:
+        return speed.time_gan_trainer(dm, args), speed.time_gan_plain(dm, args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def arms(speed, setup):
     """One run of each arm, as one repeat of the benchmark runs them."""
     args, dm = setup
@@ -76,6 +105,12 @@ def row_value(markdown: str, label: str) -> float:
     match = re.search(rf"^\| {re.escape(label)} \| ([0-9][0-9,]*\.?[0-9]*(?:e[+-]?[0-9]+)?)", markdown, re.MULTILINE)
     assert match, f"row {label!r} missing from:\n{markdown}"
     return float(match.group(1).replace(",", ""))
+
+
+def section(markdown: str, heading: str) -> str:
+    """The text from ``heading`` to the next ``####`` heading."""
+    assert heading in markdown, f"section {heading!r} missing from:\n{markdown}"
+    return markdown.split(heading, 1)[1].split("\n#### ", 1)[0]
 
 
 def test_arms_start_from_the_same_weights(speed):
@@ -130,19 +165,115 @@ def test_arm_difference_sees_a_different_computation(speed, setup, arms):
 
 
 def test_speed_benchmark_quick(speed, tmp_path: Path, fashion_root: Path) -> None:
-    """The whole script (``--quick``), in this process: it writes its report, and both arms agree in it."""
+    """The whole script (``--quick``), in this process: it writes its report with both modules, and both arms agree."""
     output = tmp_path / "speed.md"
     threads = torch.get_num_threads()
     try:
-        speed.main(["--quick", "--root", str(fashion_root), "--output", str(output)])
+        speed.main(["--quick", "--gan-width", "8", "--root", str(fashion_root), "--output", str(output)])
     finally:
         torch.set_num_threads(threads)
     markdown = output.read_text()
-    assert "| Figure | Measured" in markdown and "| Target | Met |" in markdown
     assert "torch " in markdown and "lightning " in markdown
     assert "--quick: a smoke test, not a measurement" in markdown
-    values = {label: row_value(markdown, label) for label in ROWS}
-    assert all(v > 0 for v in values.values()), values
-    for label in AGREEMENT_ROWS:
-        assert row_value(markdown, label) <= 1e-4
-        assert re.search(rf"^\| {re.escape(label)} \|[^\n]*\| yes \|$", markdown, re.MULTILINE), label
+    classifier, gan = section(markdown, "#### `ImageClassifier`"), section(markdown, "#### `DCGAN`")
+    for text, rows in ((classifier, ROWS), (gan, GAN_ROWS)):
+        assert "| Figure | Measured" in text and "| Target | Met |" in text
+        values = {label: row_value(text, label) for label in rows}
+        assert all(v > 0 for v in values.values()), values
+        for label in AGREEMENT_ROWS:
+            assert row_value(text, label) <= 1e-4
+            assert re.search(rf"^\| {re.escape(label)} \|[^\n]*\| yes \|$", text, re.MULTILINE), label
+    assert "Data path" not in gan  # the data path is timed once, with the classifier
+
+
+def test_models_option_runs_one_module(speed, tmp_path: Path, fashion_root: Path) -> None:
+    output = tmp_path / "gan.md"
+    threads = torch.get_num_threads()
+    try:
+        speed.main(["--quick", "--models", "dcgan", "--gan-width", "4", "--gan-latent-dim", "8",
+                    "--root", str(fashion_root), "--output", str(output)])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    markdown = output.read_text()
+    assert "#### `DCGAN`" in markdown and "#### `ImageClassifier`" not in markdown
+    assert row_value(section(markdown, "#### `DCGAN`"), "Trainer / hand-written") > 0
+
+
+# -- DCGAN ------------------------------------------------------------------------------------------
+def test_gan_arms_start_from_the_same_weights(speed, gan_setup):
+    """The hand-written arm's G and D are the module's, weight for weight (same seed, same build order)."""
+    args, _ = gan_setup
+    module = speed.fresh_gan(args)
+    generator, discriminator = speed.fresh_gan_nets(args)
+    for mine, theirs in ((generator, module.generator), (discriminator, module.discriminator)):
+        a, b = mine.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    other_args = argparse.Namespace(**{**vars(args), "seed": args.seed + 1})
+    other = speed.fresh_gan_nets(other_args)
+    assert not torch.equal(other[0].project.conv.weight, generator.project.conv.weight), "the seed does not reach G"
+
+
+def test_gan_first_losses_are_those_of_the_first_batch_and_the_seeded_noise(speed, gan_setup, gan_arms):
+    """Step 1's D loss, by hand: the first batch, noise from the global RNG seeded with ``--seed``, initial nets."""
+    from lit_finetune.modules.dcgan import discriminator_loss
+
+    args, dm = gan_setup
+    real, _ = next(speed.endless(dm.train_dataloader()))
+    generator, discriminator = speed.fresh_gan_nets(args)
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        fake = generator(torch.randn(len(real), args.gan_latent_dim))
+        expected = discriminator_loss(speed.GAN_LOSS, discriminator(real), discriminator(fake)).item()
+    for arm in gan_arms:
+        assert arm.losses[0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_gan_arms_take_one_d_and_one_g_step_per_batch_on_every_parameter(speed, gan_setup, gan_arms):
+    args, _ = gan_setup
+    initial = speed.fresh_gan(args)
+    for arm in gan_arms:
+        assert len(arm.losses) == 2 * (WARMUP + STEPS)  # D's and G's loss of every step
+        assert len(arm.step_s) == STEPS
+        assert len(arm.optimizers) == 2
+        nets = {name: arm.model[name] for name in ("generator", "discriminator")}
+        for net_name, net in nets.items():
+            params = dict(net.named_parameters())
+            (optimizer,) = [o for o in arm.optimizers if any(p in o.state for p in params.values())]
+            steps = {name: int(optimizer.state[p]["step"]) for name, p in params.items() if p in optimizer.state}
+            assert steps.keys() == params.keys(), f"{net_name}: never stepped: {params.keys() - steps.keys()}"
+            assert set(steps.values()) == {WARMUP + STEPS}, steps
+            before = getattr(initial, net_name).state_dict()
+            unchanged = [name for name, p in params.items() if torch.equal(p.detach(), before[name])]
+            assert not unchanged, f"{net_name}: parameters that did not train: {unchanged}"
+        # the EMA moved off its start (G's initial weights) but lags behind G (decay 0.999)
+        ema, generator = arm.model["generator_ema"].state_dict(), arm.model["generator"].state_dict()
+        start = initial.generator.state_dict()
+        weight = "project.conv.weight"
+        assert not torch.equal(ema[weight], start[weight]) and not torch.equal(ema[weight], generator[weight])
+        assert (ema[weight] - start[weight]).abs().max() < (generator[weight] - start[weight]).abs().max()
+
+
+def test_gan_arms_compute_the_same_losses_and_weights(speed, gan_arms):
+    """Bit for bit: the same ops in the same order on the CPU. Lightning's toggle_optimizer in the G step only
+    stops D's gradients from accumulating; the hand-written loop accumulates them and its next D step's
+    ``zero_grad(set_to_none=True)`` drops them before D's update, so no weight can differ."""
+    trainer_arm, plain_arm = gan_arms
+    assert all(math.isfinite(loss) for loss in trainer_arm.losses)
+    assert trainer_arm.losses == plain_arm.losses
+    trained, plain = trainer_arm.model.state_dict(), plain_arm.model.state_dict()
+    assert trained.keys() == plain.keys()
+    assert any(k.startswith("generator_ema.") for k in trained) and any(k.endswith("running_mean") for k in trained)
+    for key in trained:
+        assert torch.equal(trained[key], plain[key]), key
+    assert speed.arm_difference(trainer_arm, plain_arm) == (0.0, 0.0)
+
+
+def test_gan_arm_difference_sees_other_noise(speed, gan_setup, gan_arms, monkeypatch):
+    """The agreement figure can fail: the same initial nets with noise from another seed differ in losses, weights."""
+    args, dm = gan_setup
+    same_nets = speed.fresh_gan_nets(args)
+    monkeypatch.setattr(speed, "fresh_gan_nets", lambda _: copy.deepcopy(same_nets))
+    other_noise = speed.time_gan_plain(dm, argparse.Namespace(**{**vars(args), "seed": args.seed + 1}))
+    loss_diff, weight_diff = speed.arm_difference(gan_arms[1], other_noise)
+    assert loss_diff > speed.AGREEMENT_TOLERANCE and weight_diff > speed.AGREEMENT_TOLERANCE

@@ -224,14 +224,12 @@ class DCGAN(TransferModule):
                 "set gradient_clip_val, or try loss='hinge' / spectral_norm=True."
             )
 
-    def _step(self, optimizer: Any, loss: torch.Tensor) -> None:
-        self.toggle_optimizer(optimizer)  # no gradients for the other network's parameters
+    def _update(self, optimizer: Any, loss: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         if self.hparams.gradient_clip_val:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm")
         optimizer.step()
-        self.untoggle_optimizer(optimizer)
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -248,21 +246,27 @@ class DCGAN(TransferModule):
         y = labels if self.hparams.conditional else None
         opt_g, opt_d = self.optimizers()
         kind, n = self.hparams.loss, real.shape[0]
+        # each update runs with only its own network's parameters requiring gradients (toggled before the
+        # forward, so the graph holds no gradient path into the other network's weights)
         for _ in range(self.hparams.n_critic):
+            with self.toggled_optimizer(opt_d):
+                z = torch.randn(n, self.hparams.latent_dim, device=self.device)
+                with torch.no_grad():
+                    fake = self.generator(z, y)
+                d_loss = discriminator_loss(
+                    kind, self.discriminator(self.augment(real), y), self.discriminator(self.augment(fake), y)
+                )
+                if self.l2sp_d is not None:
+                    d_loss = d_loss + self.l2sp_d()
+                self._check_finite("discriminator loss", d_loss)
+                self._update(opt_d, d_loss)
+        with self.toggled_optimizer(opt_g):
             z = torch.randn(n, self.hparams.latent_dim, device=self.device)
-            with torch.no_grad():
-                fake = self.generator(z, y)
-            d_loss = discriminator_loss(kind, self.discriminator(self.augment(real), y), self.discriminator(self.augment(fake), y))
-            if self.l2sp_d is not None:
-                d_loss = d_loss + self.l2sp_d()
-            self._check_finite("discriminator loss", d_loss)
-            self._step(opt_d, d_loss)
-        z = torch.randn(n, self.hparams.latent_dim, device=self.device)
-        g_loss = generator_loss(kind, self.discriminator(self.augment(self.generator(z, y)), y))
-        if self.l2sp_g is not None:
-            g_loss = g_loss + self.l2sp_g()
-        self._check_finite("generator loss", g_loss)
-        self._step(opt_g, g_loss)
+            g_loss = generator_loss(kind, self.discriminator(self.augment(self.generator(z, y)), y))
+            if self.l2sp_g is not None:
+                g_loss = g_loss + self.l2sp_g()
+            self._check_finite("generator loss", g_loss)
+            self._update(opt_g, g_loss)
         self.log_dict({"train/d_loss": d_loss.detach(), "train/g_loss": g_loss.detach()}, prog_bar=True, batch_size=n)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

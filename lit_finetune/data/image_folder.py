@@ -123,8 +123,8 @@ class ImageFolderDataModule(ImageDataModule):
         rank_zero_info(f"ImageFolderDataModule: {str(self.root)!r} holds images and no sub-folders: read unlabelled.")
         return False
 
-    def _check_unlabelled_layout(self) -> list[str]:
-        """Validate an unlabelled folder (some image in train, and in test if there is one)."""
+    def _checked_train_dir(self) -> Path:
+        """The train folder of an existing root; an error naming both paths when only test/ exists."""
         self._check_root()
         train_dir = self._split_dir("train")
         if train_dir is None:  # root/test exists but root/train does not
@@ -132,6 +132,11 @@ class ImageFolderDataModule(ImageDataModule):
                 f"ImageFolderDataModule root {_describe(self.root)} has a test/ folder but no train/ folder "
                 f"{_describe(self.root / 'train')}; {_LAYOUT}."
             )
+        return train_dir
+
+    def _check_unlabelled_layout(self) -> list[str]:
+        """Validate an unlabelled folder (some image in train, and in test if there is one)."""
+        train_dir = self._checked_train_dir()
         for folder in (train_dir, self.root / "test"):
             if folder.is_dir() and next(_iter_unlabelled(folder), None) is None:
                 raise DatasetNotFoundError(
@@ -142,13 +147,7 @@ class ImageFolderDataModule(ImageDataModule):
 
     def _check_layout(self) -> list[str]:
         """Validate the folder tree and return the class names (from train)."""
-        self._check_root()
-        train_dir = self._split_dir("train")
-        if train_dir is None:  # root/test exists but root/train does not
-            raise DatasetNotFoundError(
-                f"ImageFolderDataModule root {_describe(self.root)} has a test/ folder but no train/ folder "
-                f"{_describe(self.root / 'train')}; {_LAYOUT}."
-            )
+        train_dir = self._checked_train_dir()
         names = _class_dirs(train_dir)
         if not names:
             raise DatasetNotFoundError(

@@ -9,6 +9,10 @@ outputs were stored.
     python3 notebooks/run_notebooks.py            # execute every notebook, report, store nothing
     python3 notebooks/run_notebooks.py --write    # execute and store the outputs in place
     python3 notebooks/run_notebooks.py --write notebooks/01_classifier_finetuning.ipynb
+    python3 notebooks/run_notebooks.py --write notebooks/0[12]_*.ipynb   # several, in the order given
+
+With several notebooks, each runs in its own fresh kernel; one that fails is reported and not
+written, the others still run (and are written with ``--write``), and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import nbformat  # the dev extra: nbclient, nbformat, ipykernel
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent
 KERNEL = "python3"
@@ -98,15 +103,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="*", type=Path, help="notebooks to run (default: all in notebooks/)")
     parser.add_argument("--write", action="store_true", help="store each executed notebook in place")
     args = parser.parse_args(argv)
+    paths = args.paths or notebooks()
+    missing = [str(p) for p in paths if p.suffix != ".ipynb" or not p.is_file()]
+    if missing:  # before any kernel starts: a typo should not cost the run of the notebooks before it
+        parser.error(f"not a notebook file: {', '.join(missing)}")
     kernel = ensure_kernel()
-    for path in args.paths or notebooks():
+    failed = []
+    for path in paths:
         started = time.perf_counter()
-        nb = execute(path.resolve(), kernel)
+        try:
+            nb = execute(path.resolve(), kernel)
+        except CellExecutionError as err:
+            print(f"{path.name}: FAILED after {time.perf_counter() - started:.0f} s, not written\n{err}", file=sys.stderr)
+            failed.append(path.name)
+            continue
         images = sum("image/png" in out.get("data", {}) for out in outputs_of(nb))
         print(f"{path.name}: executed in {time.perf_counter() - started:.0f} s, {images} images", flush=True)
         if args.write:
             write(nb, path)
             print(f"  wrote {path}")
+    if failed:
+        print(f"{len(failed)} of {len(paths)} notebooks failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

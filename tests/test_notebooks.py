@@ -36,9 +36,21 @@ EXPECTED_OUTPUTS = {
         r"RESULT scratch: test/acc=(0\.\d+|1\.0+) on 5000 test images",
         r"clean \(nothing reshaped, missing or unexpected\): True",
     ],
+    "02_dcgan_finetuning.ipynb": [
+        r"RESULT equal budget: 150 batches per arm",
+        r"load_pretrained\(.*source\.ckpt\): \d+ tensors loaded",
+        r"loaded: [1-9]\d* generator and [1-9]\d* discriminator tensors; "
+        r"clean \(nothing reshaped, missing or unexpected\): True",
+        r"RESULT FreezeD: discriminator\.blocks\.0 unchanged: True",
+        r"RESULT full fine-tune: discriminator\.blocks\.0 changed: True",
+        r"RESULT FreezeD lr/discriminator\.blocks\.0: 0\.0 at all 150 logged steps",
+        r"RESULT full fine-tune lr/discriminator\.blocks\.0: 2\.0e-04 or more",
+        *(rf"RESULT FID {arm}: \d+\.\d" for arm in ("source GAN", "full fine-tune", "FreezeD", "scratch")),
+    ],
 }
-#: pictures a notebook must draw: the source/target batches, the learning curves, the confusion matrices
-EXPECTED_IMAGES = {"01_classifier_finetuning.ipynb": 3}
+#: pictures a notebook must draw. 01: the source/target batches, the learning curves, the confusion matrices;
+#: 02: the real images, the arms' samples, the samples during fine-tuning, the loss and LR curves
+EXPECTED_IMAGES = {"01_classifier_finetuning.ipynb": 3, "02_dcgan_finetuning.ipynb": 4}
 
 
 def load_runner() -> ModuleType:
@@ -126,3 +138,33 @@ def test_notebook_executes(path):
         pytest.fail(f"{path.name} failed:\n{err}", pytrace=False)
     assert nb.metadata[runner.METADATA_KEY]["executed_code_sha256"] == runner.code_digest(nbformat.read(path, 4))
     check_outputs(nb, path.name)
+
+
+# -- the runner itself ------------------------------------------------------------------------------
+def _tiny_notebook(path: Path, source: str) -> Path:
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
+    nb.metadata["kernelspec"] = {"name": runner.KERNEL, "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+def test_runner_refuses_a_missing_notebook_before_running_any(tmp_path, capsys):
+    good = _tiny_notebook(tmp_path / "good.ipynb", "print('ran')")
+    with pytest.raises(SystemExit) as exit_info:
+        runner.main(["--write", str(good), str(tmp_path / "typo.ipynb")])
+    assert exit_info.value.code == 2
+    assert "typo.ipynb" in capsys.readouterr().err
+    assert nbformat.read(good, 4).cells[0].outputs == []  # nothing ran, nothing was written
+
+
+@pytest.mark.slow
+def test_runner_writes_the_others_when_one_notebook_fails(tmp_path, capsys):
+    failing = _tiny_notebook(tmp_path / "a_failing.ipynb", "raise RuntimeError('boom')")
+    good = _tiny_notebook(tmp_path / "b_good.ipynb", "print('ran')")
+    assert runner.main(["--write", str(failing), str(good)]) == 1
+    stored = nbformat.read(good, 4)
+    assert "ran" in output_text(stored)
+    assert stored.metadata[runner.METADATA_KEY]["executed_code_sha256"] == runner.code_digest(stored)
+    assert nbformat.read(failing, 4).cells[0].outputs == []  # a failed run is not stored
+    err = capsys.readouterr().err
+    assert "a_failing.ipynb: FAILED" in err and "boom" in err and "1 of 2 notebooks failed" in err

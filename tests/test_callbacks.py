@@ -295,3 +295,14 @@ def test_warmup_counts_each_optimizers_own_steps_with_grad_scaler(tmp_path):
     assert used["g"] == pytest.approx([0.1 * warmup.factor(k) for k in range(5)])
     assert used["d"] == pytest.approx([0.2 * warmup.factor(k) for k in range(15)])
     assert model.trainer.optimizers[1].param_groups[0]["lr"] == 0.2  # scheduler value restored after each step
+
+
+def test_applied_lr_monitor_logs_on_the_steps_lightning_writes(tmp_path, tiny_target):
+    import csv
+
+    from lit_finetune.callbacks import AppliedLRMonitor
+
+    trainer = quiet_trainer(tmp_path, max_epochs=3, log_every_n_steps=2, limit_val_batches=0, callbacks=[AppliedLRMonitor()])
+    trainer.fit(ImageClassifier(num_classes=5), datamodule=tiny_target)
+    rows = [r for r in csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))) if r.get("lr/head")]
+    assert [int(r["step"]) for r in rows] == [1, 3, 5]  # every 2nd step, none lost to the throttle

@@ -1,0 +1,93 @@
+"""benchmarks/gan_finetune.py at a tiny size: two arms, one seed, a few steps, a tiny extractor and source.
+
+The arms run through the shipped configs and ``cli_main`` exactly as in the benchmark; only the sizes
+are overridden (nets, images per class, batch, test batches).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import gan_finetune as bench  # noqa: E402
+
+TINY = dict(latent_dim=16, generator_width=8, discriminator_width=8)
+STEPS = 3
+
+
+def _save(module: L.LightningModule, path) -> str:
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=0)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, fashion_root):
+    from lit_finetune import DCGAN, ImageClassifier
+
+    tmp = tmp_path_factory.mktemp("gan_bench")
+    torch.manual_seed(0)
+    # an untrained extractor: FID mechanics need features, not good ones
+    extractor = _save(ImageClassifier(num_classes=10), tmp / "extractor.ckpt")
+    source = _save(DCGAN(**TINY, num_classes=5, conditional=True), tmp / "source.ckpt")
+    extra = [
+        "--model.init_args.latent_dim", "16", "--model.init_args.generator_width", "8",
+        "--model.init_args.discriminator_width", "8", "--data.init_args.root", str(fashion_root),
+        "--data.init_args.samples_per_class", "4", "--data.init_args.batch_size", "10",
+        "--trainer.limit_test_batches", "2",
+    ]  # fmt: skip
+    arms = [bench.ARMS[0], bench.ARMS[-1]]  # scratch (no DiffAugment), FreezeD + DiffAugment
+    results = bench.run_arms(arms, [0], source, extractor, STEPS, tmp / "work", extra, log=lambda s: None)
+    return arms, results, source, tmp
+
+
+def test_arms_cover_the_protocol():
+    assert [a.name for a in bench.ARMS] == [
+        "scratch", "scratch + DiffAugment", "TransferGAN", "TransferGAN + DiffAugment",
+        "FreezeD", "FreezeD + DiffAugment",
+    ]  # fmt: skip
+    assert [a.pretrained for a in bench.ARMS] == [False, False, True, True, True, True]
+    assert len({a.key for a in bench.ARMS}) == len(bench.ARMS)
+    assert len(bench.PROFILES["quick"]["seeds"]) >= 3 and len(bench.PROFILES["full"]["seeds"]) >= 3
+
+
+def test_every_arm_has_metrics_and_equal_steps(tiny_run):
+    arms, results, _, _ = tiny_run
+    assert list(results) == [a.name for a in arms]
+    for runs in results.values():
+        (run,) = runs
+        assert torch.isfinite(torch.tensor([run.fid, run.kid_mean, run.kid_std])).all() and run.fid > 0
+        assert 0 <= run.label_agreement <= 1
+        assert sum(run.class_counts) == 20  # 2 test batches of 10: one generated image per real one
+        assert (run.generator_steps, run.discriminator_steps) == (STEPS, STEPS)
+        assert run.samples.shape == (5 * bench.GRID_COLUMNS, 1, 28, 28)
+    assert [results[a.name][0].diffaugment_on for a in arms] == [a.diffaugment for a in arms] == [False, True]
+
+
+def test_freezed_keeps_the_source_block_and_scratch_does_not_load(tiny_run):
+    _, results, _, _ = tiny_run
+    assert results["FreezeD + DiffAugment"][0].block0_equals_source is True
+    assert results["scratch"][0].block0_equals_source is False  # random init: scratch did not load the source
+
+
+def test_markdown_has_every_cell_and_the_figure_is_written(tiny_run):
+    arms, results, _, tmp = tiny_run
+    text = bench.markdown(results, [0], [0, 0, 0, 0, 0, 1000, 1000, 1000, 1000, 1000], "Setup.")
+    rows = [line for line in text.splitlines() if line.startswith("|") and "---" not in line]
+    header_cells = {len(line.split("|")) for line in rows if line.startswith("| arm")}
+    assert len(header_cells) == 2  # the metrics table and the class-count table
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert all(cells), f"empty cell in {line!r}"
+    for arm in arms:
+        assert sum(line.startswith(f"| {arm.name} |") for line in rows) == 2
+    assert "equals the source's after training in 1/1 FreezeD runs and 0/1 other runs" in text
+    bench.figure(results, tmp / "fig.png", "tiny")
+    assert (tmp / "fig.png").stat().st_size > 10_000

@@ -155,3 +155,19 @@ def test_dcgan_on_a_flat_folder_of_unlabelled_images(tmp_path, monkeypatch):
     assert cli.datamodule.num_classes == 1 and len(cli.datamodule.train_set) == 27
     # global_step counts optimizer steps: one D and one G step per batch
     assert cli.trainer.global_step == 4 and cli.trainer.fit_loop.epoch_loop.batch_progress.total.completed == 2
+
+
+def test_generator_and_discriminator_optimizers_and_schedulers_from_yaml(tmp_path):
+    extra = tmp_path / "opt.yaml"
+    extra.write_text(
+        "model:\n  init_args:\n"
+        "    generator_optimizer: {class_path: torch.optim.SGD, init_args: {lr: 0.05, momentum: 0.9}}\n"
+        "    discriminator_optimizer: {class_path: torch.optim.AdamW, init_args: {lr: 0.0001}}\n"
+        "    discriminator_lr_scheduler: {class_path: torch.optim.lr_scheduler.StepLR, init_args: {step_size: 3}}\n"
+    )
+    cli = cli_main(["--config", str(CONFIG_ROOT / "dcgan/pretrain.yaml"), "--config", str(extra)], run=False)
+    configs = cli.model.configure_optimizers()
+    opt_g, opt_d = configs[0]["optimizer"], configs[1]["optimizer"]
+    assert isinstance(opt_g, torch.optim.SGD) and opt_g.defaults["lr"] == 0.05 and opt_g.defaults["momentum"] == 0.9
+    assert isinstance(opt_d, torch.optim.AdamW) and opt_d.defaults["lr"] == 0.0001
+    assert "lr_scheduler" not in configs[0] and configs[1]["lr_scheduler"]["scheduler"].step_size == 3

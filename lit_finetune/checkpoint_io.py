@@ -23,7 +23,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     (refused by ``weights_only=True``) raises one error that names the file and the way out.
     """
 
-    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         # ``None`` would leave the choice to the installed Lightning/torch; resumed files are untrusted too
         weights_only = True if weights_only is None else weights_only
         try:
@@ -33,7 +35,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError... for bad files
             raise RuntimeError(
                 f"Cannot resume from {str(path)!r}: it is truncated, not a Lightning checkpoint, or holds objects "
-                f"that weights_only loading refuses ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+                f"that weights_only loading refuses ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}). "
                 "Delete it and resume from another checkpoint (e.g. an epoch checkpoint beside it)."
             ) from err
 

@@ -1,8 +1,8 @@
 """``lit-finetune``: LightningCLI over every module and datamodule of the package.
 
-    lit-finetune fit  --config configs/classifier/pretrain_source.yaml
-    lit-finetune fit  --config configs/classifier/finetune_target.yaml --model.pretrained <ckpt>
-    lit-finetune test --config configs/classifier/finetune_target.yaml --ckpt_path <ckpt>
+lit-finetune fit  --config configs/classifier/pretrain_source.yaml
+lit-finetune fit  --config configs/classifier/finetune_target.yaml --model.pretrained <ckpt>
+lit-finetune test --config configs/classifier/finetune_target.yaml --ckpt_path <ckpt>
 """
 
 from __future__ import annotations

@@ -32,7 +32,9 @@ def load_module(ckpt_path: str | Path):
         raise ValueError(f"{str(path)!r} does not name a lit_finetune module (its _class_path is {class_path!r}).")
     cls = getattr(importlib.import_module(module_name), class_name)
     if not hasattr(cls, "sample"):
-        raise ValueError(f"{class_name} cannot generate images (it has no sample()); use a generative module's checkpoint.")
+        raise ValueError(
+            f"{class_name} cannot generate images (it has no sample()); use a generative module's checkpoint."
+        )
     return cls.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()
 
 

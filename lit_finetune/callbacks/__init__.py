@@ -8,4 +8,12 @@ from lit_finetune.callbacks.prediction_writer import PredictionWriter
 from lit_finetune.callbacks.sample_images import SampleImages
 from lit_finetune.callbacks.warmup import LRWarmup
 
-__all__ = ["AppliedLRMonitor", "ChannelsLast", "LRWarmup", "LayerFreezing", "PredictionWriter", "SampleImages", "log_image"]
+__all__ = [
+    "AppliedLRMonitor",
+    "ChannelsLast",
+    "LRWarmup",
+    "LayerFreezing",
+    "PredictionWriter",
+    "SampleImages",
+    "log_image",
+]

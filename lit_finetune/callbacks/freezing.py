@@ -185,7 +185,9 @@ class LayerFreezing(BaseFinetuning):
         self._adds_groups_to = None
         to_unfreeze = [n for n, m in zip(self.module_names, self.milestones) if m is not None]
         all_ids = set().union(*(_optimizer_param_ids(o) for o in trainer.optimizers)) if trainer.optimizers else set()
-        lacking = [n for n in to_unfreeze if any(id(p) not in all_ids for p in get_submodule(pl_module, n).parameters())]
+        lacking = [
+            n for n in to_unfreeze if any(id(p) not in all_ids for p in get_submodule(pl_module, n).parameters())
+        ]
         if not lacking:
             return
         fix = (
@@ -199,8 +201,9 @@ class LayerFreezing(BaseFinetuning):
             )
         if trainer.lr_scheduler_configs:
             raise ValueError(
-                f"LayerFreezing: {lacking} will be unfrozen but their parameters are not in the optimizer (was it built "
-                "from `filter(lambda p: p.requires_grad, ...)`?), and a learning-rate scheduler cannot follow a parameter "
+                f"LayerFreezing: {lacking} will be unfrozen but their parameters are not in the optimizer (was it "
+                "built from `filter(lambda p: p.requires_grad, ...)`?), and a learning-rate scheduler cannot follow a "
+                "parameter "
                 f"group added mid-run. {fix}"
             )
         self._adds_groups_to = trainer.optimizers[0]
@@ -222,7 +225,9 @@ class LayerFreezing(BaseFinetuning):
         if trainer.fit_loop.restarted_mid_epoch:
             self.on_train_epoch_start(trainer, pl_module)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._apply_bn_mode(pl_module)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Optimizer) -> None:

@@ -37,7 +37,7 @@ def log_image(trainer: L.Trainer, key: str, image: np.ndarray | torch.Tensor, st
     from PIL import Image
 
     if isinstance(image, torch.Tensor):
-        image = (image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
+        image = image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[..., 0]
     step = trainer.global_step if step is None else step

@@ -150,9 +150,7 @@ class ImageFolderDataModule(ImageDataModule):
         train_dir = self._checked_train_dir()
         names = _class_dirs(train_dir)
         if not names:
-            raise DatasetNotFoundError(
-                f"Train folder {_describe(train_dir)} has no class sub-folders; {_LAYOUT}."
-            )
+            raise DatasetNotFoundError(f"Train folder {_describe(train_dir)} has no class sub-folders; {_LAYOUT}.")
         empty = [n for n in names if not _has_image(train_dir / n)]
         if empty:
             raise DatasetNotFoundError(

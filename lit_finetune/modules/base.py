@@ -63,9 +63,9 @@ class TransferModule(L.LightningModule):
 
     Pretrained weights (``pretrained=``) are read once, when the first fit / validate / test /
     predict starts without a checkpoint to restore (``on_fit_start`` and siblings), or on
-    :meth:`load_pretrained_weights`; never in ``__init__``: a checkpoint already holds them, together with whatever the module derived
-    from them (L2-SP anchors, input normalisation), so restoring, testing or resuming it never
-    needs the source file.
+    :meth:`load_pretrained_weights`; never in ``__init__``: a checkpoint already holds them,
+    together with whatever the module derived from them (L2-SP anchors, input normalisation), so
+    restoring, testing or resuming it never needs the source file.
 
     Args:
         num_classes: classes in the data (linked from the datamodule by the CLI); ``None`` for
@@ -118,8 +118,12 @@ class TransferModule(L.LightningModule):
         """The networks to optimise; by default one, from :meth:`param_groups` and the module's optimizer."""
         return [
             Network(
-                "model", self.param_groups(), self.optimizer_factory, self.scheduler_factory,
-                self.scheduler_interval, self.scheduler_monitor,
+                "model",
+                self.param_groups(),
+                self.optimizer_factory,
+                self.scheduler_factory,
+                self.scheduler_interval,
+                self.scheduler_monitor,
             )  # fmt: skip
         ]
 
@@ -211,7 +215,8 @@ class TransferModule(L.LightningModule):
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"{type(self).__name__} expects images (B, {self.in_channels}, H, W) but got {tuple(x.shape)}. "
-                f"Set the datamodule's channels={self.in_channels} or the model's in_channels={x.shape[1] if x.ndim == 4 else '?'}."
+                f"Set the datamodule's channels={self.in_channels} or the model's "
+                f"in_channels={x.shape[1] if x.ndim == 4 else '?'}."
             )
 
     def setup(self, stage: str) -> None:

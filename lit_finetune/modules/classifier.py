@@ -87,7 +87,14 @@ class ImageClassifier(TransferModule):
         scheduler_monitor: str = "val/loss",
     ) -> None:
         super().__init__(
-            num_classes, in_channels, image_size, optimizer, lr_scheduler, scheduler_interval, scheduler_monitor, pretrained
+            num_classes,
+            in_channels,
+            image_size,
+            optimizer,
+            lr_scheduler,
+            scheduler_interval,
+            scheduler_monitor,
+            pretrained,
         )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if input_normalization not in ("auto", "imagenet", "none"):
@@ -102,7 +109,9 @@ class ImageClassifier(TransferModule):
         if pretrained is not None and is_torchvision_weight_name(pretrained) and backbone not in TORCHVISION_RESNETS:
             raise ValueError(f"Torchvision weights {pretrained!r} need a torchvision backbone {TORCHVISION_RESNETS}.")
         imagenet = input_normalization == "imagenet"
-        for name, stats in zip(INPUT_STATS, (IMAGENET_MEAN, IMAGENET_STD) if imagenet else (IDENTITY_MEAN, IDENTITY_STD)):
+        for name, stats in zip(
+            INPUT_STATS, (IMAGENET_MEAN, IMAGENET_STD) if imagenet else (IDENTITY_MEAN, IDENTITY_STD)
+        ):
             self.register_buffer(name, _per_channel(stats, in_channels))
         self.l2sp = L2SP(self.backbone, l2sp_alpha) if l2sp_alpha > 0 else None
 

@@ -131,9 +131,17 @@ class DCGAN(TransferModule):
         )  # fmt: skip
         # optimizers and schedulers are callables, not plain types: kept out of the checkpoint's hyper-parameters
         self.save_hyperparameters(
-            ignore=["generator_optimizer", "discriminator_optimizer", "generator_lr_scheduler", "discriminator_lr_scheduler"]
+            ignore=[
+                "generator_optimizer",
+                "discriminator_optimizer",
+                "generator_lr_scheduler",
+                "discriminator_lr_scheduler",
+            ]
         )
-        self.optimizer_factories = {"generator": generator_optimizer or DCGAN_ADAM, "discriminator": discriminator_optimizer or DCGAN_ADAM}
+        self.optimizer_factories = {
+            "generator": generator_optimizer or DCGAN_ADAM,
+            "discriminator": discriminator_optimizer or DCGAN_ADAM,
+        }
         self.scheduler_factories = {"generator": generator_lr_scheduler, "discriminator": discriminator_lr_scheduler}
         self.automatic_optimization = False
         classes = num_classes if conditional else None
@@ -148,7 +156,9 @@ class DCGAN(TransferModule):
         # fixed noise (and labels) so sample grids are comparable across epochs and runs
         fixed = torch.Generator().manual_seed(0)
         self.register_buffer("fixed_z", torch.randn(num_sample_images, latent_dim, generator=fixed))
-        fixed_y = torch.arange(num_sample_images) % classes if classes else torch.zeros(num_sample_images, dtype=torch.long)
+        fixed_y = (
+            torch.arange(num_sample_images) % classes if classes else torch.zeros(num_sample_images, dtype=torch.long)
+        )
         self.register_buffer("fixed_y", fixed_y)
         #: FID / KID, built at setup from ``feature_extractor`` (it holds no state-dict keys)
         self.generative_metrics: GenerativeMetrics | None = None
@@ -156,11 +166,20 @@ class DCGAN(TransferModule):
     # -- networks and optimizers -------------------------------------------------------------------
     def networks(self) -> list[Network]:
         networks = []
-        for name, net, anchored in (("generator", self.generator, self.l2sp_g), ("discriminator", self.discriminator, self.l2sp_d)):
+        for name, net, anchored in (
+            ("generator", self.generator, self.l2sp_g),
+            ("discriminator", self.discriminator, self.l2sp_d),
+        ):
             groups = block_groups(net, name, expand=["blocks"])  # one group per block: FreezeD freezes by block
             groups = weight_decay_groups(groups, anchored=[name] if anchored is not None else [])
             networks.append(
-                Network(name, groups, self.optimizer_factories[name], self.scheduler_factories[name], self.scheduler_interval)
+                Network(
+                    name,
+                    groups,
+                    self.optimizer_factories[name],
+                    self.scheduler_factories[name],
+                    self.scheduler_interval,
+                )
             )
         return networks
 
@@ -181,8 +200,10 @@ class DCGAN(TransferModule):
             classes = getattr(self.trainer.datamodule, "classes", None) if self.hparams.conditional else None
             self.generative_metrics = GenerativeMetrics(self.hparams.feature_extractor, classes=classes)
         strategy = self.trainer.strategy
-        if stage == "fit" and isinstance(strategy, DDPStrategy) and not getattr(strategy, "_ddp_kwargs", {}).get(
-            "find_unused_parameters", False
+        if (
+            stage == "fit"
+            and isinstance(strategy, DDPStrategy)
+            and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False)
         ):
             # each backward reaches only G or only D; plain DDP would wait for the other's gradients forever
             raise ValueError(
@@ -228,7 +249,9 @@ class DCGAN(TransferModule):
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         if self.hparams.gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm")
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm"
+            )
         optimizer.step()
 
     @torch.no_grad()

@@ -56,9 +56,7 @@ def _check_layout(image_size: int) -> tuple[int, int]:
     return _LAYOUTS[image_size]
 
 
-def _check_labels(
-    y: torch.Tensor | None, num_classes: int | None, batch_size: int, owner: str
-) -> torch.Tensor | None:
+def _check_labels(y: torch.Tensor | None, num_classes: int | None, batch_size: int, owner: str) -> torch.Tensor | None:
     """``y`` as int64, with clear errors for missing, unexpected, mis-shaped or out-of-range labels."""
     if num_classes is None:
         if y is not None:

@@ -58,7 +58,7 @@ class LoadReport:
 def is_torchvision_weight_name(source: str) -> bool:
     """True for names like ``IMAGENET1K_V1``, ``DEFAULT`` or ``ResNet18_Weights.IMAGENET1K_V1``."""
     tail = source.rsplit(".", 1)[-1]
-    return not Path(source).suffix.lower() in {".ckpt", ".pt", ".pth", ".bin"} and (
+    return Path(source).suffix.lower() not in {".ckpt", ".pt", ".pth", ".bin"} and (
         tail == "DEFAULT" or (tail.isupper() and "_" in tail and "/" not in source)
     )
 
@@ -87,7 +87,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise PretrainedLoadError(
-            f"Refused to load {str(path)!r}: torch.load(weights_only=True) rejected it ({_first_line(err)}). Files that "
+            f"Refused to load {str(path)!r}: torch.load(weights_only=True) rejected it ({_first_line(err)}). "
+            "Files that "
             "need arbitrary code to unpickle are never loaded; re-save the weights with "
             "torch.save(model.state_dict(), path) from a trusted environment."
         ) from err
@@ -127,7 +128,8 @@ def torchvision_state_dict(arch: str, weight_name: str) -> dict[str, torch.Tenso
     except pickle.UnpicklingError as err:
         raise PretrainedLoadError(
             f"Refused to load the cached torchvision weights for {enum.__name__}.{weights.name}: "
-            f"torch.load(weights_only=True) rejected the file in {torch.hub.get_dir()}/checkpoints ({_first_line(err)}). "
+            f"torch.load(weights_only=True) rejected the file in {torch.hub.get_dir()}/checkpoints "
+            f"({_first_line(err)}). "
             "Delete it and download the weights again from a trusted source."
         ) from err
     except Exception as err:  # urllib/http errors differ by platform; all mean "could not fetch"
@@ -209,7 +211,9 @@ def load_pretrained(
         if value.shape == want.shape:
             merged[mapped] = value
             report.loaded.append(mapped)
-        elif value.ndim == 4 and want.ndim == 4 and value.shape[0] == want.shape[0] and value.shape[2:] == want.shape[2:]:
+        elif (
+            value.ndim == 4 and want.ndim == 4 and value.shape[0] == want.shape[0] and value.shape[2:] == want.shape[2:]
+        ):
             merged[mapped] = _adapt_input_conv(value, want.shape[1])
             report.adapted.append(mapped)
         else:

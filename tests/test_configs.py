@@ -54,7 +54,15 @@ def inputs(tmp_path_factory, fashion_root):
             (root / "images" / split / cls).mkdir(parents=True)
             for i in range(count):
                 Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(root / "images" / split / cls / f"{i}.png")
-    return {"source": source, "dcgan": root / "dcgan.ckpt", "extractor": root / "extractor.ckpt", "images": root / "images"}
+    from lit_finetune import VAE
+
+    shape = yaml.safe_load((CONFIG_ROOT / "vae/pretrain.yaml").read_text())["model"]["init_args"]
+    nets = {k: shape[k] for k in ("latent_dim", "encoder_width", "decoder_width")}
+    torch.save({"state_dict": VAE(**nets).state_dict()}, root / "vae.ckpt")
+    return {
+        "source": source, "dcgan": root / "dcgan.ckpt", "vae": root / "vae.ckpt",
+        "extractor": root / "extractor.ckpt", "images": root / "images",
+    }  # fmt: skip
 
 
 def _user_args(config: str, inputs, fashion_root) -> list[str]:
@@ -63,7 +71,7 @@ def _user_args(config: str, inputs, fashion_root) -> list[str]:
     shipped = yaml.safe_load((CONFIG_ROOT / config).read_text())
     args = []
     if shipped["model"].get("init_args", {}).get("pretrained"):  # the config expects a source checkpoint
-        source = inputs["dcgan"] if config.startswith("dcgan/") else inputs["source"]
+        source = {"dcgan": inputs["dcgan"], "vae": inputs["vae"]}.get(config.split("/")[0], inputs["source"])
         args += ["--model.init_args.pretrained", str(source)]
     if shipped["model"].get("init_args", {}).get("feature_extractor"):
         args += ["--model.init_args.feature_extractor", str(inputs["extractor"])]
@@ -80,6 +88,7 @@ def _user_args(config: str, inputs, fashion_root) -> list[str]:
 def test_every_fit_config_is_covered():
     names = {"pretrain_source", "finetune_target", "scratch_target", "digits_target", "imagefolder_target"}
     assert {f"classifier/{n}.yaml" for n in names} | {"dcgan/pretrain.yaml", "dcgan/finetune.yaml"} <= set(FIT_CONFIGS)
+    assert {"vae/pretrain.yaml", "vae/transfer.yaml", "vae/transfer_frozen_encoder.yaml"} <= set(FIT_CONFIGS)
 
 
 @pytest.mark.parametrize("mode", list(SMOKE))

@@ -284,3 +284,29 @@ def test_dcgan_freezed_fine_tune_on_two_processes_stays_in_sync(tmp_path: Path, 
     assert frozen and all(torch.equal(end[0][k], src[k]) for k in frozen)  # FreezeD held under DDP
     assert any(not torch.equal(end[0][k], src[k]) for k in src if k.startswith("generator."))
     assert any(not torch.equal(end[0][k], src[k]) for k in src if k.startswith("discriminator.head."))
+
+
+def test_vae_transfer_on_two_processes_stays_in_sync(tmp_path: Path, fashion_root: Path, loopback_env: None) -> None:
+    """The VAE transfer under 2-process DDP with a frozen encoder: ranks agree, the encoder stays the source's."""
+    from lit_finetune import VAE
+
+    tiny = dict(latent_dim=4, encoder_width=4, decoder_width=4)
+    torch.manual_seed(5)
+    source = VAE(**tiny)
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "source.ckpt")
+    out = tmp_path / "ranks"
+    out.mkdir()
+    L.seed_everything(0)
+    model = VAE(**tiny, pretrained=str(tmp_path / "source.ckpt"))
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2, limit_train_batches=2, limit_val_batches=1,
+        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[LayerFreezing(["encoder"], unfreeze_at_epoch=None), RankStateWriter(str(out))],
+    )  # fmt: skip
+    trainer.fit(model, datamodule=_tiny_datamodule(fashion_root))
+    end = [torch.load(out / f"rank{r}_end.pt", weights_only=True) for r in (0, 1)]
+    _assert_same(end[0], end[1], "ranks disagree after VAE transfer")
+    src = source.state_dict()
+    assert all(torch.equal(end[0][k], src[k]) for k in src if k.startswith("encoder."))
+    assert any(not torch.equal(end[0][k], src[k]) for k in src if k.startswith("decoder."))

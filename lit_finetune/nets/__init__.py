@@ -2,5 +2,15 @@
 
 from lit_finetune.nets.dcgan import DCGANDiscriminator, DCGANGenerator, dcgan_init_
 from lit_finetune.nets.resnet import AVAILABLE_BACKBONES, NarrowResNet, build_resnet
+from lit_finetune.nets.vae import ConvDecoder, ConvEncoder
 
-__all__ = ["AVAILABLE_BACKBONES", "DCGANDiscriminator", "DCGANGenerator", "NarrowResNet", "build_resnet", "dcgan_init_"]
+__all__ = [
+    "AVAILABLE_BACKBONES",
+    "ConvDecoder",
+    "ConvEncoder",
+    "DCGANDiscriminator",
+    "DCGANGenerator",
+    "NarrowResNet",
+    "build_resnet",
+    "dcgan_init_",
+]

@@ -1,0 +1,145 @@
+"""VAE: the ELBO's terms, the importance-weighted bound, transfer, freezing, bad inputs, checkpoints."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from conftest import quiet_trainer
+from lit_finetune import VAE
+from lit_finetune.callbacks import LayerFreezing
+from lit_finetune.data import FashionMNISTDataModule
+from lit_finetune.nets import ConvDecoder, ConvEncoder
+
+TINY = dict(latent_dim=4, encoder_width=4, decoder_width=4)
+
+
+@pytest.fixture
+def vae_data(fashion_root):
+    return FashionMNISTDataModule(
+        root=str(fashion_root), classes=[5, 6, 7, 8, 9], samples_per_class=8, val_split=50, batch_size=20, augment=False
+    )
+
+
+def _images(fashion_root, n=16) -> torch.Tensor:
+    dm = FashionMNISTDataModule(root=str(fashion_root), classes=[5, 6, 7, 8, 9], val_split=10)
+    dm.setup("test")
+    return dm.test_set[list(range(n))][0]
+
+
+def _source(tmp_path) -> tuple[str, dict[str, torch.Tensor]]:
+    torch.manual_seed(3)
+    source = VAE(**TINY)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=0)
+    trainer.strategy.connect(source)
+    trainer.save_checkpoint(tmp_path / "vae_source.ckpt")
+    return str(tmp_path / "vae_source.ckpt"), {k: v.clone() for k, v in source.state_dict().items()}
+
+
+def test_nets_shapes_and_errors():
+    for size in (28, 32, 64):
+        encoder, decoder = ConvEncoder(size, 3, 6, 4), ConvDecoder(size, 3, 6, 4)
+        mu, logvar = encoder(torch.randn(2, 3, size, size))
+        assert mu.shape == logvar.shape == (2, 6) and decoder(mu).shape == (2, 3, size, size)
+    with pytest.raises(ValueError, match=r"ConvEncoder expects images \(B, 1, 28, 28\)"):
+        ConvEncoder()(torch.zeros(1, 3, 28, 28))
+    with pytest.raises(ValueError, match="image_size must be one of"):
+        ConvDecoder(image_size=30)
+
+
+def test_logged_elbo_is_minus_rec_plus_kl(tmp_path, vae_data):
+    model = VAE(**TINY)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_val_batches=2)
+    trainer.fit(model, datamodule=vae_data)
+    m = trainer.callback_metrics
+    for split in ("train", "val"):
+        assert m[f"{split}/elbo"].item() == pytest.approx(-(m[f"{split}/rec"] + m[f"{split}/kl"]).item(), rel=1e-5)
+    assert m["val/kl"] > 0 and m["val/rec"] > 0
+
+
+def test_iwae_bound_equals_elbo_for_one_sample_and_tightens(fashion_root):
+    torch.manual_seed(0)
+    model = VAE(**TINY).eval()
+    x = _images(fashion_root)
+    torch.manual_seed(1)
+    elbo = torch.stack([-(sum(model.terms(x).values())) for _ in range(200)]).mean(0)  # E[ELBO] per image
+    torch.manual_seed(1)
+    iwae_1 = torch.stack([-model.iwae_nll(x, 1) for _ in range(200)]).mean(0)
+    assert torch.allclose(iwae_1, elbo, rtol=2e-3)  # k = 1: the ELBO, in expectation
+    bounds = [(-model.iwae_nll(x, k)).mean().item() for k in (1, 8, 64)]
+    assert bounds[0] < bounds[1] < bounds[2]  # log-likelihood bounds rise with k
+
+
+def test_kl_warmup_ramps_beta(tmp_path, vae_data):
+    model = VAE(**TINY, kl_warmup_steps=4, beta=0.5)
+    assert model.kl_weight() == 0
+    quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(model, datamodule=vae_data)
+    assert model.kl_weight() == pytest.approx(0.5 * 2 / 4)
+
+
+def test_transfer_loads_exactly_encoder_and_decoder_and_frozen_parts_stay(tmp_path, vae_data):
+    source, state = _source(tmp_path)
+    model = VAE(**TINY, pretrained=source)
+    report = model.load_pretrained_weights()
+    assert sorted(report.loaded) == sorted(k for k in state if k.startswith(("encoder.", "decoder.")))
+    assert report.clean and "fixed_z" in report.excluded
+    freeze = LayerFreezing(["encoder"], unfreeze_at_epoch=None)
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[freeze], limit_val_batches=1).fit(model, datamodule=vae_data)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], state[k]) for k in state if k.startswith("encoder."))  # frozen: unchanged
+    assert any(not torch.equal(after[k], state[k]) for k in state if k.startswith("decoder."))
+
+
+def test_l2sp_zero_at_source_and_test_metrics(tmp_path, vae_data):
+    source, _ = _source(tmp_path)
+    model = VAE(**TINY, pretrained=source, l2sp_alpha=1.0, iw_samples=4)
+    model.load_pretrained_weights()
+    assert model.l2sp().item() == 0
+    trainer = quiet_trainer(tmp_path, max_steps=3, limit_val_batches=0, limit_test_batches=2)
+    trainer.fit(model, datamodule=vae_data)
+    assert model.l2sp().item() > 0
+    m = trainer.test(model, datamodule=vae_data)[0]
+    assert m["test/bits_per_dim"] == pytest.approx(m["test/nll_iwae"] / (784 * math.log(2)), rel=1e-5)
+    assert m["test/nll_iwae"] <= -m["test/elbo"] + 5  # a bound at least about as tight as the one-sample ELBO
+    assert 0 <= m["test/recon_mse"] <= 4
+
+
+def test_encode_decode_sample_reconstruct_and_bad_channels(fashion_root):
+    model = VAE(**TINY)
+    x = _images(fashion_root, 4)
+    mu, logvar = model.encode(x)
+    assert mu.shape == (4, 4) and model.decode(mu).shape == x.shape
+    assert model.sample(3).abs().max() <= 1 and model.reconstruct(x).shape == x.shape
+    with pytest.raises(ValueError, match="expects images"):
+        model.encode(torch.zeros(2, 3, 28, 28))
+
+
+def test_checkpoint_without_its_source_tests_and_resumes(tmp_path, vae_data):
+    source, _ = _source(tmp_path)
+    model = VAE(**TINY, pretrained=source, l2sp_alpha=0.1, iw_samples=2)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last", monitor=None, enable_version_counter=False)
+    quiet_trainer(tmp_path, max_epochs=1, callbacks=[ckpt], limit_val_batches=1).fit(model, datamodule=vae_data)
+    anchor = model.l2sp.anchor_0.clone()
+    moved = tmp_path / "moved.ckpt"
+    shutil.copy(tmp_path / "ckpt/last.ckpt", moved)
+    (tmp_path / "vae_source.ckpt").unlink()
+    loaded = VAE.load_from_checkpoint(moved, weights_only=True)
+    assert torch.equal(loaded.l2sp.anchor_0, anchor) and loaded.load_report is None
+    again = VAE(**TINY, pretrained=source, l2sp_alpha=0.1, iw_samples=2)
+    trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=[ckpt], limit_val_batches=1, limit_test_batches=1)
+    trainer.fit(again, datamodule=vae_data, ckpt_path=str(moved))
+    assert trainer.current_epoch == 2 and torch.equal(again.l2sp.anchor_0, anchor)
+    assert "test/nll_iwae" in trainer.test(again, datamodule=vae_data)[0]
+
+
+def test_sample_command_writes_vae_samples(tmp_path):
+    from lit_finetune.sample import load_module, write_samples
+
+    source, _ = _source(tmp_path)
+    paths = write_samples(load_module(source), 5, tmp_path / "samples")
+    assert len(paths) == 6 and paths[-1].name == "grid.png"

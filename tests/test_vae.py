@@ -143,3 +143,35 @@ def test_sample_command_writes_vae_samples(tmp_path):
     source, _ = _source(tmp_path)
     paths = write_samples(load_module(source), 5, tmp_path / "samples")
     assert len(paths) == 6 and paths[-1].name == "grid.png"
+
+
+def test_a_checkpoint_of_another_module_or_a_missing_file_is_refused_clearly(tmp_path):
+    from lit_finetune import DCGAN
+    from lit_finetune.transfer import PretrainedLoadError
+
+    torch.save(
+        {"state_dict": DCGAN(latent_dim=4, generator_width=4, discriminator_width=4).state_dict()},
+        tmp_path / "gan.ckpt",
+    )
+    with pytest.raises(PretrainedLoadError, match="Nothing in .*gan.ckpt matches the model's keys"):
+        VAE(**TINY, pretrained=str(tmp_path / "gan.ckpt")).load_pretrained_weights()
+    with pytest.raises(PretrainedLoadError, match="missing.ckpt.*does not exist"):
+        VAE(**TINY, pretrained=str(tmp_path / "missing.ckpt")).load_pretrained_weights()
+
+
+def _resume_run(tmp_path, data, max_epochs, ckpt_path=None):
+    L.seed_everything(0)
+    model = VAE(**TINY, kl_warmup_steps=5)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last", monitor=None, enable_version_counter=False)
+    trainer = quiet_trainer(tmp_path, max_epochs=max_epochs, deterministic=True, callbacks=[ckpt], limit_val_batches=1)
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    return model
+
+
+def test_resume_is_exact(tmp_path, vae_data):
+    """The reparameterisation noise comes from the global RNG, which checkpoints carry."""
+    full = _resume_run(tmp_path / "full", vae_data, 3)
+    _resume_run(tmp_path / "part", vae_data, 2)
+    resumed = _resume_run(tmp_path / "part", vae_data, 3, str(tmp_path / "part/ckpt/last.ckpt"))
+    a, b = full.state_dict(), resumed.state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []

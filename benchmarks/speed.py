@@ -1,6 +1,6 @@
-"""Speed: ``ImageClassifier`` and ``DCGAN`` under ``lightning.Trainer`` vs hand-written PyTorch loops.
+"""Speed: ``ImageClassifier``, ``DCGAN`` and ``VAE`` under ``lightning.Trainer`` vs hand-written PyTorch loops.
 
-The "Speed" protocol of docs/ARCHITECTURE.md, in one process, for two modules:
+The "Speed" protocol of docs/ARCHITECTURE.md, in one process, for three modules:
 
 * **Same model, data and batch.** Each arm builds fresh networks from the same seed and trains
   them on the same ``FashionMNISTDataModule(classes=[0, 1, 2, 3, 4])`` train loader (the batches
@@ -19,6 +19,12 @@ The "Speed" protocol of docs/ARCHITECTURE.md, in one process, for two modules:
     ``Adam(lr=2e-4, betas=(0.5, 0.999))`` and the same EMA update, as the PyTorch DCGAN tutorial
     writes it. Both arms seed the global RNG the same way when training starts, so they draw
     the same noise.
+  - VAE: ``VAE`` with the sizes of ``configs/vae/pretrain.yaml`` (latent 16, widths 32, KL
+    warm-up over 500 steps), batch 128, no augmentation, automatic optimisation with the
+    module's default ``Adam(lr=1e-3)``. The hand-written arm runs ``ConvEncoder`` /
+    ``ConvDecoder``: reparameterised ``z``, Bernoulli ``rec`` on the binarised batch, ``kl``,
+    loss ``(rec + beta * kl).mean()`` with the same linear warm-up of ``beta``, one ``Adam``.
+    Both arms seed the global RNG the same way when training starts (the reparameterisation noise).
 * **Same timing.** A step is timed from the end of one step to the end of the next, so it holds
   fetching the batch, forward, backward and the optimizer step(s) (and, for the DCGAN, one EMA
   update): for the Trainer through a callback's ``on_train_batch_end``, for the hand-written
@@ -32,13 +38,13 @@ The "Speed" protocol of docs/ARCHITECTURE.md, in one process, for two modules:
   run with the same ``torch.set_num_threads`` (``--threads``, default 1: steadiest on a small
   or shared CPU).
 * **Same computation.** Both arms start from the same weights and see the same batches (and,
-  for the DCGAN, the same noise), so they must compute the same losses at every step and end
-  with the same weights (for the DCGAN: G, D and the EMA of G); the report shows the largest
+  for the DCGAN and the VAE, the same noise), so they must compute the same losses at every step
+  and end with the same weights (for the DCGAN: G, D and the EMA of G); the report shows the largest
   difference of each (a loop that skipped a step or fed other data would show it).
 * **Data path alone** (classifier): the same train loader iterated without a model (batches/s,
   images/s), compared with the model step alone (the hand-written step minus its batch fetch).
 
-    python benchmarks/speed.py            # ~3 min on an idle 2-core CPU; writes benchmarks/results/speed.md
+    python benchmarks/speed.py            # ~4 min on an idle 2-core CPU; writes benchmarks/results/speed.md
     python benchmarks/speed.py --models dcgan --output /tmp/gan.md   # one module only
     python benchmarks/speed.py --quick    # a smoke test of a few steps (no file unless --output)
 """
@@ -64,22 +70,25 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lit_finetune import DCGAN, ImageClassifier
+from lit_finetune import DCGAN, VAE, ImageClassifier
 from lit_finetune.data import FashionMNISTDataModule
 from lit_finetune.data.fashion_mnist import DEBIAN_ROOT
 from lit_finetune.modules.dcgan import discriminator_loss, generator_loss
-from lit_finetune.nets import DCGANDiscriminator, DCGANGenerator
+from lit_finetune.modules.vae import binarize
+from lit_finetune.nets import ConvDecoder, ConvEncoder, DCGANDiscriminator, DCGANGenerator
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "speed.md"
 CLASSES = [0, 1, 2, 3, 4]
-MODELS = ("classifier", "dcgan")
+MODELS = ("classifier", "dcgan", "vae")
 TARGET_TRAINER_RATIO = 0.95  # Trainer steps/s >= 0.95 x hand-written loop
 TARGET_DATA_RATIO = 10.0  # data path batches/s >= 10 x model steps/s
 #: both arms run the same computation: per-step losses and final weights agree to float rounding
 AGREEMENT_TOLERANCE = 1e-4
 #: the DCGAN's optimizer (the module's default, the DCGAN paper's) and loss in both arms
 GAN_LR, GAN_BETAS, GAN_LOSS, GAN_EMA_DECAY = 2e-4, (0.5, 0.999), "nonsaturating", 0.999
+#: the VAE's optimizer learning rate (``torch.optim.Adam``'s default, the module's default optimizer)
+VAE_LR = 1e-3
 TIMING_METHOD = (
     "per-step wall time (`time.perf_counter`) from the end of one step to the end of the next, "
     "after the warm-up steps: Trainer arm via a callback's `on_train_batch_end`, hand-written arm at the end of its "
@@ -152,15 +161,8 @@ class StepTimer(L.Callback):
         self.losses.append(float(outputs["loss"]))  # the loss of the step that just ended
 
 
-class GANStepTimer(StepTimer):
-    """A :class:`StepTimer` for manual optimisation: seeds the noise, records every back-propagated loss.
-
-    ``training_step`` returns nothing under manual optimisation, so the losses are taken where
-    ``manual_backward`` hands them to the callbacks (``on_before_backward``): D's, then G's.
-    Lightning calls the callbacks' ``on_train_batch_end`` before the module's, so a timestamp
-    falls before that step's EMA update; every timed interval still holds exactly one step and
-    one EMA update, as in the hand-written loop.
-    """
+class SeededStepTimer(StepTimer):
+    """A :class:`StepTimer` that seeds the global RNG when training starts: the module draws its noise from it."""
 
     def __init__(self, noise_seed: int) -> None:
         super().__init__()
@@ -168,7 +170,18 @@ class GANStepTimer(StepTimer):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        torch.manual_seed(self.noise_seed)  # the module draws its noise from the global RNG
+        torch.manual_seed(self.noise_seed)
+
+
+class GANStepTimer(SeededStepTimer):
+    """A :class:`SeededStepTimer` for manual optimisation: records every back-propagated loss.
+
+    ``training_step`` returns nothing under manual optimisation, so the losses are taken where
+    ``manual_backward`` hands them to the callbacks (``on_before_backward``): D's, then G's.
+    Lightning calls the callbacks' ``on_train_batch_end`` before the module's, so a timestamp
+    falls before that step's EMA update; every timed interval still holds exactly one step and
+    one EMA update, as in the hand-written loop.
+    """
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         self.losses.append(loss.item())
@@ -347,6 +360,84 @@ def time_gan_plain(dm: FashionMNISTDataModule, args: argparse.Namespace) -> ArmT
     cpu = step_durations(cpu_times, args.warmup, args.gan_steps)
     nets = gan_nets(generator, discriminator, generator_ema)
     return ArmTiming(durations, fetch, torch.get_num_threads(), losses, cpu, nets, [opt_g, opt_d])
+
+
+# -- VAE -------------------------------------------------------------------------------------------
+def fresh_vae(args: argparse.Namespace) -> VAE:
+    """The benchmarked ``VAE`` module (28x28x1), seeded like :func:`fresh_vae_nets`; default optimizer Adam(1e-3)."""
+    torch.manual_seed(args.seed)
+    return VAE(
+        latent_dim=args.vae_latent_dim, encoder_width=args.vae_width, decoder_width=args.vae_width,
+        kl_warmup_steps=args.vae_kl_warmup,
+    )  # fmt: skip
+
+
+def fresh_vae_nets(args: argparse.Namespace) -> tuple[ConvEncoder, ConvDecoder]:
+    """The same encoder and decoder as :func:`fresh_vae`'s: built in the module's order from the same seed."""
+    torch.manual_seed(args.seed)
+    encoder = ConvEncoder(28, 1, args.vae_latent_dim, args.vae_width)
+    decoder = ConvDecoder(28, 1, args.vae_latent_dim, args.vae_width)
+    return encoder, decoder
+
+
+def vae_nets(encoder: nn.Module, decoder: nn.Module) -> nn.ModuleDict:
+    """The two networks an arm trains, under the ``VAE`` module's names (for comparing weights)."""
+    return nn.ModuleDict({"encoder": encoder, "decoder": decoder})
+
+
+def vae_datamodule(args: argparse.Namespace) -> FashionMNISTDataModule:
+    """The VAE's data: source classes, no augmentation, as in ``configs/vae/pretrain.yaml``."""
+    return FashionMNISTDataModule(
+        root=args.root, classes=CLASSES, batch_size=args.vae_batch_size, augment=False, seed=args.seed
+    )
+
+
+def vae_beta(step: int, warmup: int) -> float:
+    """The KL weight of optimizer step ``step`` (0-based): ``VAE.kl_weight``'s linear warm-up to beta = 1."""
+    return 1.0 * (1.0 if warmup == 0 else min(1.0, step / warmup))
+
+
+def time_vae_trainer(dm: FashionMNISTDataModule, args: argparse.Namespace) -> ArmTiming:
+    """``Trainer.fit`` of ``VAE`` (automatic optimisation) for ``warmup + vae_steps`` steps."""
+    torch.set_num_threads(args.threads)
+    timer = SeededStepTimer(noise_seed=args.seed)
+    trainer = quiet_trainer(args.warmup + args.vae_steps, timer)
+    model = fresh_vae(args)
+    trainer.fit(model, datamodule=dm)
+    durations = step_durations(timer.times, args.warmup, args.vae_steps)
+    return ArmTiming(
+        durations, threads=timer.threads, losses=timer.losses, model=vae_nets(model.encoder, model.decoder),
+        optimizers=trainer.optimizers, cpu_s=step_durations(timer.cpu_times, args.warmup, args.vae_steps),
+    )  # fmt: skip
+
+
+def time_vae_plain(dm: FashionMNISTDataModule, args: argparse.Namespace) -> ArmTiming:
+    """The VAE's hand-written loop: same nets, loss, KL warm-up, Adam, data and reparameterisation noise."""
+    torch.set_num_threads(args.threads)
+    encoder, decoder = fresh_vae_nets(args)
+    optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=VAE_LR)
+    batches = endless(dm.train_dataloader())
+    torch.manual_seed(args.seed)  # the noise, as SeededStepTimer seeds it for the Trainer arm
+    times, cpu_times, fetches, losses = [], [], [], []
+    for step in range(args.warmup + args.vae_steps):
+        start = time.perf_counter()
+        x, _ = next(batches)
+        fetches.append(time.perf_counter() - start)
+        mu, logvar = encoder(x)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        rec = F.binary_cross_entropy_with_logits(decoder(z), binarize(x), reduction="none").flatten(1).sum(1)
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)
+        loss = (rec + vae_beta(step, args.vae_kl_warmup) * kl).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter())
+        cpu_times.append(time.process_time())
+        losses.append(loss.item())
+    fetch = fetches[args.warmup : args.warmup + args.vae_steps]
+    durations = step_durations(times, args.warmup, args.vae_steps)
+    cpu = step_durations(cpu_times, args.warmup, args.vae_steps)
+    return ArmTiming(durations, fetch, torch.get_num_threads(), losses, cpu, vae_nets(encoder, decoder), [optimizer])
 
 
 # -- comparing and timing --------------------------------------------------------------------------
@@ -564,6 +655,33 @@ def gan_section(args: argparse.Namespace, result: Comparison) -> list[str]:
     ]
 
 
+def vae_section(args: argparse.Namespace, result: Comparison) -> list[str]:
+    width, latent = args.vae_width, args.vae_latent_dim
+    return [
+        "#### `VAE`",
+        "",
+        f"Setup: `VAE(latent_dim={latent}, encoder_width={width}, decoder_width={width}, "
+        f"kl_warmup_steps={args.vae_kl_warmup})` (28x28x1, Bernoulli likelihood on the binarised pixels, the sizes "
+        "of `configs/vae/pretrain.yaml`), "
+        f"`FashionMNISTDataModule(classes={CLASSES}, batch_size={args.vae_batch_size}, augment=False)` train loader; "
+        f"Adam(lr={VAE_LR:g}) over the encoder and decoder (the module's default optimizer, over its named groups). "
+        f"{args.repeats} repeat(s) x {args.vae_steps} timed steps after {args.warmup} warm-up step(s) per arm. "
+        f"{result.seconds:.0f} s. A step: one batch, one optimizer step. The Trainer arm runs the module under "
+        "automatic optimisation (`training_step` with `self.log_dict` of rec / kl / elbo and `self.log` of beta); "
+        "the hand-written arm runs `ConvEncoder` and `ConvDecoder` with the same loss, "
+        "`(rec + beta * kl).mean()` (reparameterised `z`, `binary_cross_entropy_with_logits` on the binarised "
+        "batch, the Gaussian KL, beta warmed up linearly as `kl_weight()` does) and one `torch.optim.Adam`. "
+        "Both arms start from the same weights, see the same batches and seed the global RNG the same way when "
+        "training starts (the reparameterisation noise), so they compute the same losses and end with the same "
+        "encoder and decoder weights (the 'Arms agree' rows).",
+        "",
+        *trainer_rows(result),
+        *agreement_rows(result),
+        "",
+        *repeat_rows(result),
+    ]
+
+
 def report(
     args: argparse.Namespace, results: dict[str, Comparison], loads: tuple[str, str], elapsed: float
 ) -> str:
@@ -571,7 +689,9 @@ def report(
     threads = ", ".join(
         map(str, sorted({a.threads for result in results.values() for a in result.trainer + result.plain}))
     )
-    names = " and ".join(f"`{'ImageClassifier' if name == 'classifier' else 'DCGAN'}`" for name in results)
+    titles = {"classifier": "ImageClassifier", "dcgan": "DCGAN", "vae": "VAE"}
+    quoted = [f"`{titles[name]}`" for name in results]
+    names = " and ".join(quoted) if len(quoted) < 3 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
     lines = [
         f"{names} under `lightning.Trainer` against hand-written PyTorch loops of the same networks, data and batch. "
         f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch threads {threads}; torch {torch.__version__}, "
@@ -587,7 +707,7 @@ def report(
         "for a core (other processes still slow it through shared caches and memory bandwidth). "
         "Trainer: no logger, no checkpointing, no progress bar, no model summary, no validation.",
     ]
-    sections = {"classifier": classifier_section, "dcgan": gan_section}
+    sections = {"classifier": classifier_section, "dcgan": gan_section, "vae": vae_section}
     for name, result in results.items():
         lines += ["", *sections[name](args, result)]
     return "\n".join(lines) + "\n"
@@ -605,6 +725,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gan-batch-size", type=int, default=128, help="DCGAN batch size")
     parser.add_argument("--gan-width", type=int, default=32, help="DCGAN generator and discriminator width")
     parser.add_argument("--gan-latent-dim", type=int, default=64, help="DCGAN noise size")
+    parser.add_argument("--vae-steps", type=int, default=25, help="timed VAE steps per arm and repeat")
+    parser.add_argument("--vae-batch-size", type=int, default=128, help="VAE batch size")
+    parser.add_argument("--vae-width", type=int, default=32, help="VAE encoder and decoder width")
+    parser.add_argument("--vae-latent-dim", type=int, default=16, help="VAE latent size")
+    parser.add_argument("--vae-kl-warmup", type=int, default=500, help="VAE KL warm-up steps (beta 0 -> 1)")
     parser.add_argument(
         "--threads",
         type=int,
@@ -620,11 +745,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.gan_steps, args.warmup, args.repeats, args.data_batches = 2, 2, 1, 1, 5
+        args.steps, args.gan_steps, args.vae_steps, args.warmup, args.repeats, args.data_batches = 2, 2, 2, 1, 1, 5
     if args.output is None and not args.quick:
         args.output = DEFAULT_OUTPUT
-    if min(args.steps, args.gan_steps, args.warmup, args.repeats, args.data_batches, args.threads) < 1:
-        parser.error("--steps, --gan-steps, --warmup, --repeats, --data-batches and --threads must be >= 1")
+    if min(args.steps, args.gan_steps, args.vae_steps, args.warmup, args.repeats, args.data_batches, args.threads) < 1:
+        parser.error(
+            "--steps, --gan-steps, --vae-steps, --warmup, --repeats, --data-batches and --threads must be >= 1"
+        )
+    if args.vae_kl_warmup < 0:
+        parser.error("--vae-kl-warmup must be >= 0")
     args.models = [name for name in MODELS if name in args.models]  # report order, no duplicates
     return args
 
@@ -653,6 +782,12 @@ def main(argv: list[str] | None = None) -> str:
         result = results["dcgan"] = Comparison()
         for repeat in range(args.repeats):
             run_repeat("dcgan", result, dm, args, time_gan_trainer, time_gan_plain, repeat)
+    if "vae" in args.models:
+        dm = vae_datamodule(args)
+        dm.setup("fit")
+        result = results["vae"] = Comparison()
+        for repeat in range(args.repeats):
+            run_repeat("vae", result, dm, args, time_vae_trainer, time_vae_plain, repeat)
 
     markdown = report(args, results, (load_start, load_average()), time.perf_counter() - started)
     print(markdown)

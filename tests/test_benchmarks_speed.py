@@ -2,7 +2,7 @@
 
 A speed ratio means nothing if the hand-written loop does less work than the Trainer arm (skips a
 step, feeds other batches or other noise, trains fewer parameters). These tests run both arms of
-each module (``ImageClassifier``, ``DCGAN``) for a few steps and require the same starting weights,
+each module (``ImageClassifier``, ``DCGAN``, ``VAE``) for a few steps and require the same starting weights,
 the same first-batch loss(es) as a hand computation, the same number of optimizer steps on every
 parameter, changed weights, and identical losses and final weights in the two arms; then the
 script runs end to end (``--quick``, in-process). Speed targets are not asserted here (they depend
@@ -90,6 +90,33 @@ def gan_arms(speed, gan_setup):
 
 
 @pytest.fixture(scope="module")
+def vae_setup(speed, fashion_root):
+    """Tiny VAE arguments (widths 4, latent 4, batch 16, KL warm-up over 2 steps) and the shared datamodule.
+
+    With 4 steps per arm beta goes 0, 0.5, 1, 1: the arms agree only if both warm the KL up alike.
+    """
+    args = speed.parse_args(
+        ["--models", "vae", "--vae-steps", str(STEPS), "--warmup", str(WARMUP), "--repeats", "1",
+         "--vae-batch-size", "16", "--vae-width", "4", "--vae-latent-dim", "4", "--vae-kl-warmup", "2",
+         "--root", str(fashion_root)]
+    )  # fmt: skip
+    dm = speed.vae_datamodule(args)
+    dm.setup("fit")
+    return args, dm
+
+
+@pytest.fixture(scope="module")
+def vae_arms(speed, vae_setup):
+    """One run of each VAE arm, as one repeat of the benchmark runs them."""
+    args, dm = vae_setup
+    threads = torch.get_num_threads()
+    try:
+        return speed.time_vae_trainer(dm, args), speed.time_vae_plain(dm, args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def arms(speed, setup):
     """One run of each arm, as one repeat of the benchmark runs them."""
     args, dm = setup
@@ -169,21 +196,24 @@ def test_speed_benchmark_quick(speed, tmp_path: Path, fashion_root: Path) -> Non
     output = tmp_path / "speed.md"
     threads = torch.get_num_threads()
     try:
-        speed.main(["--quick", "--gan-width", "8", "--root", str(fashion_root), "--output", str(output)])
+        speed.main(
+            ["--quick", "--gan-width", "8", "--vae-width", "8", "--root", str(fashion_root), "--output", str(output)]
+        )
     finally:
         torch.set_num_threads(threads)
     markdown = output.read_text()
     assert "torch " in markdown and "lightning " in markdown
     assert "--quick: a smoke test, not a measurement" in markdown
     classifier, gan = section(markdown, "#### `ImageClassifier`"), section(markdown, "#### `DCGAN`")
-    for text, rows in ((classifier, ROWS), (gan, GAN_ROWS)):
+    vae = section(markdown, "#### `VAE`")
+    for text, rows in ((classifier, ROWS), (gan, GAN_ROWS), (vae, GAN_ROWS)):
         assert "| Figure | Measured" in text and "| Target | Met |" in text
         values = {label: row_value(text, label) for label in rows}
         assert all(v > 0 for v in values.values()), values
         for label in AGREEMENT_ROWS:
             assert row_value(text, label) <= 1e-4
             assert re.search(rf"^\| {re.escape(label)} \|[^\n]*\| yes \|$", text, re.MULTILINE), label
-    assert "Data path" not in gan  # the data path is timed once, with the classifier
+    assert "Data path" not in gan and "Data path" not in vae  # the data path is timed once, with the classifier
 
 
 def test_models_option_runs_one_module(speed, tmp_path: Path, fashion_root: Path) -> None:
@@ -276,4 +306,93 @@ def test_gan_arm_difference_sees_other_noise(speed, gan_setup, gan_arms, monkeyp
     monkeypatch.setattr(speed, "fresh_gan_nets", lambda _: copy.deepcopy(same_nets))
     other_noise = speed.time_gan_plain(dm, argparse.Namespace(**{**vars(args), "seed": args.seed + 1}))
     loss_diff, weight_diff = speed.arm_difference(gan_arms[1], other_noise)
+    assert loss_diff > speed.AGREEMENT_TOLERANCE and weight_diff > speed.AGREEMENT_TOLERANCE
+
+
+# -- VAE -------------------------------------------------------------------------------------------
+def test_vae_arms_start_from_the_same_weights(speed, vae_setup):
+    """The hand-written arm's encoder and decoder are the module's (same seed, same build order)."""
+    args, _ = vae_setup
+    module = speed.fresh_vae(args)
+    encoder, decoder = speed.fresh_vae_nets(args)
+    for mine, theirs in ((encoder, module.encoder), (decoder, module.decoder)):
+        a, b = mine.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    other = speed.fresh_vae_nets(argparse.Namespace(**{**vars(args), "seed": args.seed + 1}))
+    assert not torch.equal(other[0].head.weight, encoder.head.weight), "the seed does not reach the encoder"
+
+
+def test_vae_beta_follows_the_modules_kl_warmup(speed, monkeypatch):
+    """The hand-written loop's beta is ``VAE.kl_weight()`` at every step (0, a ramp, then 1)."""
+    from lit_finetune import VAE
+
+    for warmup in (0, 3):
+        module = VAE(latent_dim=4, encoder_width=4, decoder_width=4, kl_warmup_steps=warmup)
+        for step in range(6):
+            monkeypatch.setattr(VAE, "global_step", property(lambda self, step=step: step))
+            assert speed.vae_beta(step, warmup) == module.kl_weight(), (warmup, step)
+    assert speed.vae_beta(0, 3) == 0.0 and speed.vae_beta(1, 3) == pytest.approx(1 / 3) and speed.vae_beta(5, 3) == 1.0
+
+
+def test_vae_first_loss_is_that_of_the_first_batch_and_the_seeded_noise(speed, vae_setup, vae_arms):
+    """Step 1's loss, by hand: the first batch, noise from the global RNG seeded with ``--seed``, initial nets,
+    Bernoulli -log p(x|z) of the binarised batch plus beta (0 at step 1 of the warm-up) times the Gaussian KL."""
+    args, dm = vae_setup
+    x, _ = next(speed.endless(dm.train_dataloader()))
+    encoder, decoder = speed.fresh_vae_nets(args)
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        mu, logvar = encoder(x)
+        z = mu + torch.randn(mu.shape) * torch.exp(logvar / 2)
+        probs = torch.sigmoid(decoder(z))
+        target = (x > 0).float()  # pixels above half intensity
+        rec = -(target * torch.log(probs) + (1 - target) * torch.log1p(-probs)).sum(dim=(1, 2, 3))
+        kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(1)
+        expected = (rec + 0.0 * kl).mean().item()
+    assert kl.mean() > 0  # the KL exists; beta is 0 only in this first warm-up step
+    for arm in vae_arms:
+        assert arm.losses[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_vae_arms_take_one_step_per_batch_on_every_parameter(speed, vae_setup, vae_arms):
+    args, _ = vae_setup
+    initial = speed.fresh_vae(args)
+    for arm in vae_arms:
+        assert len(arm.losses) == WARMUP + STEPS
+        assert len(arm.step_s) == STEPS
+        params = dict(arm.model.named_parameters())
+        steps = {name: int(arm.optimizer.state[p]["step"]) for name, p in params.items() if p in arm.optimizer.state}
+        assert steps.keys() == params.keys(), f"parameters the optimizer never stepped: {params.keys() - steps.keys()}"
+        assert set(steps.values()) == {WARMUP + STEPS}, steps
+        assert all(g["lr"] == speed.VAE_LR for g in arm.optimizer.param_groups)
+        before = {
+            f"{net}.{k}": v for net in ("encoder", "decoder") for k, v in getattr(initial, net).state_dict().items()
+        }
+        unchanged = [name for name, p in params.items() if torch.equal(p.detach(), before[name])]
+        assert not unchanged, f"parameters that did not train: {unchanged}"
+
+
+def test_vae_arms_compute_the_same_losses_and_weights(speed, vae_arms):
+    """Bit for bit: the same ops in the same order on the CPU (Adam is elementwise, so the module's named
+    parameter groups, all at the same learning rate and no weight decay, update exactly as one group does)."""
+    trainer_arm, plain_arm = vae_arms
+    assert all(math.isfinite(loss) for loss in trainer_arm.losses)
+    assert len(set(trainer_arm.losses)) == len(trainer_arm.losses)  # training moves the loss
+    assert trainer_arm.losses == plain_arm.losses
+    trained, plain = trainer_arm.model.state_dict(), plain_arm.model.state_dict()
+    assert trained.keys() == plain.keys()
+    assert any(k.startswith("decoder.") for k in trained) and any(k.endswith("running_mean") for k in trained)
+    for key in trained:
+        assert torch.equal(trained[key], plain[key]), key
+    assert speed.arm_difference(trainer_arm, plain_arm) == (0.0, 0.0)
+
+
+def test_vae_arm_difference_sees_other_noise(speed, vae_setup, vae_arms, monkeypatch):
+    """The agreement figure can fail: the same initial nets with reparameterisation noise from another seed."""
+    args, dm = vae_setup
+    same_nets = speed.fresh_vae_nets(args)
+    monkeypatch.setattr(speed, "fresh_vae_nets", lambda _: copy.deepcopy(same_nets))
+    other_noise = speed.time_vae_plain(dm, argparse.Namespace(**{**vars(args), "seed": args.seed + 1}))
+    loss_diff, weight_diff = speed.arm_difference(vae_arms[1], other_noise)
     assert loss_diff > speed.AGREEMENT_TOLERANCE and weight_diff > speed.AGREEMENT_TOLERANCE

@@ -39,18 +39,35 @@ EXPECTED_OUTPUTS = {
     "02_dcgan_finetuning.ipynb": [
         r"RESULT equal budget: 150 batches per arm",
         r"load_pretrained\(.*source\.ckpt\): \d+ tensors loaded",
-        r"loaded: [1-9]\d* generator and [1-9]\d* discriminator tensors; "
-        r"clean \(nothing reshaped, missing or unexpected\): True",
+        (
+            r"loaded: [1-9]\d* generator and [1-9]\d* discriminator tensors; "
+            r"clean \(nothing reshaped, missing or unexpected\): True"
+        ),
         r"RESULT FreezeD: discriminator\.blocks\.0 unchanged: True",
         r"RESULT full fine-tune: discriminator\.blocks\.0 changed: True",
         r"RESULT FreezeD lr/discriminator\.blocks\.0: 0\.0 at all 150 logged steps",
         r"RESULT full fine-tune lr/discriminator\.blocks\.0: 2\.0e-04 or more",
         *(rf"RESULT FID {arm}: \d+\.\d" for arm in ("source GAN", "full fine-tune", "FreezeD", "scratch")),
     ],
+    "03_vae_transfer.ipynb": [
+        r"RESULT equal budget: 150 steps per arm",
+        r"load_pretrained\(.*source\.ckpt\): \d+ tensors loaded",
+        r"loaded: [1-9]\d* encoder and [1-9]\d* decoder tensors; clean \(nothing reshaped, missing or unexpected\): True",
+        r"RESULT frozen encoder: encoder unchanged: True",
+        r"RESULT frozen encoder: decoder changed: True",
+        r"RESULT full transfer: encoder changed: True",
+        *(
+            re.escape(f"RESULT {arm}: ")
+            + r"test/elbo=-\d+\.\d nats, test/nll_iwae=\d+\.\d nats on 500 target test images"
+            for arm in ("source VAE (no transfer)", "scratch", "full transfer", "frozen encoder")
+        ),
+        r"RESULT IWAE bound \(k=64\) at or below -ELBO for every model: True",
+    ],
 }
 #: pictures a notebook must draw. 01: the source/target batches, the learning curves, the confusion matrices;
-#: 02: the real images, the arms' samples, the samples during fine-tuning, the loss and LR curves
-EXPECTED_IMAGES = {"01_classifier_finetuning.ipynb": 3, "02_dcgan_finetuning.ipynb": 4}
+#: 02: the real images, the arms' samples, the samples during fine-tuning, the loss and LR curves;
+#: 03: inputs beside each model's reconstructions, each model's prior samples, the ELBO curves
+EXPECTED_IMAGES = {"01_classifier_finetuning.ipynb": 3, "02_dcgan_finetuning.ipynb": 4, "03_vae_transfer.ipynb": 3}
 
 
 def load_runner() -> ModuleType:
@@ -125,7 +142,9 @@ def test_notebook_is_stored_with_the_outputs_of_its_current_code(path):
         f"{path.name}: its code changed after its outputs were stored (or they never were); run `{REFRESH}`"
     )
     counts = [c.execution_count for c in nb.cells if c.cell_type == "code"]
-    assert counts == list(range(1, len(counts) + 1)), f"{path.name}: not one top-to-bottom run ({counts}); run `{REFRESH}`"
+    assert counts == list(range(1, len(counts) + 1)), (
+        f"{path.name}: not one top-to-bottom run ({counts}); run `{REFRESH}`"
+    )
     check_outputs(nb, path.name)
 
 

@@ -1,0 +1,80 @@
+"""benchmarks/vae_transfer.py at a tiny size: one seed, N = 10, two arms, a few steps, a tiny source.
+
+The arms run through the shipped configs and ``cli_main`` exactly as in the benchmark; only the sizes
+are overridden (net widths, batch, importance samples, test batches).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import lightning as L
+import pytest
+import torch
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import vae_transfer as bench
+
+STEPS = 3
+
+
+def _save(module: L.LightningModule, path) -> str:
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=0)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, fashion_root):
+    from lit_finetune import VAE
+
+    tmp = tmp_path_factory.mktemp("vae_bench")
+    torch.manual_seed(0)
+    source = _save(VAE(latent_dim=16, encoder_width=8, decoder_width=8), tmp / "source.ckpt")
+    extra = [
+        "--model.init_args.encoder_width", "8", "--model.init_args.decoder_width", "8",
+        "--data.init_args.root", str(fashion_root), "--data.init_args.batch_size", "10",
+    ]  # fmt: skip
+    arms = [bench.ARMS[0], bench.ARMS[2]]  # scratch, frozen encoder
+    results = bench.run_all(arms, (10,), [0], source, STEPS, tmp / "work", 4, 2, extra, log=lambda s: None)
+    return arms, results, tmp
+
+
+def test_arms_and_profiles_cover_the_protocol():
+    assert [a.name for a in bench.ARMS] == ["scratch", "full transfer", "frozen encoder", "frozen decoder"]
+    assert [a.pretrained for a in bench.ARMS] == [False, True, True, True]
+    assert bench.SIZES == (10, 100, 1000)
+    assert len(bench.PROFILES["quick"]["seeds"]) >= 3 and len(bench.PROFILES["full"]["seeds"]) >= 3
+
+
+def test_every_cell_is_finite_with_equal_steps(tiny_run):
+    arms, results, _ = tiny_run
+    assert list(results) == [10] and list(results[10]) == [a.name for a in arms]
+    for runs in results[10].values():
+        (run,) = runs
+        values = [run.elbo, run.nll_iwae, run.bits_per_dim, run.recon_mse, run.rec, run.kl]
+        assert all(math.isfinite(v) for v in values)
+        assert run.nll_iwae > 0 and run.recon_mse > 0
+        assert run.elbo == pytest.approx(-(run.rec + run.kl), rel=1e-4)
+        assert run.bits_per_dim == pytest.approx(run.nll_iwae / (784 * math.log(2)), rel=1e-4)
+        assert run.steps == STEPS
+
+
+def test_frozen_encoder_keeps_the_source_and_scratch_does_not_load(tiny_run):
+    _, results, _ = tiny_run
+    frozen, scratch = results[10]["frozen encoder"][0], results[10]["scratch"][0]
+    assert frozen.encoder_equals_source is True
+    assert frozen.decoder_equals_source is False  # the decoder trained
+    assert scratch.encoder_equals_source is False and scratch.decoder_equals_source is False
+
+
+def test_markdown_and_figure(tiny_run):
+    _, results, tmp = tiny_run
+    text = bench.markdown(results, "setup.")
+    assert "| 10 | scratch |" in text and "| 10 | frozen encoder |" in text
+    assert "1/1 frozen-encoder runs" in text and "0/1 scratch runs" in text
+    bench.figure(results, tmp / "fig.png", "tiny")
+    assert (tmp / "fig.png").stat().st_size > 1000

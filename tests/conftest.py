@@ -48,3 +48,13 @@ def quiet_trainer(tmp_path: Path, **kwargs):
     )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
+
+
+def save_lightning_checkpoint(module, path) -> str:
+    """Write ``module`` as a Lightning checkpoint (hyper-parameters included) without fitting it."""
+    import lightning as L
+
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=0)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(path)
+    return str(path)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import sys
 
-import lightning as L
 import pytest
 import torch
 
 from conftest import REPO
+from conftest import save_lightning_checkpoint as _save
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import gan_finetune as bench  # noqa: E402
@@ -21,11 +21,6 @@ TINY = dict(latent_dim=16, generator_width=8, discriminator_width=8)
 STEPS = 3
 
 
-def _save(module: L.LightningModule, path) -> str:
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=0)
-    trainer.strategy.connect(module)
-    trainer.save_checkpoint(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

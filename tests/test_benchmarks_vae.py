@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 import sys
 
-import lightning as L
 import pytest
 import torch
 from conftest import REPO
+from conftest import save_lightning_checkpoint as _save
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import vae_transfer as bench
@@ -20,11 +20,6 @@ import vae_transfer as bench
 STEPS = 3
 
 
-def _save(module: L.LightningModule, path) -> str:
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=0)
-    trainer.strategy.connect(module)
-    trainer.save_checkpoint(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, save_lightning_checkpoint
 from lit_finetune.cli import cli_main
 
 CONFIG_ROOT = REPO / "configs"
@@ -43,11 +43,7 @@ def inputs(tmp_path_factory, fashion_root):
     shape = yaml.safe_load((CONFIG_ROOT / "dcgan/pretrain.yaml").read_text())["model"]["init_args"]
     nets = {k: shape[k] for k in ("latent_dim", "generator_width", "discriminator_width")}
     torch.save({"state_dict": DCGAN(**nets).state_dict()}, root / "dcgan.ckpt")
-    import lightning as L
-
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=0)
-    trainer.strategy.connect(ImageClassifier(num_classes=10))
-    trainer.save_checkpoint(root / "extractor.ckpt")  # an untrained FID/KID feature extractor
+    save_lightning_checkpoint(ImageClassifier(num_classes=10), root / "extractor.ckpt")  # an untrained extractor
     rng = np.random.default_rng(0)
     for split, count in (("train", 12), ("test", 3)):
         for cls in ("ant", "bee"):
@@ -107,12 +103,7 @@ def test_predict_folder_config_smoke_run(inputs, fashion_root, tmp_path, monkeyp
     from lit_finetune import ImageClassifier
 
     monkeypatch.chdir(tmp_path)
-    import lightning as L
-
-    ckpt = tmp_path / "model.ckpt"
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=0)
-    trainer.strategy.connect(ImageClassifier(num_classes=5))
-    trainer.save_checkpoint(ckpt)
+    ckpt = save_lightning_checkpoint(ImageClassifier(num_classes=5), tmp_path / "model.ckpt")
     cli_main(["predict", "--config", str(CONFIGS / "finetune_target.yaml"), "--config", str(CONFIGS / "predict_folder.yaml"),
               "--data.init_args.root", str(fashion_root), "--data.init_args.predict_dir", str(inputs["images"] / "test"),
               "--ckpt_path", str(ckpt), "--trainer.fast_dev_run", "true", *QUIET])  # fmt: skip

@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from conftest import quiet_trainer
+from conftest import quiet_trainer, save_lightning_checkpoint
 from lit_finetune import DCGAN
 from lit_finetune.callbacks import LayerFreezing
 from lit_finetune.checkpoint_io import AtomicCheckpointIO
@@ -33,10 +33,7 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _save_source(tmp_path, **kwargs) -> tuple[str, dict[str, torch.Tensor]]:
     torch.manual_seed(1)
     source = DCGAN(**TINY, **kwargs)
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=0)
-    trainer.strategy.connect(source)
-    trainer.save_checkpoint(tmp_path / "source.ckpt")
-    return str(tmp_path / "source.ckpt"), _state(source)
+    return save_lightning_checkpoint(source, tmp_path / "source.ckpt"), _state(source)
 
 
 def test_two_optimizers_named_groups_and_losses(tmp_path, gan_data):
@@ -168,10 +165,7 @@ def tiny_extractor(tmp_path):
     """An (untrained) 10-class extractor checkpoint: FID/KID mechanics need features, not good ones."""
     from lit_finetune import ImageClassifier
 
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=0)
-    trainer.strategy.connect(ImageClassifier(num_classes=10))
-    trainer.save_checkpoint(tmp_path / "extractor.ckpt")
-    return str(tmp_path / "extractor.ckpt")
+    return save_lightning_checkpoint(ImageClassifier(num_classes=10), tmp_path / "extractor.ckpt")
 
 
 def test_fid_kid_class_counts_and_label_agreement_at_validation_and_test(tmp_path, gan_data, tiny_extractor):

@@ -4,6 +4,7 @@ from functools import partial
 import pytest
 import torch
 
+from conftest import save_lightning_checkpoint
 from lit_finetune import ImageClassifier
 from lit_finetune.nets import build_resnet
 from lit_finetune.transfer import L2SP, PretrainedLoadError, block_groups, load_pretrained
@@ -18,12 +19,8 @@ def test_backbones_any_channels_and_unknown_name():
 
 
 def test_lightning_checkpoint_loads_with_head_of_other_size(tmp_path):
-    import lightning as L
-
     src = ImageClassifier(num_classes=10)
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=0)
-    trainer.strategy.connect(src)
-    trainer.save_checkpoint(tmp_path / "src.ckpt")
+    save_lightning_checkpoint(src, tmp_path / "src.ckpt")
     dst = ImageClassifier(num_classes=5)
     report = load_pretrained(dst, tmp_path / "src.ckpt")
     assert torch.equal(dst.backbone.layer1[0].conv1.weight, src.backbone.layer1[0].conv1.weight)

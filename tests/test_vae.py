@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from conftest import quiet_trainer
+from conftest import quiet_trainer, save_lightning_checkpoint
 from lit_finetune import VAE
 from lit_finetune.callbacks import LayerFreezing
 from lit_finetune.data import FashionMNISTDataModule
@@ -35,10 +35,8 @@ def _images(fashion_root, n=16) -> torch.Tensor:
 def _source(tmp_path) -> tuple[str, dict[str, torch.Tensor]]:
     torch.manual_seed(3)
     source = VAE(**TINY)
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=0)
-    trainer.strategy.connect(source)
-    trainer.save_checkpoint(tmp_path / "vae_source.ckpt")
-    return str(tmp_path / "vae_source.ckpt"), {k: v.clone() for k, v in source.state_dict().items()}
+    path = save_lightning_checkpoint(source, tmp_path / "vae_source.ckpt")
+    return path, {k: v.clone() for k, v in source.state_dict().items()}
 
 
 def test_nets_shapes_and_errors():

@@ -12,30 +12,23 @@ was fine-tuned from is never needed.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
 import torch
 from torchvision.utils import make_grid, save_image
 
+from lit_finetune.modules.loading import CheckpointLoadError, load_module_checkpoint
+
 
 def load_module(ckpt_path: str | Path):
-    """The LightningModule saved in ``ckpt_path``, in eval mode on the CPU."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist; pass a .ckpt written by lit-finetune fit.")
-    hparams = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
-    class_path = hparams.get("_class_path", "")
-    module_name, _, class_name = class_path.rpartition(".")
-    if not module_name.startswith("lit_finetune."):
-        raise ValueError(f"{str(path)!r} does not name a lit_finetune module (its _class_path is {class_path!r}).")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    if not hasattr(cls, "sample"):
-        raise ValueError(
-            f"{class_name} cannot generate images (it has no sample()); use a generative module's checkpoint."
+    """The generative LightningModule saved in ``ckpt_path``, in eval mode on the CPU."""
+    module = load_module_checkpoint(ckpt_path, role="checkpoint")
+    if not hasattr(module, "sample"):
+        raise CheckpointLoadError(
+            f"{type(module).__name__} cannot generate images (it has no sample()); use a generative module's checkpoint."
         )
-    return cls.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()
+    return module
 
 
 def write_samples(
@@ -68,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         module = load_module(args.ckpt_path)
-    except (FileNotFoundError, ValueError) as err:
+    except CheckpointLoadError as err:
         sys.stderr.write(f"lit-finetune-sample: error: {err}\n")
         sys.exit(2)
     paths = write_samples(module, args.num, args.out, args.labels, args.seed, args.nrow)

@@ -55,8 +55,12 @@ def inputs(tmp_path_factory, fashion_root):
     shape = yaml.safe_load((CONFIG_ROOT / "vae/pretrain.yaml").read_text())["model"]["init_args"]
     nets = {k: shape[k] for k in ("latent_dim", "encoder_width", "decoder_width")}
     torch.save({"state_dict": VAE(**nets).state_dict()}, root / "vae.ckpt")
+    # the conditional generator configs/augmented/cdcgan_target.yaml writes, as a whole-module checkpoint
+    shape = yaml.safe_load((CONFIG_ROOT / "augmented/cdcgan_target.yaml").read_text())["model"]["init_args"]
+    nets = {k: shape[k] for k in ("latent_dim", "generator_width", "discriminator_width", "conditional")}
+    save_lightning_checkpoint(DCGAN(num_classes=5, **nets), root / "cdcgan.ckpt")
     return {
-        "source": source, "dcgan": root / "dcgan.ckpt", "vae": root / "vae.ckpt",
+        "source": source, "dcgan": root / "dcgan.ckpt", "vae": root / "vae.ckpt", "cdcgan": root / "cdcgan.ckpt",
         "extractor": root / "extractor.ckpt", "images": root / "images",
     }  # fmt: skip
 
@@ -69,6 +73,8 @@ def _user_args(config: str, inputs, fashion_root) -> list[str]:
     if shipped["model"].get("init_args", {}).get("pretrained"):  # the config expects a source checkpoint
         source = {"dcgan": inputs["dcgan"], "vae": inputs["vae"]}.get(config.split("/")[0], inputs["source"])
         args += ["--model.init_args.pretrained", str(source)]
+    if shipped["model"].get("init_args", {}).get("generator"):  # GAN-augmented: a conditional DCGAN checkpoint
+        args += ["--model.init_args.generator", str(inputs["cdcgan"])]
     if shipped["model"].get("init_args", {}).get("feature_extractor"):
         args += ["--model.init_args.feature_extractor", str(inputs["extractor"])]
     config = config.split("/")[-1]
@@ -85,6 +91,7 @@ def test_every_fit_config_is_covered():
     names = {"pretrain_source", "finetune_target", "scratch_target", "digits_target", "imagefolder_target"}
     assert {f"classifier/{n}.yaml" for n in names} | {"dcgan/pretrain.yaml", "dcgan/finetune.yaml"} <= set(FIT_CONFIGS)
     assert {"vae/pretrain.yaml", "vae/transfer.yaml", "vae/transfer_frozen_encoder.yaml"} <= set(FIT_CONFIGS)
+    assert {"augmented/cdcgan_target.yaml", "augmented/classifier.yaml"} <= set(FIT_CONFIGS)
 
 
 @pytest.mark.parametrize("mode", list(SMOKE))

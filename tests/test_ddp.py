@@ -19,7 +19,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from lit_finetune import ImageClassifier
+from lit_finetune import GANAugmentedClassifier, ImageClassifier
 from lit_finetune.callbacks import LayerFreezing, LRWarmup
 from lit_finetune.data import FashionMNISTDataModule
 
@@ -310,3 +310,51 @@ def test_vae_transfer_on_two_processes_stays_in_sync(tmp_path: Path, fashion_roo
     src = source.state_dict()
     assert all(torch.equal(end[0][k], src[k]) for k in src if k.startswith("encoder."))
     assert any(not torch.equal(end[0][k], src[k]) for k in src if k.startswith("decoder."))
+
+
+class SyntheticRecordingClassifier(GANAugmentedClassifier):
+    """Keeps a fingerprint (the image sum) of every synthetic batch it draws."""
+
+    def draw_synthetic(self, n: int):
+        x, y, stats = super().draw_synthetic(n)
+        self.drawn = [*getattr(self, "drawn", []), float(x.double().sum())]
+        return x, y, stats
+
+
+class DrawnWriter(Callback):
+    """Each rank writes its state dict and the fingerprints of the synthetic batches it drew."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        state = {k: v.detach().clone().cpu() for k, v in pl_module.state_dict().items()}
+        torch.save({"state": state, "drawn": pl_module.drawn}, self.out_dir / f"rank{trainer.global_rank}_end.pt")
+
+
+def test_gan_augmented_fit_on_two_processes_draws_different_samples_per_rank(
+    tmp_path: Path, fashion_root: Path, loopback_env: None
+) -> None:
+    """GAN-augmented classification under 2-process DDP: it completes, the ranks' classifiers agree, and each
+    rank trains on its own synthetic images (the generator is read from its checkpoint on each rank)."""
+    from conftest import save_lightning_checkpoint
+
+    from lit_finetune import DCGAN
+
+    generator = DCGAN(latent_dim=16, generator_width=8, discriminator_width=8, num_classes=5, conditional=True)
+    ckpt = save_lightning_checkpoint(generator, tmp_path / "cdcgan.ckpt")
+    out = tmp_path / "ranks"
+    out.mkdir()
+    L.seed_everything(0)
+    model = SyntheticRecordingClassifier(5, generator=ckpt, synthetic_ratio=1.0)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2, limit_train_batches=2, limit_val_batches=1,
+        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[DrawnWriter(str(out))],
+    )  # fmt: skip
+    trainer.fit(model, datamodule=_tiny_datamodule(fashion_root))
+    end = [torch.load(out / f"rank{r}_end.pt", weights_only=True) for r in (0, 1)]
+    _assert_same(end[0]["state"], end[1]["state"], "ranks disagree after GAN-augmented training")
+    assert len(end[0]["drawn"]) == len(end[1]["drawn"]) == 4  # one synthetic batch per training batch
+    assert all(a != b for a, b in zip(end[0]["drawn"], end[1]["drawn"]))  # each rank drew its own samples
+    assert len(set(end[0]["drawn"])) == 4  # and new ones every batch

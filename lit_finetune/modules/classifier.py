@@ -66,6 +66,10 @@ class ImageClassifier(TransferModule):
         optimizer, lr_scheduler, scheduler_interval, scheduler_monitor: see :class:`TransferModule`.
     """
 
+    #: constructor arguments kept out of the checkpoint's hyper-parameters (callables, modules: not
+    #: plain types, so ``weights_only`` loading could not read them); subclasses extend it
+    hparams_ignore: tuple[str, ...] = ("optimizer", "lr_scheduler")
+
     def __init__(
         self,
         num_classes: int,
@@ -96,7 +100,7 @@ class ImageClassifier(TransferModule):
             scheduler_monitor,
             pretrained,
         )
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=list(self.hparams_ignore))
         if input_normalization not in ("auto", "imagenet", "none"):
             raise ValueError(f"input_normalization must be auto, imagenet or none; got {input_normalization!r}")
         self.backbone, num_features = build_resnet(

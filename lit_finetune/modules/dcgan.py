@@ -224,8 +224,14 @@ class DCGAN(TransferModule):
         """``n`` images in [-1, 1] from the EMA generator (or the raw one; default: ``evaluate_ema``);
         labels random if not given."""
         z = torch.randn(n, self.hparams.latent_dim, device=self.device)
-        generator = self.generator_ema if (self.hparams.evaluate_ema if ema is None else ema) else self.generator
-        return generator(z, self._labels(n, labels))
+        return self.generator_network(ema)(z, self._labels(n, labels))
+
+    def generator_network(self, ema: bool | None = None) -> DCGANGenerator:
+        """The network ``G(z, y)`` that samples: the EMA generator or the raw one (default: ``evaluate_ema``).
+
+        It is what :class:`~lit_finetune.GANAugmentedClassifier` draws its synthetic images from.
+        """
+        return self.generator_ema if (self.hparams.evaluate_ema if ema is None else ema) else self.generator
 
     def image_samples(self) -> dict[str, torch.Tensor]:
         """Fixed-noise grids for :class:`~lit_finetune.callbacks.SampleImages`."""

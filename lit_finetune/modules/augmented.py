@@ -1,0 +1,296 @@
+"""GAN-augmented classification: an :class:`ImageClassifier` trained on real images plus labelled
+samples of a frozen class-conditional generator ``G(z, y)``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lit_finetune.modules.classifier import ImageClassifier
+from lit_finetune.modules.loading import CheckpointLoadError, load_module_checkpoint
+
+#: checkpoint key of the synthetic-sample stream (its seed and how many batches it has drawn)
+SYNTHETIC_STATE_KEY = "lit_finetune_synthetic_state"
+
+
+def balanced_labels(n: int, num_classes: int, offset: int) -> torch.Tensor:
+    """``n`` labels cycling through the classes from ``offset``: class counts differ by at most one."""
+    return (torch.arange(n) + offset) % num_classes
+
+
+def load_generator(source: str | Path, ema: bool | None = None) -> nn.Module:
+    """The ``G(z, y)`` network of a generative module's checkpoint (a :class:`~lit_finetune.DCGAN`)."""
+    module = load_module_checkpoint(source, role="generator (--model.generator)")
+    if not hasattr(module, "generator_network"):
+        raise CheckpointLoadError(
+            f"The generator {str(source)!r} is a {type(module).__name__} checkpoint, which has no G(z, y); "
+            "pass a conditional DCGAN checkpoint (lit-finetune fit --config configs/augmented/cdcgan_target.yaml)."
+        )
+    return module.generator_network(ema)
+
+
+def load_teacher(source: str | Path) -> nn.Module:
+    """The classifier of an :class:`ImageClassifier` checkpoint, for the confidence filter."""
+    module = load_module_checkpoint(source, role="teacher (--model.teacher)")
+    if not isinstance(module, ImageClassifier):
+        raise CheckpointLoadError(
+            f"The teacher {str(source)!r} is a {type(module).__name__} checkpoint; pass an ImageClassifier's "
+            "(e.g. the real-only baseline trained on the same images)."
+        )
+    return module
+
+
+class GANAugmentedClassifier(ImageClassifier):
+    """An :class:`ImageClassifier` whose training batches add samples of a frozen generator ``G(z, y)``.
+
+    Each training batch of ``B`` real images gets ``round(synthetic_ratio * B)`` synthetic images
+    with class-balanced labels (counts differ by at most one), and the classifier's loss runs on
+    the concatenation. ``synthetic_only=True`` trains on ``B`` synthetic images per batch and drops
+    the real ones (the real loader only sets the batch size and the epoch length): a classifier
+    trained that way and tested on real data gives the Classification Accuracy Score (CAS,
+    Ravuri & Vinyals 2019). ``synthetic_ratio=0`` is the real-only baseline with the same code.
+
+    Everything else is :class:`ImageClassifier`'s: network, metrics, pretrained loading (augment and
+    fine-tune together), L2-SP, parameter groups. Validation, test and predict see real images only.
+
+    The generator is frozen: in eval mode, gradients off, held outside the module's children so it is
+    in no optimizer, no DDP wrapper and no checkpoint. A path is read when a fit starts (also
+    ``fit --ckpt_path`` resumes, which need the file); testing and predicting never read it.
+    Synthetic images are not passed through the datamodule's augmentation; the real ones are.
+
+    The synthetic stream is seeded per batch from ``synthetic_seed``, the global rank and a batch
+    counter kept in the checkpoint, so each DDP rank draws different samples and a resumed fit
+    draws what the uninterrupted one would have.
+
+    Args:
+        num_classes: classes of the real data; the generator must be conditioned on the same.
+        generator: a conditional generator's checkpoint (a :class:`~lit_finetune.DCGAN` trained with
+            ``conditional: true``), or any ``nn.Module`` mapping ``(z (B, latent_dim), y (B,))`` to
+            ``[-1, 1]`` images ``(B, C, H, W)``. Needed to fit unless ``synthetic_ratio=0``.
+        synthetic_ratio: synthetic images per real image in a training batch.
+        synthetic_only: train on synthetic images only (CAS).
+        generator_ema: for a DCGAN checkpoint, sample from its EMA generator (``True``) or its raw one
+            (``False``); ``None`` uses the checkpoint's own ``evaluate_ema``.
+        latent_dim: size of ``z``; ``None`` reads the generator's ``latent_dim`` attribute.
+        teacher: an :class:`ImageClassifier` checkpoint (or a module returning logits) for the
+            confidence filter: a sample is kept only if the teacher gives its label a probability
+            of at least ``confidence_threshold``. Rejected slots are redrawn (same label, new ``z``)
+            up to ``filter_max_rounds`` times, so the kept samples stay class-balanced; logs
+            ``train/synthetic_acceptance`` (kept / drawn) and ``train/synthetic_filled``
+            (kept / asked for).
+        confidence_threshold: the filter's threshold τ.
+        filter_max_rounds: draws per slot before a slot is left empty.
+        synthetic_seed: seed of the synthetic stream; ``None`` draws one from the global RNG at the
+            first fit (so ``seed_everything`` fixes it).
+        **classifier_args: :class:`ImageClassifier`'s arguments (``backbone``, ``pretrained``,
+            ``l2sp_alpha``, ``optimizer``...).
+    """
+
+    hparams_ignore = (*ImageClassifier.hparams_ignore, "generator", "teacher")
+
+    def __init__(
+        self,
+        num_classes: int,
+        generator: str | nn.Module | None = None,
+        synthetic_ratio: float = 0.5,
+        synthetic_only: bool = False,
+        generator_ema: bool | None = None,
+        latent_dim: int | None = None,
+        teacher: str | nn.Module | None = None,
+        confidence_threshold: float = 0.9,
+        filter_max_rounds: int = 10,
+        synthetic_seed: int | None = None,
+        **classifier_args: Any,
+    ) -> None:
+        super().__init__(num_classes, **classifier_args)
+        if synthetic_ratio < 0:
+            raise ValueError(f"synthetic_ratio must be >= 0, got {synthetic_ratio}")
+        if not 0 <= confidence_threshold <= 1 or filter_max_rounds < 1:
+            raise ValueError(
+                f"need 0 <= confidence_threshold <= 1 and filter_max_rounds >= 1, got {confidence_threshold} "
+                f"and {filter_max_rounds}"
+            )
+        # the checkpoint keeps the paths (provenance), never the networks, and never needs them
+        self.hparams["generator"] = generator if isinstance(generator, (str, Path)) else None
+        self.hparams["teacher"] = teacher if isinstance(teacher, (str, Path)) else None
+        # A plain dict, not submodules: outside parameters(), state_dict(), optimizers and DDP.
+        self._frozen: dict[str, nn.Module] = {}
+        self._sources = {"generator": generator, "teacher": teacher}
+        self._synthetic_state: dict[str, int] | None = None  # seed and batches drawn
+
+    # -- the frozen networks -----------------------------------------------------------------------
+    @property
+    def uses_synthetic(self) -> bool:
+        return self.hparams.synthetic_only or self.hparams.synthetic_ratio > 0
+
+    def _resolve(self, name: str) -> nn.Module | None:
+        if name not in self._frozen:
+            source = self._sources[name]
+            if source is None:
+                return None
+            if isinstance(source, nn.Module):
+                net = source
+            elif name == "generator":
+                net = load_generator(source, self.hparams.generator_ema)
+            else:
+                net = load_teacher(source)
+            self._frozen[name] = net.requires_grad_(False).eval()
+        net = self._frozen[name]
+        if next(net.parameters(), torch.empty(0, device=self.device)).device != self.device:
+            net.to(self.device)
+        return net.eval()
+
+    @property
+    def generator(self) -> nn.Module | None:
+        """The frozen ``G(z, y)`` (read from its checkpoint on first use), or ``None``."""
+        return self._resolve("generator")
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The frozen teacher of the confidence filter, or ``None``."""
+        return self._resolve("teacher")
+
+    def _latent_dim(self, generator: nn.Module) -> int:
+        latent_dim = self.hparams.latent_dim or getattr(generator, "latent_dim", None)
+        if not latent_dim:
+            raise ValueError(
+                f"{type(generator).__name__} has no latent_dim attribute; pass latent_dim= (the size of its z)."
+            )
+        return int(latent_dim)
+
+    def check_generator(self) -> None:
+        """Fail before training, with the fix, when ``G(z, y)`` cannot feed this classifier."""
+        generator = self.generator
+        if generator is None:
+            raise ValueError(
+                f"{type(self).__name__} needs a generator to fit with synthetic_ratio={self.hparams.synthetic_ratio}"
+                f"{' and synthetic_only=True' if self.hparams.synthetic_only else ''}: pass --model.generator "
+                "<conditional DCGAN .ckpt> (or generator=<nn.Module>), or synthetic_ratio=0 for real-only training."
+            )
+        classes = getattr(generator, "num_classes", "unknown")
+        if classes is None:
+            raise ValueError(
+                "The generator is unconditional (num_classes=None); synthetic labels need G(z, y). Train it with "
+                "conditional: true (configs/augmented/cdcgan_target.yaml)."
+            )
+        if classes != "unknown" and classes != self.num_classes:
+            raise ValueError(
+                f"The generator was trained on {classes} classes, the classifier has num_classes={self.num_classes}. "
+                "Train the generator on the classifier's data (same classes, same order)."
+            )
+        z = torch.zeros(self.num_classes, self._latent_dim(generator), device=self.device)
+        try:
+            with torch.no_grad():
+                images = generator(z, torch.arange(self.num_classes, device=self.device))
+        except (IndexError, RuntimeError) as err:
+            raise ValueError(
+                f"The generator failed on labels 0..{self.num_classes - 1} ({type(err).__name__}: {err}); is it "
+                f"conditioned on num_classes={self.num_classes}?"
+            ) from err
+        expected = (self.num_classes, self.in_channels, self.image_size, self.image_size)
+        if tuple(images.shape) != expected:
+            raise ValueError(
+                f"The generator makes images of shape {tuple(images.shape)[1:]}, the classifier takes "
+                f"{expected[1:]}. Train the generator on the same data (channels, image_size)."
+            )
+        if self.teacher is not None and getattr(self.teacher, "num_classes", self.num_classes) != self.num_classes:
+            raise ValueError(
+                f"The teacher has {self.teacher.num_classes} classes, the classifier num_classes={self.num_classes}."
+            )
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.uses_synthetic:
+            self.check_generator()  # before any training, with the fix
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if not self.uses_synthetic:
+            return
+        if self._synthetic_state is None:  # a fresh fit; a resumed one restored it in on_load_checkpoint
+            seed = self.hparams.synthetic_seed
+            if seed is None:
+                seed = int(torch.randint(0, 2**31 - 1, ()).item())
+            self._synthetic_state = {"seed": int(seed), "batches": 0}
+        mode = (
+            "synthetic images only (CAS)"
+            if self.hparams.synthetic_only
+            else (f"{self.hparams.synthetic_ratio} synthetic images per real image")
+        )
+        if self.teacher is not None:
+            mode += f", kept if the teacher's probability of their label >= {self.hparams.confidence_threshold}"
+        rank_zero_info(f"{type(self).__name__}: training on {mode}")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self._synthetic_state is not None:
+            checkpoint[SYNTHETIC_STATE_KEY] = dict(self._synthetic_state)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get(SYNTHETIC_STATE_KEY)
+        self._synthetic_state = dict(state) if state is not None else None
+
+    # -- synthetic images -----------------------------------------------------------------------------
+    def _stream(self) -> torch.Generator:
+        """This batch's random stream: different on every rank and batch, the same after a resume."""
+        if self._synthetic_state is None:  # used outside a fit (research code)
+            seed = self.hparams.synthetic_seed
+            self._synthetic_state = {"seed": 0 if seed is None else int(seed), "batches": 0}
+        state = self._synthetic_state
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(hash((state["seed"], rank, state["batches"])) % (2**63))
+        state["batches"] += 1
+        return generator
+
+    @torch.no_grad()
+    def draw_synthetic(self, n: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """``n`` class-balanced synthetic images and their labels (fewer if the filter rejects
+        a slot ``filter_max_rounds`` times), plus the filter's statistics."""
+        generator = self.generator
+        if generator is None:
+            raise ValueError("draw_synthetic needs a generator (generator=...).")
+        stream = self._stream()
+        latent_dim = self._latent_dim(generator)
+        offset = int(torch.randint(0, self.num_classes, (), generator=stream, device=self.device).item())
+        labels = balanced_labels(n, self.num_classes, offset).to(self.device)
+        images = generator(torch.randn(n, latent_dim, generator=stream, device=self.device), labels)
+        teacher = self.teacher
+        if teacher is None or n == 0:
+            return images, labels, {}
+        threshold = self.hparams.confidence_threshold
+        accepted = torch.zeros(n, dtype=torch.bool, device=self.device)
+        drawn = 0
+        for round_index in range(self.hparams.filter_max_rounds):
+            slots = (~accepted).nonzero().squeeze(1)
+            if len(slots) == 0:
+                break
+            if round_index > 0:  # redraw the rejected slots: same labels, new noise
+                z = torch.randn(len(slots), latent_dim, generator=stream, device=self.device)
+                images[slots] = generator(z, labels[slots]).to(images.dtype)
+            drawn += len(slots)
+            probs = teacher(images[slots]).float().softmax(dim=-1)
+            accepted[slots] = probs.gather(1, labels[slots, None]).squeeze(1) >= threshold
+        kept = int(accepted.sum())
+        stats = {"synthetic_acceptance": kept / drawn, "synthetic_filled": kept / n}
+        return images[accepted], labels[accepted], stats
+
+    # -- training ------------------------------------------------------------------------------------
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if not self.uses_synthetic:
+            return super().training_step(batch, batch_idx)
+        n = len(x) if self.hparams.synthetic_only else round(self.hparams.synthetic_ratio * len(x))
+        x_syn, y_syn, stats = self.draw_synthetic(n)
+        x_syn = x_syn.to(x.dtype)
+        if stats:
+            self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=n)
+        if self.hparams.synthetic_only:
+            return super().training_step((x_syn, y_syn), batch_idx)
+        return super().training_step((torch.cat([x, x_syn]), torch.cat([y, y_syn])), batch_idx)

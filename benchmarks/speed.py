@@ -21,8 +21,11 @@ The "Speed" protocol of docs/ARCHITECTURE.md, in one process, for three modules:
     the same noise.
   - VAE: ``VAE`` with the sizes of ``configs/vae/pretrain.yaml`` (latent 16, widths 32, KL
     warm-up over 500 steps), batch 128, no augmentation, automatic optimisation with the
-    module's default ``Adam(lr=1e-3)``. The hand-written arm runs ``ConvEncoder`` /
-    ``ConvDecoder``: reparameterised ``z``, Bernoulli ``rec`` on the binarised batch, ``kl``,
+    module's default ``Adam(lr=1e-3)``. The Trainer arm runs the module as it is: its
+    ``training_step`` logs ``train/rec``, ``kl``, ``elbo`` and ``beta`` on the steps Lightning writes
+    to loggers (every ``log_every_n_steps``, 50 here), an epoch's last batch and the fit's last step
+    (see ``VAE``'s docstring), so once in the timed window (the last step). The hand-written arm
+    runs ``ConvEncoder`` / ``ConvDecoder``: reparameterised ``z``, Bernoulli ``rec`` on the binarised batch, ``kl``,
     loss ``(rec + beta * kl).mean()`` with the same linear warm-up of ``beta``, one ``Adam``.
     Both arms seed the global RNG the same way when training starts (the reparameterisation noise).
 * **Same timing.** A step is timed from the end of one step to the end of the next, so it holds
@@ -667,7 +670,9 @@ def vae_section(args: argparse.Namespace, result: Comparison) -> list[str]:
         f"Adam(lr={VAE_LR:g}) over the encoder and decoder (the module's default optimizer, over its named groups). "
         f"{args.repeats} repeat(s) x {args.vae_steps} timed steps after {args.warmup} warm-up step(s) per arm. "
         f"{result.seconds:.0f} s. A step: one batch, one optimizer step. The Trainer arm runs the module under "
-        "automatic optimisation (`training_step` with `self.log_dict` of rec / kl / elbo and `self.log` of beta); "
+        "automatic optimisation (its `training_step` logs train/rec, kl, elbo and beta with `self.log_dict` on the "
+        "steps Lightning writes to loggers, every `log_every_n_steps` = 50, an epoch's last batch and the fit's last "
+        "step, as for every user (see `VAE`'s docstring): once in the timed window, at the last step); "
         "the hand-written arm runs `ConvEncoder` and `ConvDecoder` with the same loss, "
         "`(rec + beta * kl).mean()` (reparameterised `z`, `binary_cross_entropy_with_logits` on the binarised "
         "batch, the Gaussian KL, beta warmed up linearly as `kl_weight()` does) and one `torch.optim.Adam`. "

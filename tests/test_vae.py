@@ -60,6 +60,60 @@ def test_logged_elbo_is_minus_rec_plus_kl(tmp_path, vae_data):
     assert m["val/kl"] > 0 and m["val/rec"] > 0
 
 
+class _Records(L.pytorch.loggers.logger.Logger):
+    """A logger that keeps what Lightning writes: ``{step: {train key: value}}``."""
+
+    name, version = "records", 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[int, dict[str, float]] = {}
+
+    def log_metrics(self, metrics, step=None) -> None:
+        train = {k: float(v) for k, v in metrics.items() if k.startswith("train/")}
+        if train:
+            self.rows[step] = train
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+
+class _StopAt(L.Callback):
+    """Stops the fit in ``on_train_batch_end`` once ``global_step`` reaches ``step`` (as ``Timer`` does)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+def _train_records(tmp_path, data, **trainer_kwargs) -> dict[int, dict[str, float]]:
+    torch.manual_seed(0)
+    model, logger = VAE(**TINY, kl_warmup_steps=4), _Records()
+    kwargs = dict(max_epochs=10, logger=logger, enable_checkpointing=False, limit_val_batches=0, **trainer_kwargs)
+    trainer = quiet_trainer(tmp_path, **kwargs)
+    trainer.fit(model, datamodule=data)
+    return logger.rows
+
+
+def test_train_terms_reach_the_loggers_with_their_own_steps_values(tmp_path, fashion_root):
+    """Logged only where read, the loggers still get every written step's own values (see VAE's docstring)."""
+    vae_data = FashionMNISTDataModule(
+        root=str(fashion_root), classes=[5, 6, 7, 8, 9], samples_per_class=8, val_split=50, batch_size=5, augment=False
+    )  # 8 batches an epoch: all 7 steps in one, so a value left from an earlier step could reach a later record
+    every = _train_records(tmp_path / "every", vae_data, max_steps=7, log_every_n_steps=1)
+    assert sorted(every) == list(range(7))
+    assert all(set(row) == {"train/rec", "train/kl", "train/elbo", "train/beta"} for row in every.values())
+    assert [every[i]["train/beta"] for i in range(5)] == [0, 0.25, 0.5, 0.75, 1]
+    # every 3rd step (2, 5), plus step 4, where a callback stops the fit after training_step; min_steps goes on
+    sparse = _train_records(
+        tmp_path / "sparse", vae_data, max_steps=7, log_every_n_steps=3, min_steps=7, callbacks=[_StopAt(5)]
+    )
+    assert sorted(sparse) == [2, 4, 5, 6] and all(sparse[step] == every[step] for step in sparse)
+
+
 def test_iwae_bound_equals_elbo_for_one_sample_and_tightens(fashion_root):
     torch.manual_seed(0)
     model = VAE(**TINY).eval()

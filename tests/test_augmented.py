@@ -317,3 +317,36 @@ def test_resumed_fit_equals_the_uninterrupted_one(fashion_root, tmp_path):
     for key, value in full.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
     assert resumed._synthetic_state == full._synthetic_state
+
+
+def test_a_cli_written_checkpoint_loads_as_generator(tmp_path):
+    """LightningCLI records the class as written in the config (``lit_finetune.DCGAN``), not its defining module."""
+    from lit_finetune.modules.loading import load_module_checkpoint
+
+    path = save_lightning_checkpoint(DCGAN(latent_dim=8, num_classes=5, conditional=True), tmp_path / "g.ckpt")
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["hyper_parameters"]["_class_path"] = "lit_finetune.DCGAN"
+    torch.save(checkpoint, path)
+    assert isinstance(load_module_checkpoint(path), DCGAN)
+    checkpoint["hyper_parameters"]["_class_path"] = "os.system"
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointLoadError, match="does not name a lit_finetune module"):
+        load_module_checkpoint(path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_on_cuda_with_bf16_mixed_moves_generator_and_teacher(tiny_target, tmp_path):
+    dcgan = DCGAN(latent_dim=16, num_classes=5, conditional=True, generator_width=16, discriminator_width=16)
+    generator = dcgan.generator_network()
+    before = {k: v.clone() for k, v in generator.state_dict().items()}
+    model = GANAugmentedClassifier(
+        5, generator=generator, teacher=ImageClassifier(5), confidence_threshold=0.1, synthetic_ratio=1.0
+    )
+    seen = record_training_batches(model)
+    trainer = quiet_trainer(tmp_path, accelerator="cuda", precision="bf16-mixed", max_steps=3, max_epochs=-1,
+                            logger=False, enable_checkpointing=False)  # fmt: skip
+    trainer.fit(model, datamodule=tiny_target)
+    assert next(model.generator.parameters()).is_cuda and next(model.teacher.parameters()).is_cuda
+    assert all(x.is_cuda and len(x) > 20 for x, _ in seen)  # synthetic images joined the real ones on the GPU
+    assert all(torch.equal(v.cpu(), before[k]) for k, v in generator.state_dict().items())
+    assert 0 < float(trainer.callback_metrics["train/synthetic_acceptance"]) <= 1

@@ -63,11 +63,31 @@ EXPECTED_OUTPUTS = {
         ),
         r"RESULT IWAE bound \(k=64\) at or below -ELBO for every model: True",
     ],
+    "04_gan_augmented_classification.ipynb": [
+        r"RESULT equal budget: 30 steps per arm",
+        (
+            r"RESULT generator unchanged by classifier training: True \(requires_grad: False, "
+            r"tensors in the classifier's state_dict: 0\)"
+        ),
+        *(
+            re.escape(f"RESULT {arm}: ") + r"test/acc=(0\.\d+|1\.0+) on 5000 test images"
+            for arm in ("real only", "real + synthetic (0.5)", "+ filter (τ=0.9)", "synthetic only (CAS)")
+        ),
+        r"RESULT filter: acceptance (0\.\d+|1\.00) \(mean over 30 steps",
+        r"RESULT CAS gap: -?\d+\.\d points",
+    ],
 }
 #: pictures a notebook must draw. 01: the source/target batches, the learning curves, the confusion matrices;
 #: 02: the real images, the arms' samples, the samples during fine-tuning, the loss and LR curves;
-#: 03: inputs beside each model's reconstructions, each model's prior samples, the ELBO curves
-EXPECTED_IMAGES = {"01_classifier_finetuning.ipynb": 3, "02_dcgan_finetuning.ipynb": 4, "03_vae_transfer.ipynb": 3}
+#: 03: inputs beside each model's reconstructions, each model's prior samples, the ELBO curves;
+#: 04: real images beside G(z, y) samples per class, one mixed training batch, the teacher's confidence and the
+#: filter's acceptance rate
+EXPECTED_IMAGES = {
+    "01_classifier_finetuning.ipynb": 3,
+    "02_dcgan_finetuning.ipynb": 4,
+    "03_vae_transfer.ipynb": 3,
+    "04_gan_augmented_classification.ipynb": 3,
+}
 
 
 def load_runner() -> ModuleType:

@@ -350,3 +350,17 @@ def test_fit_on_cuda_with_bf16_mixed_moves_generator_and_teacher(tiny_target, tm
     assert all(x.is_cuda and len(x) > 20 for x, _ in seen)  # synthetic images joined the real ones on the GPU
     assert all(torch.equal(v.cpu(), before[k]) for k, v in generator.state_dict().items())
     assert 0 < float(trainer.callback_metrics["train/synthetic_acceptance"]) <= 1
+
+
+def test_draws_before_a_fit_do_not_shift_the_fits_synthetic_stream(tiny_target, tmp_path):
+    def fit(draw_first: bool) -> list[torch.Tensor]:
+        model = GANAugmentedClassifier(5, generator=MarkedGenerator(), synthetic_ratio=0.5, synthetic_seed=7)
+        if draw_first:
+            model.draw_synthetic(8)  # e.g. a notebook looking at samples before training
+        seen = record_training_batches(model)
+        quiet_trainer(tmp_path, max_steps=2, max_epochs=-1, logger=False, enable_checkpointing=False).fit(
+            model, datamodule=tiny_target
+        )
+        return [x[is_marked(x)] for x, _ in seen]
+
+    assert all(torch.equal(a, b) for a, b in zip(fit(False), fit(True), strict=True))

@@ -121,6 +121,7 @@ class GANAugmentedClassifier(ImageClassifier):
         self._frozen: dict[str, nn.Module] = {}
         self._sources = {"generator": generator, "teacher": teacher}
         self._synthetic_state: dict[str, int] | None = None  # seed and batches drawn
+        self._synthetic_state_from = ""  # "fit", "checkpoint" or "outside_fit" (draw_synthetic called directly)
 
     # -- the frozen networks -----------------------------------------------------------------------
     @property
@@ -212,11 +213,14 @@ class GANAugmentedClassifier(ImageClassifier):
         super().on_fit_start()
         if not self.uses_synthetic:
             return
-        if self._synthetic_state is None:  # a fresh fit; a resumed one restored it in on_load_checkpoint
+        # a resumed fit restored the stream in on_load_checkpoint and a second fit of this object continues
+        # it; a fresh one starts it here, also after draws made outside a fit (they do not shift training)
+        if self._synthetic_state_from not in ("fit", "checkpoint"):
             seed = self.hparams.synthetic_seed
             if seed is None:
                 seed = int(torch.randint(0, 2**31 - 1, ()).item())
             self._synthetic_state = {"seed": int(seed), "batches": 0}
+        self._synthetic_state_from = "fit"
         mode = (
             "synthetic images only (CAS)"
             if self.hparams.synthetic_only
@@ -235,6 +239,7 @@ class GANAugmentedClassifier(ImageClassifier):
         super().on_load_checkpoint(checkpoint)
         state = checkpoint.get(SYNTHETIC_STATE_KEY)
         self._synthetic_state = dict(state) if state is not None else None
+        self._synthetic_state_from = "checkpoint" if state is not None else ""
 
     # -- synthetic images -----------------------------------------------------------------------------
     def _stream(self) -> torch.Generator:
@@ -242,6 +247,7 @@ class GANAugmentedClassifier(ImageClassifier):
         if self._synthetic_state is None:  # used outside a fit (research code)
             seed = self.hparams.synthetic_seed
             self._synthetic_state = {"seed": 0 if seed is None else int(seed), "batches": 0}
+            self._synthetic_state_from = "outside_fit"
         state = self._synthetic_state
         rank = self.trainer.global_rank if self._trainer is not None else 0
         generator = torch.Generator(device=self.device)

@@ -71,7 +71,8 @@ def _user_args(config: str, inputs, fashion_root) -> list[str]:
     shipped = yaml.safe_load((CONFIG_ROOT / config).read_text())
     args = []
     if shipped["model"].get("init_args", {}).get("pretrained"):  # the config expects a source checkpoint
-        source = {"dcgan": inputs["dcgan"], "vae": inputs["vae"]}.get(config.split("/")[0], inputs["source"])
+        module = shipped["model"]["class_path"].rsplit(".", 1)[-1]  # what kind of source the model loads
+        source = {"DCGAN": inputs["dcgan"], "VAE": inputs["vae"]}.get(module, inputs["source"])
         args += ["--model.init_args.pretrained", str(source)]
     if shipped["model"].get("init_args", {}).get("generator"):  # GAN-augmented: a conditional DCGAN checkpoint
         args += ["--model.init_args.generator", str(inputs["cdcgan"])]

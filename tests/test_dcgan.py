@@ -200,3 +200,25 @@ def test_evaluate_raw_generator_instead_of_ema(tmp_path, gan_data, tiny_extracto
     assert ema != raw  # different generators (the EMA has barely moved from the initial G after 2 steps)
     torch.manual_seed(0)
     assert torch.equal(model.sample(2), (torch.manual_seed(0), model.generator(torch.randn(2, 16)))[1])
+
+
+def test_conditional_fine_tune_from_an_unconditional_source_starts_as_the_source(tmp_path):
+    """G(z, y) = source G(z) and D(x, y) = source D(x) for every label right after loading; the report says so."""
+    from lit_finetune import DCGAN
+
+    shape = {"latent_dim": 16, "generator_width": 8, "discriminator_width": 8}
+    torch.manual_seed(0)
+    source = DCGAN(**shape)
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "source.ckpt")
+    model = DCGAN(**shape, conditional=True, num_classes=5, pretrained=str(tmp_path / "source.ckpt"))
+    report = model.load_pretrained_weights()
+    assert report.adapted == ["generator.project.conv.weight (label rows zero)"] and not report.reshaped
+    source.eval(), model.eval()
+    z, x = torch.randn(10, 16), torch.rand(10, 1, 28, 28) * 2 - 1
+    with torch.no_grad():
+        for label in range(5):
+            y = torch.full((10,), label)
+            assert torch.allclose(model.generator(z, y), source.generator(z), atol=1e-6)
+            assert torch.allclose(model.generator_ema(z, y), source.generator(z), atol=1e-6)
+            assert torch.allclose(model.discriminator(x, y), source.discriminator(x), atol=1e-6)
+    assert model.generator.project.conv.weight[16:].abs().sum() == 0  # the label's rows: zero, then learned

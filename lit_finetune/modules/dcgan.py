@@ -18,7 +18,7 @@ from lit_finetune.nets.dcgan import DCGANDiscriminator, DCGANGenerator
 from lit_finetune.transfer.diffaugment import DiffAugment
 from lit_finetune.transfer.l2sp import L2SP
 from lit_finetune.transfer.param_groups import block_groups, weight_decay_groups
-from lit_finetune.transfer.pretrained import LoadReport, load_pretrained
+from lit_finetune.transfer.pretrained import LoadReport, load_pretrained, read_state_dict
 
 LOSSES = ("nonsaturating", "hinge")
 #: the DCGAN paper's optimizer, used where a config names none
@@ -185,13 +185,40 @@ class DCGAN(TransferModule):
 
     # -- pretrained weights ------------------------------------------------------------------------
     def read_pretrained(self, source: str) -> LoadReport:
-        """Load G and D (TransferGAN); the EMA starts from the loaded G, L2-SP anchors at it."""
-        report = load_pretrained(self, source, exclude=["generator_ema.", "l2sp_g.", "l2sp_d.", "fixed_"])
+        """Load G and D (TransferGAN); the EMA starts from the loaded G, L2-SP anchors at it.
+
+        A conditional module may start from an unconditional source (the usual case: pretrain on
+        unlabelled source images, then learn ``G(z, y)`` on few labelled target images). The label
+        then enters with zero weight: G's first layer keeps the source's weights for ``z`` and gets
+        zeros for the label embedding, and D's projection embedding starts at zero, so the module
+        starts as exactly the source G and D and learns to use labels (reported as ``adapted``).
+        """
+        state = read_state_dict(source)
+        report = load_pretrained(self, state, exclude=["generator_ema.", "l2sp_g.", "l2sp_d.", "fixed_"])
+        report.source = str(source)
+        if self.hparams.conditional:
+            self._enter_labels_at_zero(state, report)
         self.generator_ema.load_state_dict(self.generator.state_dict())
         for reg in (self.l2sp_g, self.l2sp_d):
             if reg is not None:
                 reg.reset_anchor()
         return report
+
+    @torch.no_grad()
+    def _enter_labels_at_zero(self, state: dict[str, torch.Tensor], report: LoadReport) -> None:
+        """Conditional target, unconditional source: zero weight on the label (see :meth:`read_pretrained`)."""
+        key, latent_dim = "generator.project.conv.weight", self.hparams.latent_dim
+        weight, source_weight = self.generator.project.conv.weight, state.get(key)
+        entry = next((e for e in report.reshaped if e.split(" ", 1)[0] == key), None)  # "key (shape)->(shape)"
+        if entry is not None and source_weight is not None and source_weight.shape[0] == latent_dim:
+            if source_weight.shape[1:] == weight.shape[1:]:  # input rows: z first, then the label embedding
+                weight.zero_()
+                weight[:latent_dim].copy_(source_weight)
+                report.reshaped.remove(entry)
+                report.adapted.append(f"{key} (label rows zero)")
+        embed = self.discriminator.embed
+        if embed is not None and "discriminator.embed.weight" in report.missing and report.loaded:
+            embed.weight.zero_()  # the projection term <embed(y), features> starts at 0
 
     def setup(self, stage: str) -> None:
         super().setup(stage)

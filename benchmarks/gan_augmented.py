@@ -6,8 +6,11 @@ through N in {10, 50, 200} labelled training images per class. For each N and se
 1. **Data.** ``FashionMNISTDataModule(samples_per_class=N, val_split=500, seed=seed)``: a class-balanced
    validation set of 100 images per class taken from train first (it depends on the seed, never on N),
    then N training images per class from the rest. Testing uses the full target test split (5,000 images).
-2. **Generator.** A class-conditional ``DCGAN`` trained from scratch with DiffAugment on those N images
-   per class only (no other image). Every ``snapshot_every`` generator steps its raw and its EMA generator
+2. **Generator.** A class-conditional ``DCGAN`` trained with DiffAugment on those N images per class
+   and no other target image. It starts from an unconditional DCGAN pretrained on the source classes 0-4
+   (``configs/dcgan/pretrain.yaml``, cached in the work dir), the label entering at zero weight, as
+   ``configs/augmented/cdcgan_target.yaml`` does (``gan_source_epochs=0``: from scratch, which on so few
+   images drew nearly one image per class). Every ``snapshot_every`` generator steps its raw and its EMA generator
    are scored by FID against the validation images (as many class-matched samples as validation images),
    in the penultimate features of the *source* classifier (trained on classes 0-4 only, so the extractor
    saw no target image). The snapshot with the lowest validation FID is the generator of every arm of
@@ -89,6 +92,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gan_finetune import pretrain_source as pretrain_gan_source
 from gan_finetune import quiet_lightning
 from transfer_sweep import (
     LABEL_SMOOTHING,
@@ -159,6 +163,8 @@ class Profile:
     gan_batch: int
     pretrain_epochs: int
     evals: int  #: validation points per classifier run (evenly spaced steps, the last included)
+    gan_source_epochs: int = 0  #: epochs of the unconditional source DCGAN (0: the generator starts from scratch)
+    gan_source_batches: int | None = None  #: batches per source epoch (None: all; tiny only)
     val_per_class: int = 100
     test_limit: int | None = None  #: first images of the test split only (tiny); None: all 5,000
     threads: int | None = 1  #: torch threads (None: torch's default)
@@ -167,15 +173,16 @@ class Profile:
 PROFILES = {
     "quick": Profile(
         seeds=(0, 1, 2), shots=(10, 50, 200), batch_size=25, steps=35, gan_steps=200, snapshot_every=50,
-        gan_width=32, gan_batch=50, pretrain_epochs=2, evals=5,
+        gan_width=32, gan_batch=50, pretrain_epochs=2, evals=5, gan_source_epochs=2,
     ),
     "full": Profile(
         seeds=(0, 1, 2), shots=(10, 50, 200), batch_size=50, steps=200, gan_steps=1000, snapshot_every=100,
-        gan_width=64, gan_batch=50, pretrain_epochs=5, evals=10, threads=None,
+        gan_width=64, gan_batch=50, pretrain_epochs=5, evals=10, threads=None, gan_source_epochs=10,
     ),
     "tiny": Profile(
         seeds=(0,), shots=(4,), batch_size=10, steps=3, gan_steps=4, snapshot_every=2, gan_width=8, gan_batch=20,
         pretrain_epochs=0, evals=2, val_per_class=10, test_limit=200,
+        gan_source_epochs=1, gan_source_batches=2,
     ),
 }  # fmt: skip
 
@@ -251,10 +258,11 @@ class SnapshotSelector(Callback):
 
 
 def train_generator(
-    dm, val: tuple[torch.Tensor, torch.Tensor], extractor, profile: Profile, seed: int, device: str
-) -> tuple[torch.nn.Module, Selection]:
-    """A conditional DCGAN from scratch on ``dm``'s training images; the snapshot with the lowest
-    validation FID, and the record of the selection."""
+    dm, val: tuple[torch.Tensor, torch.Tensor], extractor, profile: Profile, seed: int, device: str,
+    gan_source: str | None = None,
+) -> tuple[torch.nn.Module, Selection]:  # fmt: skip
+    """A conditional DCGAN on ``dm``'s training images, from the unconditional ``gan_source`` (or from
+    scratch); the snapshot with the lowest validation FID, and the record of the selection."""
     import lightning as L
 
     from lit_finetune import DCGAN
@@ -264,7 +272,7 @@ def train_generator(
     gan = DCGAN(
         latent_dim=64, num_classes=NUM_CLASSES, conditional=True, generator_width=profile.gan_width,
         discriminator_width=profile.gan_width, conditioning="projection", loss="nonsaturating",
-        diffaugment="color,translation,cutout", ema_decay=0.99,
+        diffaugment="color,translation,cutout", ema_decay=0.99, pretrained=gan_source,
     )  # fmt: skip
     metrics = GenerativeMetrics(extractor, kid_subset_size=max(2, min(1000, len(val[1])))).to(device)
     selector = SnapshotSelector(profile.snapshot_every, val, metrics, seed)
@@ -392,7 +400,7 @@ def target_data(n: int, seed: int, profile: Profile, batch_size: int, augment: b
 
 def run_all(
     profile: Profile, source: str, device: str = "cpu", fashion_root: str | None = None,
-    log: Callable[[str], None] = print, keep_models: bool = False,
+    log: Callable[[str], None] = print, keep_models: bool = False, gan_source: str | None = None,
 ) -> tuple[Results, dict[int, list[Selection]], tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
     """Every N x seed: train and select the generator, then every arm for both inits."""
     from lit_finetune.metrics import FeatureExtractor
@@ -413,7 +421,7 @@ def run_all(
             val = dm.val_set.__getitems__(range(len(dm.val_set)))
             gan_dm = target_data(n, seed, profile, min(profile.gan_batch, n * NUM_CLASSES), False, fashion_root)
             assert torch.equal(gan_dm.train_set.images, dm.train_set.images)  # the GAN sees the same N images
-            generator, selection = train_generator(gan_dm, val, extractor, profile, seed, device)
+            generator, selection = train_generator(gan_dm, val, extractor, profile, seed, device, gan_source)
             selections[n].append(selection)
             chosen = selection.chosen
             log(
@@ -658,6 +666,30 @@ def source_classifier(args, profile: Profile, device: str, log: Callable[[str], 
     return path, f"{what} ({(time.perf_counter() - start) / 60:.1f} min, in this run)"
 
 
+def source_generator(args, profile: Profile, device: str, log: Callable[[str], None]) -> tuple[str | None, str]:
+    """The unconditional source DCGAN (classes 0-4), cached in the work dir; ``None`` for a scratch generator."""
+    if profile.gan_source_epochs == 0:
+        return None, "none: the conditional generator starts from scratch"
+    epochs, width = profile.gan_source_epochs, profile.gan_width
+    workdir = args.workdir / f"dcgan_source_w{width}_{epochs}ep"
+    cached = workdir / "runs/dcgan/pretrain/checkpoints/last.ckpt"
+    what = f"{epochs} epoch(s) of `configs/dcgan/pretrain.yaml` (unconditional, widths {width})"
+    if cached.is_file():
+        log(f"source DCGAN: reusing {cached}")
+        return str(cached.resolve()), f"{what} (cached from an earlier run, not timed here)"
+    log(f"pretraining the unconditional source DCGAN on classes 0-4 ({epochs} epochs)")
+    start = time.perf_counter()
+    extra = ["--model.init_args.conditional", "false", "--model.init_args.generator_width", str(width),
+             "--model.init_args.discriminator_width", str(width), "--trainer.logger", "false",
+             "--trainer.accelerator", "gpu" if device == "cuda" else "cpu"]  # fmt: skip
+    if args.fashion_root:
+        extra += ["--data.init_args.root", str(args.fashion_root)]
+    if profile.gan_source_batches:
+        extra += ["--trainer.limit_train_batches", str(profile.gan_source_batches), "--trainer.limit_val_batches", "0"]
+    path = pretrain_gan_source(workdir, epochs, extra)
+    return str(path), f"{what} ({(time.perf_counter() - start) / 60:.1f} min, in this run)"
+
+
 def main(argv: Sequence[str] | None = None, keep_models: bool = False) -> tuple[Results, dict[int, list[Selection]]]:
     """Run the benchmark and write its results; returns them too (``keep_models``: with every
     classifier, for tests)."""
@@ -685,7 +717,10 @@ def main(argv: Sequence[str] | None = None, keep_models: bool = False) -> tuple[
         print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {text}", flush=True)
 
     source, source_note = source_classifier(args, profile, args.device, log)
-    results, selections, test = run_all(profile, source, args.device, args.fashion_root, log, keep_models)
+    gan_source, gan_source_note = source_generator(args, profile, args.device, log)
+    results, selections, test = run_all(
+        profile, source, args.device, args.fashion_root, log, keep_models, gan_source=gan_source
+    )
 
     wall, cpu = (time.perf_counter() - start) / 60, (time.process_time() - cpu_start) / 60
     where = machine()
@@ -696,8 +731,9 @@ def main(argv: Sequence[str] | None = None, keep_models: bool = False) -> tuple[
     setup = (
         f"Setup (profile `{args.profile}`): source classifier `resnet_small` on Fashion-MNIST classes 0-4, "
         f"{source_note}. Per N and seed {list(profile.seeds)}: a class-conditional DCGAN (latent 64, widths "
-        f"{profile.gan_width}, projection D, DiffAugment, EMA 0.99) trained from scratch on the same N images per "
-        f"class only, {profile.gan_steps} generator steps of batch min({profile.gan_batch}, 5N), raw and EMA "
+        f"{profile.gan_width}, projection D, DiffAugment, EMA 0.99) trained on the same N images per class and "
+        f"no other target image, starting from an unconditional source DCGAN trained on classes 0-4 with the "
+        f"label entering at zero weight (source DCGAN: {gan_source_note}), {profile.gan_steps} generator steps of batch min({profile.gan_batch}, 5N), raw and EMA "
         f"generator scored every {profile.snapshot_every} steps ({len(sel.snapshots)} "
         f"snapshots) by FID against the {profile.val_per_class} validation images per class (taken from train, "
         "the same for every N of a seed) in the source classifier's features; the lowest is used. Classifiers: "

@@ -98,6 +98,7 @@ def test_tiny_end_to_end_numbers_come_from_the_runs(tiny_run, fashion_root):
 def test_tiny_markdown_and_figure_list_every_arm(tiny_run):
     results, _, out = tiny_run
     text = (out / "gan_augmented.md").read_text()
+    assert "source DCGAN: 1 epoch(s) of `configs/dcgan/pretrain.yaml`" in text  # the generator's start, pretrained here
     (n,) = results
     for init, runs in results[n].items():
         for key, arm_runs in runs.items():

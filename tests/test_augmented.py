@@ -346,8 +346,9 @@ def test_fit_on_cuda_with_bf16_mixed_moves_generator_and_teacher(tiny_target, tm
     trainer = quiet_trainer(tmp_path, accelerator="cuda", precision="bf16-mixed", max_steps=3, max_epochs=-1,
                             logger=False, enable_checkpointing=False)  # fmt: skip
     trainer.fit(model, datamodule=tiny_target)
-    assert next(model.generator.parameters()).is_cuda and next(model.teacher.parameters()).is_cuda
-    assert all(x.is_cuda and len(x) > 20 for x, _ in seen)  # synthetic images joined the real ones on the GPU
+    # synthetic images joined the real ones on the GPU (a generator or teacher left on the CPU would raise);
+    # Lightning moves the classifier back to the CPU after the fit, and the frozen nets follow it on next use
+    assert len(seen) == 3 and all(x.is_cuda and len(x) > 20 for x, _ in seen)
     assert all(torch.equal(v.cpu(), before[k]) for k, v in generator.state_dict().items())
     assert 0 < float(trainer.callback_metrics["train/synthetic_acceptance"]) <= 1
 

@@ -64,6 +64,11 @@ Profiles (``--profile``):
   GAN steps (widths 64) with snapshots every 100, seeds 0-2, torch's default threads. Estimated, not
   measured (no GPU here), for an H200 where small steps cost Python/Lightning overhead (~5-10 ms):
   ~0.5 min source + 9 x ~15 s GANs + 144 x ~2 s arms = ~7-8 min; ``--seeds 0 1 2 3 4`` for more.
+  Measured on one H200 (torch 2.11, 2026-11-26): that estimate was wrong. The run was stopped at its
+  7.8-minute limit after N=10 and one arm pair of N=50 (log: ``results/gan_augmented_full_h200_partial.log``):
+  0.4 min source classifier, 1.5 min source DCGAN, 18-33 s per generator, 40-50 s per (N, seed, init),
+  i.e. ~5.5 s per classifier arm, Lightning's per-run overhead more than the GPU work. The whole
+  profile needs about 25 minutes on that GPU.
 * ``tiny``: a few steps of everything on 200 test images: checks the pipeline (the test runs it);
   its numbers mean nothing.
 

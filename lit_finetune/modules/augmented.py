@@ -82,7 +82,9 @@ class GANAugmentedClassifier(ImageClassifier):
             up to ``filter_max_rounds`` times, so the kept samples stay class-balanced; logs
             ``train/synthetic_acceptance`` (kept / drawn) and ``train/synthetic_filled``
             (kept / asked for).
-        confidence_threshold: the filter's threshold τ.
+        confidence_threshold: the filter's threshold τ. A teacher trained with label smoothing ε over
+            K classes gives its top class at most about ``1 - ε + ε / K`` (0.92 for ε = 0.1, K = 5), so
+            τ near that cap rejects nearly everything; the benchmark uses 0.8.
         filter_max_rounds: draws per slot before a slot is left empty.
         synthetic_seed: seed of the synthetic stream; ``None`` draws one from the global RNG at the
             first fit (so ``seed_everything`` fixes it).

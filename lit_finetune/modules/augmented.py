@@ -117,8 +117,8 @@ class GANAugmentedClassifier(ImageClassifier):
                 f"and {filter_max_rounds}"
             )
         # the checkpoint keeps the paths (provenance), never the networks, and never needs them
-        self.hparams["generator"] = generator if isinstance(generator, (str, Path)) else None
-        self.hparams["teacher"] = teacher if isinstance(teacher, (str, Path)) else None
+        self.hparams["generator"] = str(generator) if isinstance(generator, (str, Path)) else None
+        self.hparams["teacher"] = str(teacher) if isinstance(teacher, (str, Path)) else None
         # A plain dict, not submodules: outside parameters(), state_dict(), optimizers and DDP.
         self._frozen: dict[str, nn.Module] = {}
         self._sources = {"generator": generator, "teacher": teacher}

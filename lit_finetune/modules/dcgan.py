@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lit_finetune.metrics import GenerativeMetrics
@@ -193,11 +194,9 @@ class DCGAN(TransferModule):
         zeros for the label embedding, and D's projection embedding starts at zero, so the module
         starts as exactly the source G and D and learns to use labels (reported as ``adapted``).
         """
-        state = read_state_dict(source)
-        report = load_pretrained(self, state, exclude=["generator_ema.", "l2sp_g.", "l2sp_d.", "fixed_"])
-        report.source = str(source)
-        if self.hparams.conditional:
-            self._enter_labels_at_zero(state, report)
+        report = load_pretrained(self, source, exclude=["generator_ema.", "l2sp_g.", "l2sp_d.", "fixed_"])
+        if self.hparams.conditional and report.missing:  # e.g. the label embeddings of an unconditional source
+            self._enter_labels_at_zero(read_state_dict(source), report)
         self.generator_ema.load_state_dict(self.generator.state_dict())
         for reg in (self.l2sp_g, self.l2sp_d):
             if reg is not None:
@@ -216,6 +215,10 @@ class DCGAN(TransferModule):
                 weight[:latent_dim].copy_(source_weight)
                 report.reshaped.remove(entry)
                 report.adapted.append(f"{key} (label rows zero)")
+                rank_zero_info(
+                    f"{key}: the source's weights for z loaded after all, the label embedding's rows set to 0 "
+                    "(a conditional DCGAN from an unconditional source starts as the source)"
+                )
         embed = self.discriminator.embed
         if embed is not None and "discriminator.embed.weight" in report.missing and report.loaded:
             embed.weight.zero_()  # the projection term <embed(y), features> starts at 0

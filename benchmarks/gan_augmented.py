@@ -54,12 +54,12 @@ would reject nearly everything.
 Profiles (``--profile``):
 
 * ``quick`` (default): source classifier 2 epochs of ``pretrain_source.yaml`` (cached in the work dir
-  and reused by later runs), seeds 0-2, batch 25 real images, 35 classifier steps per arm with 5
-  validation points, 200 GAN steps with snapshots every 50, 1 torch thread (2 threads ran ~10x slower
-  with other jobs on the 2 cores). Planned from step times measured on the 2-core machine with other
-  jobs running (1 thread: ~0.06 s per classifier step of 25 real images, ~0.08 s per GAN step of 50,
-  ~3-5 s to test 5,000 images): ~2 min source + 9 x ~20 s GANs + 144 x ~5-9 s arms = ~17-28 min.
-  Measured: 18.1 min wall (1.3 source, ~18 s per GAN, ~6 s per arm run) at a load average of 3.0 to 1.2.
+  and reused by later runs), a 2-epoch unconditional source DCGAN (cached too), seeds 0-2, batch 25 real
+  images, 80 classifier steps per arm with 5 validation points, 200 GAN steps with snapshots every 50,
+  1 torch thread (2 threads ran ~10x slower with other jobs on the 2 cores). Measured: 24.3 min wall
+  (source classifier and source DCGAN ~2 min, ~17 s per GAN, ~8.5 s per arm run) at a load average of
+  0.3 to 1.0. A first version with 35 classifier steps (18.6 min) left the real-only classifiers
+  under-trained (75-83 % instead of 88-89 %) with seed spreads up to ±13 points; 80 steps replaced it.
 * ``full``: for one GPU (``--device cuda``): source 5 epochs, batch 50, 200 classifier steps, 1,000
   GAN steps (widths 64) with snapshots every 100, seeds 0-2, torch's default threads. Estimated, not
   measured (no GPU here), for an H200 where small steps cost Python/Lightning overhead (~5-10 ms):
@@ -177,7 +177,7 @@ class Profile:
 
 PROFILES = {
     "quick": Profile(
-        seeds=(0, 1, 2), shots=(10, 50, 200), batch_size=25, steps=35, gan_steps=200, snapshot_every=50,
+        seeds=(0, 1, 2), shots=(10, 50, 200), batch_size=25, steps=80, gan_steps=200, snapshot_every=50,
         gan_width=32, gan_batch=50, pretrain_epochs=2, evals=5, gan_source_epochs=2,
     ),
     "full": Profile(
@@ -660,7 +660,7 @@ def source_classifier(args, profile: Profile, device: str, log: Callable[[str], 
     if args.pretrained:
         return str(args.pretrained), f"given checkpoint `{Path(args.pretrained).name}`"
     workdir = args.workdir / f"source_{profile.pretrain_epochs}ep"
-    cached = workdir / "runs/classifier/pretrain_source/checkpoints/best.ckpt"
+    cached = workdir / "source/runs/classifier/pretrain_source/checkpoints/best.ckpt"  # where pretrain() writes
     what = f"{profile.pretrain_epochs} epoch(s) of `pretrain_source.yaml`"
     if cached.is_file():
         log(f"source classifier: reusing {cached}")

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lit_finetune.metrics import GenerativeMetrics
@@ -19,7 +18,7 @@ from lit_finetune.nets.dcgan import DCGANDiscriminator, DCGANGenerator
 from lit_finetune.transfer.diffaugment import DiffAugment
 from lit_finetune.transfer.l2sp import L2SP
 from lit_finetune.transfer.param_groups import block_groups, weight_decay_groups
-from lit_finetune.transfer.pretrained import LoadReport, load_pretrained, read_state_dict
+from lit_finetune.transfer.pretrained import LoadReport, load_pretrained
 
 LOSSES = ("nonsaturating", "hinge")
 #: the DCGAN paper's optimizer, used where a config names none
@@ -194,34 +193,30 @@ class DCGAN(TransferModule):
         zeros for the label embedding, and D's projection embedding starts at zero, so the module
         starts as exactly the source G and D and learns to use labels (reported as ``adapted``).
         """
-        report = load_pretrained(self, source, exclude=["generator_ema.", "l2sp_g.", "l2sp_d.", "fixed_"])
-        if self.hparams.conditional and report.missing:  # e.g. the label embeddings of an unconditional source
-            self._enter_labels_at_zero(read_state_dict(source), report)
+        adapt = {"generator.project.conv.weight": ("label rows zero", self._label_rows_zero)}
+        report = load_pretrained(
+            self, source, exclude=["generator_ema.", "l2sp_g.", "l2sp_d.", "fixed_"],
+            adapt=adapt if self.hparams.conditional else None,
+        )  # fmt: skip
+        embed = self.discriminator.embed
+        if embed is not None and "discriminator.embed.weight" in report.missing:
+            with torch.no_grad():
+                embed.weight.zero_()  # the projection term <embed(y), features> starts at 0
         self.generator_ema.load_state_dict(self.generator.state_dict())
         for reg in (self.l2sp_g, self.l2sp_d):
             if reg is not None:
                 reg.reset_anchor()
         return report
 
-    @torch.no_grad()
-    def _enter_labels_at_zero(self, state: dict[str, torch.Tensor], report: LoadReport) -> None:
-        """Conditional target, unconditional source: zero weight on the label (see :meth:`read_pretrained`)."""
-        key, latent_dim = "generator.project.conv.weight", self.hparams.latent_dim
-        weight, source_weight = self.generator.project.conv.weight, state.get(key)
-        entry = next((e for e in report.reshaped if e.split(" ", 1)[0] == key), None)  # "key (shape)->(shape)"
-        if entry is not None and source_weight is not None and source_weight.shape[0] == latent_dim:
-            if source_weight.shape[1:] == weight.shape[1:]:  # input rows: z first, then the label embedding
-                weight.zero_()
-                weight[:latent_dim].copy_(source_weight)
-                report.reshaped.remove(entry)
-                report.adapted.append(f"{key} (label rows zero)")
-                rank_zero_info(
-                    f"{key}: the source's weights for z loaded after all, the label embedding's rows set to 0 "
-                    "(a conditional DCGAN from an unconditional source starts as the source)"
-                )
-        embed = self.discriminator.embed
-        if embed is not None and "discriminator.embed.weight" in report.missing and report.loaded:
-            embed.weight.zero_()  # the projection term <embed(y), features> starts at 0
+    def _label_rows_zero(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
+        """G's first layer from an unconditional source: its input rows are ``z`` then the label
+        embedding, so the source's rows go first and the label's rows are zero (``None``: no such source)."""
+        latent_dim = self.hparams.latent_dim
+        if source.shape[0] != latent_dim or source.shape[1:] != target.shape[1:]:
+            return None
+        adapted = torch.zeros_like(target)
+        adapted[:latent_dim] = source
+        return adapted
 
     def setup(self, stage: str) -> None:
         super().setup(stage)

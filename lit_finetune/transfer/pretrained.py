@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pickle
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +30,7 @@ class LoadReport:
 
     source: str
     loaded: list[str] = field(default_factory=list)
-    adapted: list[str] = field(default_factory=list)  # shape changed on purpose (input channels)
+    adapted: list[str] = field(default_factory=list)  # shape changed on purpose (input channels, adapt=)
     reshaped: list[str] = field(default_factory=list)  # shape mismatch: kept the fresh init
     missing: list[str] = field(default_factory=list)  # in the model, not in the source
     unexpected: list[str] = field(default_factory=list)  # in the source, not in the model
@@ -43,7 +43,7 @@ class LoadReport:
     def __str__(self) -> str:
         lines = [f"load_pretrained({self.source}): {len(self.loaded)} tensors loaded"]
         for label, keys in (
-            ("adapted to new input channels", self.adapted),
+            ("adapted to a new shape (input channels, or as noted)", self.adapted),
             ("skipped, shape differs (kept fresh init)", self.reshaped),
             ("missing from source (kept fresh init)", self.missing),
             ("unexpected in source (ignored)", self.unexpected),
@@ -173,6 +173,7 @@ def load_pretrained(
     arch: str | None = None,
     strict: bool = False,
     exclude: Sequence[str] = (),
+    adapt: Mapping[str, tuple[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]]] | None = None,
 ) -> LoadReport:
     """Load what fits from ``source`` into ``model`` and report every key.
 
@@ -185,6 +186,9 @@ def load_pretrained(
         arch: torchvision architecture name for weight names (``"resnet18"``).
         strict: raise instead of reporting when anything is skipped, missing or unexpected.
         exclude: target-key prefixes never loaded (e.g. ``["head."]`` for a new task's head).
+        adapt: for target keys whose shape differs from the source's on purpose: ``key -> (what,
+            fn)``, ``fn(source_tensor, target_tensor)`` returning the tensor to load (the target's
+            shape), or ``None`` to keep the fresh init. Reported as adapted, ``"<key> (<what>)"``.
     """
     if isinstance(source, Mapping):
         state, label = dict(source), "<state dict>"
@@ -208,9 +212,14 @@ def load_pretrained(
             report.excluded.append(mapped)
             continue
         want = target[mapped]
+        adapter = (adapt or {}).get(mapped)
+        adapted = adapter[1](value, want) if adapter is not None and value.shape != want.shape else None
         if value.shape == want.shape:
             merged[mapped] = value
             report.loaded.append(mapped)
+        elif adapted is not None:
+            merged[mapped] = adapted
+            report.adapted.append(f"{mapped} ({adapter[0]})")
         elif (
             value.ndim == 4 and want.ndim == 4 and value.shape[0] == want.shape[0] and value.shape[2:] == want.shape[2:]
         ):

@@ -10,15 +10,11 @@ cannot make the loader import or run anything else.
 from __future__ import annotations
 
 import importlib
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lit_finetune.modules.base import TransferModule
-from lit_finetune.transfer.pretrained import PretrainedLoadError
+from lit_finetune.transfer.pretrained import PretrainedLoadError, load_checkpoint_file
 
 
 class CheckpointLoadError(PretrainedLoadError):
@@ -27,13 +23,9 @@ class CheckpointLoadError(PretrainedLoadError):
 
 def _read_hparams(path: Path, role: str) -> dict[str, Any]:
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CheckpointLoadError(
-            f"The {role} {str(path)!r} is not a readable lit-finetune checkpoint ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}). It may be truncated or of another format; "
-            "point to a .ckpt written by lit-finetune fit."
-        ) from err
+        checkpoint = load_checkpoint_file(path, role=f"The {role}")
+    except PretrainedLoadError as err:
+        raise CheckpointLoadError(str(err)) from err
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("hyper_parameters"), dict):
         raise CheckpointLoadError(
             f"The {role} {str(path)!r} holds no module hyper-parameters (is it a plain state dict?); "

@@ -63,6 +63,33 @@ def is_torchvision_weight_name(source: str) -> bool:
     )
 
 
+def load_checkpoint_file(path: Path, role: str = "") -> object:
+    """``torch.load(path, weights_only=True)`` of an existing file, every failure a :class:`PretrainedLoadError`
+    naming the file (and its ``role``, e.g. ``"The generator (--model.generator)"``) and the fix."""
+    name = f"{role} {str(path)!r}" if role else repr(str(path))
+    with path.open("rb") as f:
+        head = f.read(2)
+    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
+        raise PretrainedLoadError(
+            f"{name} is not a readable PyTorch checkpoint (neither a torch.save zip archive nor a pickle). "
+            "Point to a .ckpt written by lit-finetune or a file written by torch.save."
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise PretrainedLoadError(
+            f"Refused to load {name}: torch.load(weights_only=True) rejected it ({_first_line(err)}). "
+            "Files that "
+            "need arbitrary code to unpickle are never loaded; re-save the weights with "
+            "torch.save(model.state_dict(), path) from a trusted environment."
+        ) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise PretrainedLoadError(
+            f"{name} is not a readable PyTorch checkpoint ({type(err).__name__}: {err}). "
+            "The file may be truncated or of another format; re-create it or point to another file."
+        ) from err
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read tensors from a Lightning checkpoint or a plain state dict, with ``weights_only=True``.
 
@@ -76,27 +103,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             "(e.g. <run dir>/checkpoints/last.ckpt), a state-dict .pt file, or a torchvision weight name "
             "such as IMAGENET1K_V1."
         )
-    with path.open("rb") as f:
-        head = f.read(2)
-    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
-        raise PretrainedLoadError(
-            f"{str(path)!r} is not a readable PyTorch checkpoint (neither a torch.save zip archive nor a pickle). "
-            "Point to a .ckpt written by lit-finetune or a file written by torch.save."
-        )
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise PretrainedLoadError(
-            f"Refused to load {str(path)!r}: torch.load(weights_only=True) rejected it ({_first_line(err)}). "
-            "Files that "
-            "need arbitrary code to unpickle are never loaded; re-save the weights with "
-            "torch.save(model.state_dict(), path) from a trusted environment."
-        ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise PretrainedLoadError(
-            f"{str(path)!r} is not a readable PyTorch checkpoint ({type(err).__name__}: {err}). "
-            "The file may be truncated or of another format; re-create it or point to another file."
-        ) from err
+    obj = load_checkpoint_file(path)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):

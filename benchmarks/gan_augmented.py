@@ -655,20 +655,31 @@ def figure(results: Results, path: Path) -> None:
 
 
 # -- main --------------------------------------------------------------------------------------------
+def cached_or_trained(
+    cached: Path, what: str, name: str, train: Callable[[], str | Path], log: Callable[[str], None]
+) -> tuple[str, str]:
+    """``cached`` if an earlier run wrote it, else ``train()`` now (timed): the checkpoint and a note for the md."""
+    if cached.is_file():
+        log(f"{name}: reusing {cached}")
+        return str(cached.resolve()), f"{what} (cached from an earlier run, not timed here)"
+    log(f"pretraining the {name} on classes 0-4: {what}")
+    start = time.perf_counter()
+    path = train()
+    return str(path), f"{what} ({(time.perf_counter() - start) / 60:.1f} min, in this run)"
+
+
 def source_classifier(args, profile: Profile, device: str, log: Callable[[str], None]) -> tuple[str, str]:
     """The source classifier (classes 0-4): given, cached in the work dir, or pretrained now (and cached)."""
     if args.pretrained:
         return str(args.pretrained), f"given checkpoint `{Path(args.pretrained).name}`"
     workdir = args.workdir / f"source_{profile.pretrain_epochs}ep"
-    cached = workdir / "source/runs/classifier/pretrain_source/checkpoints/best.ckpt"  # where pretrain() writes
-    what = f"{profile.pretrain_epochs} epoch(s) of `pretrain_source.yaml`"
-    if cached.is_file():
-        log(f"source classifier: reusing {cached}")
-        return str(cached.resolve()), f"{what} (cached from an earlier run, not timed here)"
-    log(f"pretraining the source classifier on classes 0-4 ({profile.pretrain_epochs} epochs)")
-    start = time.perf_counter()
-    path = pretrain(workdir, profile.pretrain_epochs, "gpu" if device == "cuda" else "cpu", args.fashion_root)
-    return path, f"{what} ({(time.perf_counter() - start) / 60:.1f} min, in this run)"
+    return cached_or_trained(
+        workdir / "source/runs/classifier/pretrain_source/checkpoints/best.ckpt",  # where pretrain() writes
+        f"{profile.pretrain_epochs} epoch(s) of `pretrain_source.yaml`",
+        "source classifier",
+        lambda: pretrain(workdir, profile.pretrain_epochs, "gpu" if device == "cuda" else "cpu", args.fashion_root),
+        log,
+    )
 
 
 def source_generator(args, profile: Profile, device: str, log: Callable[[str], None]) -> tuple[str | None, str]:
@@ -677,13 +688,6 @@ def source_generator(args, profile: Profile, device: str, log: Callable[[str], N
         return None, "none: the conditional generator starts from scratch"
     epochs, width = profile.gan_source_epochs, profile.gan_width
     workdir = args.workdir / f"dcgan_source_w{width}_{epochs}ep"
-    cached = workdir / "runs/dcgan/pretrain/checkpoints/last.ckpt"
-    what = f"{epochs} epoch(s) of `configs/dcgan/pretrain.yaml` (unconditional, widths {width})"
-    if cached.is_file():
-        log(f"source DCGAN: reusing {cached}")
-        return str(cached.resolve()), f"{what} (cached from an earlier run, not timed here)"
-    log(f"pretraining the unconditional source DCGAN on classes 0-4 ({epochs} epochs)")
-    start = time.perf_counter()
     extra = ["--model.init_args.conditional", "false", "--model.init_args.generator_width", str(width),
              "--model.init_args.discriminator_width", str(width), "--trainer.logger", "false",
              "--trainer.accelerator", "gpu" if device == "cuda" else "cpu"]  # fmt: skip
@@ -691,8 +695,13 @@ def source_generator(args, profile: Profile, device: str, log: Callable[[str], N
         extra += ["--data.init_args.root", str(args.fashion_root)]
     if profile.gan_source_batches:
         extra += ["--trainer.limit_train_batches", str(profile.gan_source_batches), "--trainer.limit_val_batches", "0"]
-    path = pretrain_gan_source(workdir, epochs, extra)
-    return str(path), f"{what} ({(time.perf_counter() - start) / 60:.1f} min, in this run)"
+    return cached_or_trained(
+        workdir / "runs/dcgan/pretrain/checkpoints/last.ckpt",  # where pretrain_gan_source() writes
+        f"{epochs} epoch(s) of `configs/dcgan/pretrain.yaml` (unconditional, widths {width})",
+        "source DCGAN",
+        lambda: pretrain_gan_source(workdir, epochs, extra),
+        log,
+    )
 
 
 def main(argv: Sequence[str] | None = None, keep_models: bool = False) -> tuple[Results, dict[int, list[Selection]]]:

@@ -7,6 +7,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from lit_finetune.log_steps import lightning_writes_step
 from lit_finetune.transfer.lr_factors import install_lr_factor_hooks
 
 
@@ -36,10 +37,8 @@ class AppliedLRMonitor(Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # Lightning writes step metrics only every log_every_n_steps batches; logging the others costs time
-        # for nothing (a quarter of a tiny GAN step). No public API says which batches those are.
-        connector = getattr(trainer, "_logger_connector", None)
-        if trainer.loggers and not getattr(connector, "should_update_logs", True):
+        # logging steps Lightning does not write costs time for nothing (a quarter of a tiny GAN step)
+        if trainer.loggers and not lightning_writes_step(trainer):
             return
         values = {}
         for i, optimizer in enumerate(trainer.optimizers):

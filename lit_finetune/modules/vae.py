@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from lit_finetune.log_steps import lightning_writes_step
 from lit_finetune.modules.base import TransferModule
 from lit_finetune.nets.vae import ConvDecoder, ConvEncoder
 from lit_finetune.transfer.l2sp import L2SP
@@ -183,10 +184,8 @@ class VAE(TransferModule):
         trainer = self._trainer
         if trainer is None:
             return True
-        # no public API says which steps Lightning writes; without the attribute, log every step
-        connector = getattr(trainer, "_logger_connector", None)
         return bool(
-            getattr(connector, "should_update_logs", True)
+            lightning_writes_step(trainer)
             or trainer.fast_dev_run
             or trainer.is_last_batch
             or batch_idx + 1 >= trainer.num_training_batches  # the last batch under limit_train_batches too

@@ -91,6 +91,15 @@ def _tiny_datamodule(root: Path, batch_size: int = 8) -> FashionMNISTDataModule:
     )
 
 
+def _two_process_trainer(tmp_path: Path, callbacks: list[Callback], strategy: str = "ddp_spawn") -> L.Trainer:
+    """2 CPU processes, 2 epochs of 2 batches, one validation batch, nothing written but what callbacks write."""
+    return L.Trainer(
+        accelerator="cpu", devices=2, strategy=strategy, max_epochs=2, limit_train_batches=2, limit_val_batches=1,
+        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks,
+    )  # fmt: skip
+
+
 def _make_pretrained(path: Path) -> dict[str, torch.Tensor]:
     """A stand-in for the source-pretrained checkpoint: a state dict with non-default BN statistics."""
     torch.manual_seed(123)
@@ -270,12 +279,11 @@ def test_dcgan_freezed_fine_tune_on_two_processes_stays_in_sync(tmp_path: Path, 
     out.mkdir()
     L.seed_everything(0)
     model = DCGAN(**tiny, pretrained=str(tmp_path / "source.ckpt"))
-    trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn_find_unused_parameters_true", max_epochs=2,
-        limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-        callbacks=[LayerFreezing(["discriminator.blocks.0"], unfreeze_at_epoch=None), RankStateWriter(str(out))],
-    )  # fmt: skip
+    trainer = _two_process_trainer(
+        tmp_path,
+        [LayerFreezing(["discriminator.blocks.0"], unfreeze_at_epoch=None), RankStateWriter(str(out))],
+        strategy="ddp_spawn_find_unused_parameters_true",
+    )
     trainer.fit(model, datamodule=_tiny_datamodule(fashion_root))
     end = [torch.load(out / f"rank{r}_end.pt", weights_only=True) for r in (0, 1)]
     _assert_same(end[0], end[1], "ranks disagree after DCGAN fine-tuning")
@@ -298,12 +306,9 @@ def test_vae_transfer_on_two_processes_stays_in_sync(tmp_path: Path, fashion_roo
     out.mkdir()
     L.seed_everything(0)
     model = VAE(**tiny, pretrained=str(tmp_path / "source.ckpt"))
-    trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2, limit_train_batches=2, limit_val_batches=1,
-        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
-        callbacks=[LayerFreezing(["encoder"], unfreeze_at_epoch=None), RankStateWriter(str(out))],
-    )  # fmt: skip
+    trainer = _two_process_trainer(
+        tmp_path, [LayerFreezing(["encoder"], unfreeze_at_epoch=None), RankStateWriter(str(out))]
+    )
     trainer.fit(model, datamodule=_tiny_datamodule(fashion_root))
     end = [torch.load(out / f"rank{r}_end.pt", weights_only=True) for r in (0, 1)]
     _assert_same(end[0], end[1], "ranks disagree after VAE transfer")
@@ -347,11 +352,7 @@ def test_gan_augmented_fit_on_two_processes_draws_different_samples_per_rank(
     out.mkdir()
     L.seed_everything(0)
     model = SyntheticRecordingClassifier(5, generator=ckpt, synthetic_ratio=1.0)
-    trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2, limit_train_batches=2, limit_val_batches=1,
-        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[DrawnWriter(str(out))],
-    )  # fmt: skip
+    trainer = _two_process_trainer(tmp_path, [DrawnWriter(str(out))])
     trainer.fit(model, datamodule=_tiny_datamodule(fashion_root))
     end = [torch.load(out / f"rank{r}_end.pt", weights_only=True) for r in (0, 1)]
     _assert_same(end[0]["state"], end[1]["state"], "ranks disagree after GAN-augmented training")

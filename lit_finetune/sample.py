@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torchvision.utils import make_grid, save_image
 
 from lit_finetune.modules.loading import CheckpointLoadError, load_module_checkpoint
@@ -45,9 +46,24 @@ def write_samples(
     paths = []
     for i, image in enumerate(images):
         paths.append(out / f"sample_{i:05d}.png")
-        save_image(image, paths[-1], normalize=True, value_range=(-1, 1))
-    save_image(make_grid(images, nrow=nrow, normalize=True, value_range=(-1, 1)), out / "grid.png")
+        save_png(image, paths[-1])
+    grid = make_grid(images, nrow=nrow, normalize=True, value_range=(-1, 1))
+    save_png(grid[:1] if images.shape[1] == 1 else grid, out / "grid.png", value_range=(0, 1))
     return [*paths, out / "grid.png"]
+
+
+def save_png(image: torch.Tensor, path: Path, value_range: tuple[float, float] = (-1, 1)) -> None:
+    """One (C, H, W) image as a PNG: 1-channel images as grayscale (mode ``L``), 3-channel as RGB.
+
+    torchvision's ``save_image`` writes every image as RGB (``make_grid`` triples one channel),
+    which makes a grayscale model's samples three times larger and look like colour images.
+    """
+    if image.shape[0] != 1:
+        save_image(image, path, normalize=True, value_range=value_range)
+        return
+    low, high = value_range
+    pixels = ((image[0].float().clamp(low, high) - low) / (high - low) * 255).round().to(torch.uint8)
+    Image.fromarray(pixels.cpu().numpy()).save(path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,6 +21,8 @@ class AppliedLRMonitor(Callback):
     ``group["applied_lr"]``. It also works with ``logger=False`` (the values then only reach
     ``trainer.callback_metrics``), where ``LearningRateMonitor`` raises.
 
+    A step that mixed precision's ``GradScaler`` skips (non-finite gradients) logs 0.
+
     Groups without a ``name`` are logged as ``lr/opt<i>/group<j>``.
 
     Args:
@@ -33,6 +35,12 @@ class AppliedLRMonitor(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for optimizer in trainer.optimizers:
             install_lr_factor_hooks(optimizer)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        # the step wrapper writes the LR the step used; a step that does not run (mixed precision's
+        # GradScaler skips one whose gradients are not finite) then leaves 0, not the previous step's LR
+        for group in optimizer.param_groups:
+            group["applied_lr"] = 0.0
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -58,8 +58,11 @@ class TransferModule(L.LightningModule):
     for several (a GAN's G and D, each with its own optimizer and scheduler). Optimizers are
     ``OptimizerCallable`` (a class or ``functools.partial``) so LightningCLI configs set them
     without the CLI's automatic optimizer, which would cover frozen parameters with one group.
-    Under manual optimisation the base steps every scheduler at its configured interval, which
-    Lightning itself only does under automatic optimisation.
+    Under manual optimisation Lightning steps no scheduler: the base steps epoch-interval ones at
+    the end of each epoch, and a module calls :meth:`step_schedulers` ``("step")`` in its
+    ``training_step`` right after its updates (where Lightning steps them under automatic
+    optimisation: before any callback's ``on_train_batch_end``, so a mid-epoch checkpoint holds
+    the schedulers of the step it saves).
 
     Pretrained weights (``pretrained=``) are read once, when the first fit / validate / test /
     predict starts without a checkpoint to restore (``on_fit_start`` and siblings), or on
@@ -201,10 +204,6 @@ class TransferModule(L.LightningModule):
                 config.scheduler.step(metric)
             else:
                 config.scheduler.step()
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if not self.automatic_optimization:
-            self.step_schedulers("step")
 
     def on_train_epoch_end(self) -> None:
         if not self.automatic_optimization:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from functools import partial
 from typing import Any
 
@@ -10,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 from lit_finetune.metrics import GenerativeMetrics
 from lit_finetune.modules.base import Network, TransferModule
@@ -21,6 +24,8 @@ from lit_finetune.transfer.param_groups import block_groups, weight_decay_groups
 from lit_finetune.transfer.pretrained import LoadReport, load_pretrained
 
 LOSSES = ("nonsaturating", "hinge")
+#: how the EMA generator's BatchNorm statistics are obtained (see ``DCGAN``'s ``ema_batchnorm``)
+EMA_BATCHNORM = ("recompute", "average", "copy")
 #: the DCGAN paper's optimizer, used where a config names none
 DCGAN_ADAM = partial(torch.optim.Adam, lr=2e-4, betas=(0.5, 0.999))
 
@@ -55,11 +60,33 @@ class DCGAN(TransferModule):
     * DiffAugment: ``diffaugment="color,translation,cutout"``, the same random differentiable
       augmentation on real and fake images, in both the D and the G step.
 
-    An exponential moving average of the generator (``generator_ema``, ``ema_decay``) samples
-    and is evaluated; it is part of the checkpoint. Lightning's ``EMAWeightAveraging`` is not
-    used: it averages the whole LightningModule (the discriminator too) and swaps the average
-    into the module for validation and checkpoints, while a GAN keeps training the raw
-    generator and samples from its average.
+    An exponential moving average of the generator (``generator_ema``) samples and is evaluated;
+    it is part of the checkpoint. It is updated inside ``training_step``, right after the
+    generator's update, so a checkpoint written by any callback (a mid-epoch
+    ``ModelCheckpoint(every_n_train_steps=k)`` included) holds G, D, the EMA and step-interval
+    schedulers of the same step, and resuming from it is exact. Two things make the average
+    worth sampling from:
+
+    * a decay warm-up, ``min(ema_decay, (1 + t) / (10 + t))`` after ``t`` updates (as timm and
+      most GAN code bases do): with a constant 0.999 a short run's EMA is mostly its first,
+      random weights;
+    * BatchNorm statistics that belong to the averaged weights (``ema_batchnorm``):
+      ``"recompute"`` (default) runs the EMA generator in train mode over ``ema_bn_batches``
+      batches of fresh, fixed-seed noise before it is used (BigGAN's "standing statistics",
+      through ``torch.optim.swa_utils.update_bn``); ``"average"`` averages the running
+      statistics like the weights (timm); ``"copy"`` copies the raw generator's statistics
+      (the old behaviour, kept to measure what the others are worth).
+
+    Lightning's ``EMAWeightAveraging`` is not used: it averages the whole LightningModule (the
+    discriminator too) and swaps the average into the module for validation and checkpoints,
+    while a GAN keeps training the raw generator and samples from its average.
+
+    Gradient clipping and accumulation are module arguments (``gradient_clip_val``,
+    ``accumulate_grad_batches``), not the Trainer's: Lightning supports neither under manual
+    optimisation, and the DCGAN asks for them by name when the Trainer is given them. Clipping
+    runs in ``on_before_optimizer_step``: after mixed precision's ``GradScaler`` has unscaled the
+    gradients (so fp16, bf16 and fp32 clip the same true norm) and after ``LayerFreezing`` has
+    dropped frozen blocks' gradients (so they never count toward the norm, under DDP either).
 
     Args:
         latent_dim: size of the noise ``z``.
@@ -75,7 +102,13 @@ class DCGAN(TransferModule):
         l2sp_generator, l2sp_discriminator: L2-SP coefficients toward the pretrained weights.
         diffaugment: DiffAugment policy, e.g. ``"color,translation,cutout"`` (empty: off).
         ema_decay: decay of the generator's moving average (0: the EMA copies G every step).
-        gradient_clip_val: clip each network's gradient norm (``self.clip_gradients``).
+        ema_warmup: warm the decay up as ``min(ema_decay, (1 + t) / (10 + t))``.
+        ema_batchnorm: ``"recompute"``, ``"average"`` or ``"copy"``: where the EMA generator's
+            BatchNorm statistics come from (see above).
+        ema_bn_batches: batches of noise (of ``num_sample_images``, at least 64) for ``"recompute"``.
+        gradient_clip_val: clip each network's gradient norm (``self.clip_gradients``, after unscaling).
+        accumulate_grad_batches: sum the gradients of this many batches before each D and G update
+            (one update per ``k`` batches; needs ``n_critic=1``). ``global_step`` counts updates.
         num_sample_images: size of the fixed-noise grid of :meth:`image_samples`.
         feature_extractor: checkpoint of the FID/KID feature extractor (see :mod:`lit_finetune.metrics`;
             ``lit-finetune fit --config configs/metrics/feature_extractor.yaml`` writes it). With it,
@@ -108,7 +141,11 @@ class DCGAN(TransferModule):
         l2sp_discriminator: float = 0.0,
         diffaugment: str = "",
         ema_decay: float = 0.999,
+        ema_warmup: bool = True,
+        ema_batchnorm: str = "recompute",
+        ema_bn_batches: int = 16,
         gradient_clip_val: float | None = None,
+        accumulate_grad_batches: int = 1,
         num_sample_images: int = 64,
         feature_extractor: str | None = None,
         metrics_every_n_epochs: int = 1,
@@ -125,6 +162,17 @@ class DCGAN(TransferModule):
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         if n_critic < 1 or not 0 <= ema_decay < 1:
             raise ValueError(f"need n_critic >= 1 and 0 <= ema_decay < 1, got {n_critic} and {ema_decay}")
+        if ema_batchnorm not in EMA_BATCHNORM:
+            raise ValueError(f"ema_batchnorm must be one of {EMA_BATCHNORM}, got {ema_batchnorm!r}")
+        if ema_bn_batches < 1:
+            raise ValueError(f"ema_bn_batches must be >= 1, got {ema_bn_batches}")
+        if accumulate_grad_batches < 1:
+            raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+        if accumulate_grad_batches > 1 and n_critic > 1:
+            raise ValueError(
+                f"accumulate_grad_batches={accumulate_grad_batches} needs n_critic=1 (got {n_critic}): with several "
+                "D steps per batch it is ambiguous which ones to accumulate. Use one of the two."
+            )
         super().__init__(
             num_classes if conditional else None, in_channels, image_size,
             scheduler_interval=scheduler_interval, pretrained=pretrained,
@@ -150,6 +198,10 @@ class DCGAN(TransferModule):
             image_size, in_channels, discriminator_width, classes, conditioning, spectral_norm
         )
         self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
+        #: EMA updates so far (the decay warm-up's clock); a buffer, so checkpoints resume it
+        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+        # "recompute": the EMA's BatchNorm statistics are refreshed before the EMA is next used
+        self._ema_bn_stale = ema_batchnorm == "recompute"
         self.augment = DiffAugment(diffaugment) if diffaugment else nn.Identity()
         self.l2sp_g = L2SP(self.generator, l2sp_generator) if l2sp_generator > 0 else None
         self.l2sp_d = L2SP(self.discriminator, l2sp_discriminator) if l2sp_discriminator > 0 else None
@@ -195,14 +247,14 @@ class DCGAN(TransferModule):
         """
         adapt = {"generator.project.conv.weight": ("label rows zero", self._label_rows_zero)}
         report = load_pretrained(
-            self, source, exclude=["generator_ema.", "l2sp_g.", "l2sp_d.", "fixed_"],
+            self, source, exclude=["generator_ema.", "ema_updates", "l2sp_g.", "l2sp_d.", "fixed_"],
             adapt=adapt if self.hparams.conditional else None,
         )  # fmt: skip
         embed = self.discriminator.embed
         if embed is not None and "discriminator.embed.weight" in report.missing:
             with torch.no_grad():
                 embed.weight.zero_()  # the projection term <embed(y), features> starts at 0
-        self.generator_ema.load_state_dict(self.generator.state_dict())
+        self.reset_ema()
         for reg in (self.l2sp_g, self.l2sp_d):
             if reg is not None:
                 reg.reset_anchor()
@@ -248,24 +300,29 @@ class DCGAN(TransferModule):
     def sample(self, n: int, labels: torch.Tensor | None = None, ema: bool | None = None) -> torch.Tensor:
         """``n`` images in [-1, 1] from the EMA generator (or the raw one; default: ``evaluate_ema``);
         labels random if not given."""
+        generator = self.generator_network(ema)
         z = torch.randn(n, self.hparams.latent_dim, device=self.device)
-        return self.generator_network(ema)(z, self._labels(n, labels))
+        return generator(z, self._labels(n, labels))
 
     def generator_network(self, ema: bool | None = None) -> DCGANGenerator:
         """The network ``G(z, y)`` that samples: the EMA generator or the raw one (default: ``evaluate_ema``).
 
+        The EMA generator comes with BatchNorm statistics of its own weights (``ema_batchnorm``).
         It is what :class:`~lit_finetune.GANAugmentedClassifier` draws its synthetic images from.
         """
-        return self.generator_ema if (self.hparams.evaluate_ema if ema is None else ema) else self.generator
+        if not (self.hparams.evaluate_ema if ema is None else ema):
+            return self.generator
+        self.refresh_ema_batchnorm()
+        return self.generator_ema
 
     def image_samples(self) -> dict[str, torch.Tensor]:
         """Fixed-noise grids for :class:`~lit_finetune.callbacks.SampleImages`."""
         y = self.fixed_y if self.hparams.conditional else None
-        return {"samples_ema": self.generator_ema(self.fixed_z, y), "samples": self.generator(self.fixed_z, y)}
+        return {"samples_ema": self.generator_network(True)(self.fixed_z, y), "samples": self.generator(self.fixed_z, y)}
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The EMA generator: ``G_ema(z, y)``."""
-        return self.generator_ema(z, y)
+        return self.generator_network(True)(z, y)
 
     # -- training ----------------------------------------------------------------------------------
     def _check_finite(self, name: str, value: torch.Tensor) -> None:
@@ -276,23 +333,104 @@ class DCGAN(TransferModule):
                 "set gradient_clip_val, or try loss='hinge' / spectral_norm=True."
             )
 
-    def _update(self, optimizer: Any, loss: torch.Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+    def _update(self, optimizer: Any, loss: torch.Tensor, step: bool) -> None:
+        """Backward ``loss`` into the gradients being accumulated; ``step``: update and start afresh."""
+        self.manual_backward(loss / self.hparams.accumulate_grad_batches)
+        if step:
+            optimizer.step()  # clipping: on_before_optimizer_step, after unscaling and frozen gradients dropped
+            optimizer.zero_grad(set_to_none=True)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        super().on_before_optimizer_step(optimizer)
         if self.hparams.gradient_clip_val:
             self.clip_gradients(
                 optimizer, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm"
             )
-        optimizer.step()
+
+    # -- the generator's moving average ---------------------------------------------------------
+    def ema_decay_now(self) -> float:
+        """The decay of the next EMA update: ``ema_decay``, warmed up as ``(1 + t) / (10 + t)``."""
+        decay = self.hparams.ema_decay
+        if self.hparams.ema_warmup:
+            t = int(self.ema_updates)
+            decay = min(decay, (1 + t) / (10 + t))
+        return decay
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        """``ema = decay * ema + (1 - decay) * G`` for weights; buffers (BatchNorm statistics) copied."""
-        decay = self.hparams.ema_decay
+        """``ema = decay * ema + (1 - decay) * G`` for the weights; BatchNorm statistics per ``ema_batchnorm``."""
+        weight = 1 - self.ema_decay_now()
         ema_params = list(self.generator_ema.parameters())
-        torch._foreach_lerp_(ema_params, [p.detach() for p in self.generator.parameters()], 1 - decay)
+        torch._foreach_lerp_(ema_params, [p.detach() for p in self.generator.parameters()], weight)
+        mode = self.hparams.ema_batchnorm
         for ema_buffer, buffer in zip(self.generator_ema.buffers(), self.generator.buffers()):
-            ema_buffer.copy_(buffer)
+            if mode == "copy" or (mode == "average" and not ema_buffer.is_floating_point()):
+                ema_buffer.copy_(buffer)
+            elif mode == "average":
+                ema_buffer.lerp_(buffer, weight)
+        self.ema_updates += 1
+        self._ema_bn_stale = mode == "recompute"
+
+    @torch.no_grad()
+    def reset_ema(self) -> None:
+        """Start the average afresh from the raw generator (after loading pretrained weights)."""
+        self.generator_ema.load_state_dict(self.generator.state_dict())
+        self.ema_updates.zero_()
+        self._ema_bn_stale = self.hparams.ema_batchnorm == "recompute"
+
+    @torch.no_grad()
+    def refresh_ema_batchnorm(self) -> None:
+        """``ema_batchnorm="recompute"``: BatchNorm statistics for the EMA weights, if they changed since.
+
+        The EMA generator runs in train mode over ``ema_bn_batches`` batches of noise (and labels
+        cycling over the classes) from a private generator seeded with 0, with cumulative
+        statistics (``torch.optim.swa_utils.update_bn``). The result is a function of the EMA
+        weights only: the global random state is untouched, every rank gets the same statistics,
+        and recomputing after a resume gives the same numbers.
+        """
+        if not self._ema_bn_stale:
+            return
+        device = self.fixed_z.device
+        rng = torch.Generator(device=device).manual_seed(0)
+        batch = max(64, self.hparams.num_sample_images)
+        classes = self.hparams.num_classes if self.hparams.conditional else None
+        batches = []
+        for _ in range(self.hparams.ema_bn_batches):
+            z = torch.randn(batch, self.hparams.latent_dim, generator=rng, device=device)
+            y = torch.arange(batch, device=device) % classes if classes else None
+            batches.append(((z, y),))  # update_bn feeds a batch's first element to the model
+        update_bn(batches, _NoiseBatchToImage(self.generator_ema))
+        self.generator_ema.eval()
+        self._ema_bn_stale = False
+
+    # -- training ----------------------------------------------------------------------------------
+    def configure_callbacks(self) -> list:
+        # Lightning calls this before it validates the Trainer's configuration, so the user gets the
+        # module argument to use instead of "not supported for manual optimization"
+        trainer = self.trainer
+        if trainer.gradient_clip_val:
+            raise ValueError(
+                f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) does not apply to the DCGAN (manual "
+                "optimisation, two optimizers): set DCGAN(gradient_clip_val=...) instead "
+                "(--model.init_args.gradient_clip_val on the command line) and leave the Trainer's unset."
+            )
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) does not apply to the DCGAN "
+                "(manual optimisation, two optimizers): set DCGAN(accumulate_grad_batches=...) instead "
+                "(--model.init_args.accumulate_grad_batches on the command line) and leave the Trainer's at 1."
+            )
+        return super().configure_callbacks()
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        # The EMA copy is in eval mode on purpose (it is never trained); say nothing about it, but let
+        # Lightning's warning through when any other module is in eval mode at the start of training.
+        in_eval = [name for name, module in self.named_modules() if not module.training]
+        if in_eval and all(name.startswith("generator_ema") for name in in_eval):
+            warnings.filterwarnings(
+                "ignore", message=rf"Found {len(in_eval)} module\(s\) in eval mode", category=PossibleUserWarning
+            )
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         real, labels = batch
@@ -300,6 +438,8 @@ class DCGAN(TransferModule):
         y = labels if self.hparams.conditional else None
         opt_g, opt_d = self.optimizers()
         kind, n = self.hparams.loss, real.shape[0]
+        accumulate = self.hparams.accumulate_grad_batches
+        step = (batch_idx + 1) % accumulate == 0 or self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
         # each update runs with only its own network's parameters requiring gradients (toggled before the
         # forward, so the graph holds no gradient path into the other network's weights)
         for _ in range(self.hparams.n_critic):
@@ -313,21 +453,42 @@ class DCGAN(TransferModule):
                 if self.l2sp_d is not None:
                     d_loss = d_loss + self.l2sp_d()
                 self._check_finite("discriminator loss", d_loss)
-                self._update(opt_d, d_loss)
+                self._update(opt_d, d_loss, step)
         with self.toggled_optimizer(opt_g):
             z = torch.randn(n, self.hparams.latent_dim, device=self.device)
             g_loss = generator_loss(kind, self.discriminator(self.augment(self.generator(z, y)), y))
             if self.l2sp_g is not None:
                 g_loss = g_loss + self.l2sp_g()
             self._check_finite("generator loss", g_loss)
-            self._update(opt_g, g_loss)
+            self._update(opt_g, g_loss, step)
+        if step:
+            # here, not in on_train_batch_end: callbacks' on_train_batch_end (a mid-epoch ModelCheckpoint)
+            # runs before the module's, and must see G, D, the EMA and the schedulers of the same step
+            if self.trainer.world_size > 1:
+                self._average_batchnorm_statistics()
+            self.update_ema()
+            self.step_schedulers("step")
         self.log_dict({"train/d_loss": d_loss.detach(), "train/g_loss": g_loss.detach()}, prog_bar=True, batch_size=n)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_end(outputs, batch, batch_idx)  # steps the schedulers
-        if self.trainer.world_size > 1:
-            self._average_batchnorm_statistics()
-        self.update_ema()
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.hparams.ema_batchnorm == "recompute" and self._ema_bn_stale:
+            # the state dict was taken before this hook: put the EMA's own statistics into it, so the
+            # checkpoint's generator_ema is usable as it is, by anyone
+            self.refresh_ema_batchnorm()
+            state = checkpoint.get("state_dict")
+            if state is not None:
+                for name, buffer in self.generator_ema.named_buffers():
+                    if f"generator_ema.{name}" in state:
+                        state[f"generator_ema.{name}"] = buffer.detach().clone()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("state_dict", {})
+        if "ema_updates" not in state and any(k.startswith("generator_ema.") for k in state):
+            # written before the decay warm-up existed: its EMA is past any warm-up
+            state["ema_updates"] = torch.tensor(10**9, dtype=torch.long)
+        self._ema_bn_stale = False  # the checkpoint's statistics are those of its EMA weights
 
     @torch.no_grad()
     def _average_batchnorm_statistics(self) -> None:
@@ -358,7 +519,7 @@ class DCGAN(TransferModule):
         real, labels = batch
         self.check_input(real)
         y = labels if self.hparams.conditional else None
-        generator = self.generator_ema if self.hparams.evaluate_ema else self.generator
+        generator = self.generator_network()
         fake = generator(torch.randn(real.shape[0], self.hparams.latent_dim, device=self.device), y)
         d_loss = discriminator_loss(self.hparams.loss, self.discriminator(real, y), self.discriminator(fake, y))
         self.log(f"{prefix}/d_loss", d_loss, sync_dist=True, batch_size=real.shape[0])
@@ -386,3 +547,14 @@ class DCGAN(TransferModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
+
+
+class _NoiseBatchToImage(nn.Module):
+    """``(z, y)`` batches for ``torch.optim.swa_utils.update_bn``, which passes one input to the model."""
+
+    def __init__(self, generator: nn.Module) -> None:
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        return self.generator(*batch)

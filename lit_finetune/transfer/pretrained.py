@@ -68,7 +68,14 @@ def load_checkpoint_file(path: Path, role: str = "") -> object:
     naming the file (and its ``role``, e.g. ``"The generator (--model.generator)"``) and the fix."""
     name = f"{role} {str(path)!r}" if role else repr(str(path))
     with path.open("rb") as f:
-        head = f.read(2)
+        head = f.read(4)
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+        # a zip archive's directory sits at its end: a torch.save file cut short lost it
+        raise PretrainedLoadError(
+            f"{name} is truncated or corrupt: it starts as a torch.save zip archive but its end is missing "
+            f"({path.stat().st_size} bytes), e.g. a copy or download that stopped part way. "
+            "Copy or download it again, or re-create it."
+        )
     if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
         raise PretrainedLoadError(
             f"{name} is not a readable PyTorch checkpoint (neither a torch.save zip archive nor a pickle). "

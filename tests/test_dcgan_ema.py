@@ -98,14 +98,14 @@ def test_default_sampler_is_no_worse_than_the_raw_generator(tmp_path, fashion_ro
     images' as the raw generator's (the old EMA, without warm-up and with copied BatchNorm
     statistics, drew washed-out, low-diversity images)."""
     data = FashionMNISTDataModule(
-        root=str(fashion_root), classes=[0, 1, 2, 3, 4], samples_per_class=100, val_split=50, batch_size=50,
+        root=str(fashion_root), classes=[0, 1, 2, 3, 4], samples_per_class=600, val_split=50, batch_size=50,
         augment=False,
     )  # fmt: skip
     L.seed_everything(0)
-    model = DCGAN(latent_dim=32, generator_width=16, discriminator_width=16)
+    model = DCGAN(latent_dim=32, generator_width=16, discriminator_width=16)  # ema_decay 0.999, warmed up
     quiet_trainer(tmp_path, max_epochs=10, limit_val_batches=0, logger=False, enable_checkpointing=False).fit(
         model, datamodule=data
-    )
+    )  # 600 G updates
     data.setup("fit")
     real = torch.cat([x for x, _ in data.train_dataloader()])
     torch.manual_seed(1)

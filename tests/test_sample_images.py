@@ -208,3 +208,12 @@ def test_bad_image_batches_name_the_key(tmp_path):
         SampleImages().log_grids(trainer, model)
     with pytest.raises(ValueError, match="every_n_epochs"):
         SampleImages(every_n_epochs=-1)
+
+
+def test_upscale_enlarges_each_pixel_into_a_block(tmp_path):
+    plain = SampleImages(every_n_epochs=0).make_grid("known", KNOWN)
+    big = SampleImages(every_n_epochs=0, upscale=3).make_grid("known", KNOWN)
+    assert big.shape == (3, 3 * plain.shape[1], 3 * plain.shape[2])
+    assert torch.equal(big[:, ::3, ::3], plain) and torch.equal(big[:, 2::3, 1::3], plain)
+    with pytest.raises(ValueError, match="upscale"):
+        SampleImages(upscale=0)

@@ -46,15 +46,20 @@ class SampleImages(Callback):
         nrow: images per grid row (keep it even for interleaved input/output pairs).
         log_at_fit_end: also log the final grids when ``fit`` ends (skipped when the last epoch
             has just logged them at the same step).
+        upscale: enlarge each grid by this integer factor (nearest neighbour, pixels stay sharp), so
+            28-pixel samples are large enough to see in a logger or a README.
     """
 
-    def __init__(self, every_n_epochs: int = 1, nrow: int = 8, log_at_fit_end: bool = True) -> None:
+    def __init__(self, every_n_epochs: int = 1, nrow: int = 8, log_at_fit_end: bool = True, upscale: int = 1) -> None:
         if every_n_epochs < 0:
             raise ValueError(f"every_n_epochs must be >= 0 (0: only at the end of fit), got {every_n_epochs}")
         if nrow < 1:
             raise ValueError(f"nrow must be >= 1, got {nrow}")
+        if upscale < 1:
+            raise ValueError(f"upscale must be an integer >= 1, got {upscale}")
         self.every_n_epochs = every_n_epochs
         self.nrow = nrow
+        self.upscale = upscale
         self.log_at_fit_end = log_at_fit_end
         self._last_logged_step: int | None = None
 
@@ -84,13 +89,16 @@ class SampleImages(Callback):
         return grids
 
     def make_grid(self, name: str, images: torch.Tensor) -> torch.Tensor:
-        """One ``(3, H, W)`` float grid in ``[0, 1]`` from a ``(B, C, H, W)`` batch in ``[-1, 1]``."""
+        """One ``(3, H, W)`` float grid in ``[0, 1]`` from a ``(B, C, H, W)`` batch in ``[-1, 1]``, upscaled."""
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3):
             what = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(
                 f"image_samples()[{name!r}] must be a (B, C, H, W) tensor with C = 1 or 3 in [-1, 1], got {what}."
             )
-        return make_grid(images.detach().float().cpu(), nrow=self.nrow, normalize=True, value_range=(-1, 1))
+        grid = make_grid(images.detach().float().cpu(), nrow=self.nrow, normalize=True, value_range=(-1, 1))
+        if self.upscale > 1:
+            grid = grid.repeat_interleave(self.upscale, dim=1).repeat_interleave(self.upscale, dim=2)
+        return grid
 
     @staticmethod
     def _draw(pl_module: L.LightningModule) -> Mapping[str, torch.Tensor]:

@@ -488,7 +488,8 @@ class DCGAN(TransferModule):
         if "ema_updates" not in state and any(k.startswith("generator_ema.") for k in state):
             # written before the decay warm-up existed: its EMA is past any warm-up
             state["ema_updates"] = torch.tensor(10**9, dtype=torch.long)
-        self._ema_bn_stale = False  # the checkpoint's statistics are those of its EMA weights
+        # recomputing is cheap and a function of the weights: do it rather than trust a file's statistics
+        self._ema_bn_stale = self.hparams.ema_batchnorm == "recompute"
 
     @torch.no_grad()
     def _average_batchnorm_statistics(self) -> None:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import statistics
 import sys
 import time
@@ -42,7 +41,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from transfer_vs_scratch import QUIET, machine, working_dir  # noqa: E402
+from provenance import Provenance  # noqa: E402
+from transfer_vs_scratch import QUIET, working_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs/dcgan/pretrain.yaml"
@@ -250,10 +250,6 @@ def plot(grids: dict[str, torch.Tensor], path: Path, upscale: int = 3) -> None:
     plt.close(fig)
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
@@ -267,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
 
     quiet_lightning()
     torch.set_num_threads(args.threads)
+    run = Provenance.start(threads=args.threads)
     profile = PROFILES[args.profile]
     seeds = args.seeds if args.seeds is not None else profile["seeds"]
     from lit_finetune.metrics import FeatureExtractor
@@ -287,13 +284,12 @@ def main(argv: list[str] | None = None) -> None:
         f"EMA decay 0.999, batch 128, Fashion-MNIST classes 0-4), {profile['epochs']} epoch(s) = "
         f"{results[0]['g_updates']} generator updates per seed, seeds {seeds}; all variants of a seed come from one run "
         f"(a callback keeps the alternative averages). Scores: {n} samples against {n} source test images (half A) in the "
-        f"features of the FID extractor (sha256 {sha256(Path(args.extractor))[:16]}…), KID subsets of 500; the floor row "
+        f"features of the FID extractor (its hash below), KID subsets of min(500, N); the floor row "
         f"scores half A against the other {n} test images. FID − default: paired by seed (variant minus default; "
         f"positive = worse than the default), Holm-adjusted p of a two-sided paired t-test over the {len(VARIANTS) - 1} "
-        f"comparisons. Class columns: the extractor's class of each sample (other: classes 5-9). Measured on {machine()}; "
-        f"torch threads {args.threads}; {minutes:.1f} min in all. Command: `python {' '.join(sys.argv)}`."
+        f"comparisons. Class columns: the extractor's class of each sample (other: classes 5-9). {minutes:.1f} min in all."
     )
-    text = markdown(results, floor, seeds, setup)
+    text = markdown(results, floor, seeds, setup) + run.block(inputs={"FID extractor": args.extractor})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ema_variants.md").write_text(text)

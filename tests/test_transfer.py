@@ -22,7 +22,9 @@ def test_lightning_checkpoint_loads_with_head_of_other_size(tmp_path):
     src = ImageClassifier(num_classes=10)
     save_lightning_checkpoint(src, tmp_path / "src.ckpt")
     dst = ImageClassifier(num_classes=5)
-    report = load_pretrained(dst, tmp_path / "src.ckpt")
+    with pytest.raises(PretrainedLoadError, match=r"head\.weight \(10, 128\)->\(5, 128\)"):
+        load_pretrained(dst, tmp_path / "src.ckpt")  # a shape change is an error unless asked to skip it
+    report = load_pretrained(dst, tmp_path / "src.ckpt", skip_mismatched=["head."])
     assert torch.equal(dst.backbone.layer1[0].conv1.weight, src.backbone.layer1[0].conv1.weight)
     assert any(k.startswith("head.weight") for k in report.reshaped)  # reported, not silently dropped
     assert not report.missing  # the head is reported once, as skipped

@@ -30,6 +30,18 @@ IDENTITY_MEAN, IDENTITY_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 INPUT_STATS = ("input_mean", "input_std")
 
 
+def _stats_to_channels(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
+    """``(1, C, 1, 1)`` input statistics of a source with another channel count: one channel repeated,
+    or several averaged into one (as the input conv's adaptation treats the filters)."""
+    if source.shape[0] != 1 or source.ndim != 4 or target.ndim != 4:
+        return None
+    if source.shape[1] == 1:
+        return source.expand_as(target).clone()
+    if target.shape[1] == 1:
+        return source.mean(dim=1, keepdim=True)
+    return None
+
+
 def _per_channel(rgb_stats: tuple[float, float, float], channels: int) -> torch.Tensor:
     """RGB statistics as a ``(1, C, 1, 1)`` tensor; other channel counts get their mean."""
     stats = torch.tensor(rgb_stats)
@@ -141,7 +153,12 @@ class ImageClassifier(TransferModule):
             exclude.append("head.")
         if self.hparams.input_normalization != "auto" or weight_name:
             exclude += INPUT_STATS  # fixed by the setting, or ImageNet's for torchvision weights
-        report = load_pretrained(self, source, key_map=TORCHVISION_KEY_MAP, arch=self.hparams.backbone, exclude=exclude)
+        # the input statistics follow the input conv when the channel count differs (gray source, RGB target)
+        adapt = {name: ("per channel", _stats_to_channels) for name in INPUT_STATS}
+        report = load_pretrained(
+            self, source, key_map=TORCHVISION_KEY_MAP, arch=self.hparams.backbone, exclude=exclude, adapt=adapt,
+            skip_mismatched=["head."],  # load_head: "when its shape fits"
+        )  # fmt: skip
         if weight_name and self.hparams.input_normalization == "auto":
             for name, stats in zip(INPUT_STATS, (IMAGENET_MEAN, IMAGENET_STD)):
                 getattr(self, name).copy_(_per_channel(stats, self.in_channels))

@@ -241,14 +241,28 @@ class DCGAN(TransferModule):
 
         A conditional module may start from an unconditional source (the usual case: pretrain on
         unlabelled source images, then learn ``G(z, y)`` on few labelled target images). The label
-        then enters with zero weight: G's first layer keeps the source's weights for ``z`` and gets
-        zeros for the label embedding, and D's projection embedding starts at zero, so the module
-        starts as exactly the source G and D and learns to use labels (reported as ``adapted``).
+        then enters with zero weight, so the module starts as exactly the source G and D and
+        learns to use labels: G's first layer keeps the source's weights for ``z`` and gets zeros
+        for the label embedding; D's projection embedding starts at zero (``conditioning=
+        "projection"``), or D's first convolution keeps the source's image filters unscaled and
+        gets zero filters for the one-hot label channels (``"concat"``). Both are reported as
+        ``adapted``; the label embeddings are new and do not count toward the loaded share.
+        Exception: with ``spectral_norm=True`` the projection embedding is spectrally normalised and
+        cannot be zero, so projection D starts as the source plus a projection term (concat is exact).
         """
-        adapt = {"generator.project.conv.weight": ("label rows zero", self._label_rows_zero)}
+        adapt = {}
+        if self.hparams.conditional:
+            adapt["generator.project.conv.weight"] = ("label rows zero", self._label_rows_zero)
+            if self.hparams.conditioning == "concat":
+                conv = "parametrizations.weight.original" if self.hparams.spectral_norm else "weight"
+                adapt[f"discriminator.blocks.0.conv.{conv}"] = ("label channels zero", self._label_channels_zero)
+                if self.hparams.spectral_norm:  # the power iteration's right vector, laid out like the input
+                    adapt["discriminator.blocks.0.conv.parametrizations.weight.0._v"] = (
+                        "label channels zero", self._label_channels_zero_v
+                    )  # fmt: skip
         report = load_pretrained(
             self, source, exclude=["generator_ema.", "ema_updates", "l2sp_g.", "l2sp_d.", "fixed_"],
-            adapt=adapt if self.hparams.conditional else None,
+            adapt=adapt, new=["generator.embed.", "discriminator.embed."] if self.hparams.conditional else (),
         )  # fmt: skip
         embed = self.discriminator.embed
         if embed is not None and "discriminator.embed.weight" in report.missing:
@@ -268,6 +282,29 @@ class DCGAN(TransferModule):
             return None
         adapted = torch.zeros_like(target)
         adapted[:latent_dim] = source
+        return adapted
+
+    def _label_channels_zero(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
+        """D's first conv under concat conditioning, from an unconditional source: its input channels
+        are the image's then one per class, so the source's image filters go first, unscaled, and
+        the label channels are zero (``None``: no such source)."""
+        channels = self.hparams.in_channels
+        if source.shape[1] != channels or source.shape[0] != target.shape[0] or source.shape[2:] != target.shape[2:]:
+            return None
+        adapted = torch.zeros_like(target)
+        adapted[:, :channels] = source
+        return adapted
+
+    def _label_channels_zero_v(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
+        """Spectral norm's right singular vector of that conv (flattened ``(channels, kh, kw)``): the
+        source's entries for the image channels, zeros for the label channels, so ``sigma`` is the source's."""
+        channels, all_channels = self.hparams.in_channels, self.hparams.in_channels + self.hparams.num_classes
+        if source.ndim != 1 or target.ndim != 1 or target.numel() % all_channels:
+            return None
+        if source.numel() != target.numel() // all_channels * channels:
+            return None
+        adapted = torch.zeros_like(target)
+        adapted[: source.numel()] = source
         return adapted
 
     def setup(self, stage: str) -> None:

@@ -154,6 +154,9 @@ class DCGANDiscriminator(nn.Module):
     The first block has no BatchNorm (DCGAN paper); every block ends in LeakyReLU(0.2).
     """
 
+    #: the convolution that sees the images: the only one whose input channels a pretrained load may adapt
+    input_convs = ("blocks.0.conv",)
+
     def __init__(
         self,
         image_size: int = 28,

@@ -98,4 +98,5 @@ def build_resnet(
     nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
     num_features = net.fc.in_features
     net.fc = nn.Identity()
+    net.input_convs = ("conv1",)  # the stem: the only conv whose input channels a pretrained load may adapt
     return net, num_features

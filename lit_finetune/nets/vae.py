@@ -23,6 +23,9 @@ class ConvEncoder(nn.Module):
         width: channels of the first block (doubling per block).
     """
 
+    #: the convolution that sees the images: the only one whose input channels a pretrained load may adapt
+    input_convs = ("blocks.0.conv",)
+
     def __init__(self, image_size: int = 28, channels: int = 1, latent_dim: int = 16, width: int = 32) -> None:
         super().__init__()
         side, n_down = _check_layout(image_size)

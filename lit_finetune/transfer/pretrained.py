@@ -1,10 +1,20 @@
 """Load pretrained weights from any source, loudly.
 
 ``load_pretrained`` accepts a Lightning checkpoint written by this package, a plain state dict
-file, or a torchvision weight name. It loads every tensor that fits, adapts an input conv whose
-channel count differs, keeps the fresh initialisation for everything else, and returns a
-:class:`LoadReport` naming each key it loaded, adapted, skipped, or could not find. Nothing is
-dropped silently (the ``strict=False`` trap of older libraries).
+file, or a torchvision weight name. It loads every tensor that fits and returns a
+:class:`LoadReport` naming each key it loaded, adapted, skipped, or could not find, and the share
+of the model's parameters that came from the source. Nothing is dropped silently (the
+``strict=False`` trap of older libraries):
+
+* a tensor whose shape differs is adapted only where that is meaningful: the **input
+  convolutions** each net names in its ``input_convs`` attribute (the first conv that sees the
+  images; its input-channel count may differ, timm's ``adapt_input_conv`` rule), or a key the
+  caller passes in ``adapt=`` (e.g. a conditional DCGAN's label channels, started at zero);
+* every other shape difference is an error naming the tensor and both shapes, unless the
+  caller lists it in ``skip_mismatched`` (then it keeps its fresh initialisation, reported);
+* a load that fills less than ``min_loaded_share`` of the model's parameters (not counting
+  what the caller excludes or declares ``new``) is an error: a source of other sizes would
+  otherwise "load" a few BatchNorm counters and biases and train from scratch unnoticed.
 """
 
 from __future__ import annotations
@@ -35,13 +45,26 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)  # in the model, not in the source
     unexpected: list[str] = field(default_factory=list)  # in the source, not in the model
     excluded: list[str] = field(default_factory=list)  # matched, but left out on request (exclude=)
+    #: parameter elements filled from the source (loaded or adapted) and the model's total that counts
+    #: (all parameters but those excluded or declared new)
+    loaded_params: int = 0
+    counted_params: int = 0
 
     @property
     def clean(self) -> bool:
         return not (self.reshaped or self.missing or self.unexpected)
 
+    @property
+    def loaded_share(self) -> float:
+        """Fraction of the model's counted parameters that came from the source."""
+        return self.loaded_params / self.counted_params if self.counted_params else 0.0
+
     def __str__(self) -> str:
-        lines = [f"load_pretrained({self.source}): {len(self.loaded)} tensors loaded"]
+        lines = [
+            f"load_pretrained({self.source}): {len(self.loaded)} tensors loaded, "
+            f"{100 * self.loaded_share:.1f} % of the model's parameters ({self.loaded_params:,} of {self.counted_params:,}; "
+            "excluded and new ones not counted)"
+        ]
         for label, keys in (
             ("adapted to a new shape (input channels, or as noted)", self.adapted),
             ("skipped, shape differs (kept fresh init)", self.reshaped),
@@ -180,6 +203,30 @@ def _adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     return weight.repeat(1, repeats, 1, 1)[:, :in_channels] * (src_c / in_channels)
 
 
+def input_conv_keys(model: nn.Module) -> set[str]:
+    """State-dict prefixes of the model's input convolutions: every submodule's ``input_convs``
+    (names relative to it), e.g. ``{"backbone.conv1.", "discriminator.blocks.0.conv."}``."""
+    keys = set()
+    for name, module in model.named_modules():
+        for conv in getattr(module, "input_convs", ()):
+            keys.add(f"{name}.{conv}." if name else f"{conv}.")
+    return keys
+
+
+def _is_input_conv_change(key: str, value: torch.Tensor, want: torch.Tensor, input_convs: set[str]) -> bool:
+    """A 4-D weight of a declared input conv that differs in its input channels only."""
+    return (
+        any(key.startswith(prefix) for prefix in input_convs)
+        and value.ndim == want.ndim == 4
+        and value.shape[0] == want.shape[0]
+        and value.shape[2:] == want.shape[2:]
+    )
+
+
+def _matches(key: str, prefixes: Sequence[str]) -> bool:
+    return any(key.startswith(prefix) for prefix in prefixes)
+
+
 def load_pretrained(
     model: nn.Module,
     source: str | Path | Mapping[str, torch.Tensor],
@@ -188,6 +235,10 @@ def load_pretrained(
     strict: bool = False,
     exclude: Sequence[str] = (),
     adapt: Mapping[str, tuple[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]]] | None = None,
+    skip_mismatched: Sequence[str] = (),
+    new: Sequence[str] = (),
+    min_loaded_share: float = 0.5,
+    label: str | None = None,
 ) -> LoadReport:
     """Load what fits from ``source`` into ``model`` and report every key.
 
@@ -202,27 +253,37 @@ def load_pretrained(
         exclude: target-key prefixes never loaded (e.g. ``["head."]`` for a new task's head).
         adapt: for target keys whose shape differs from the source's on purpose: ``key -> (what,
             fn)``, ``fn(source_tensor, target_tensor)`` returning the tensor to load (the target's
-            shape), or ``None`` to keep the fresh init. Reported as adapted, ``"<key> (<what>)"``.
+            shape), or ``None`` to fall back to the rules below. Reported as adapted, ``"<key> (<what>)"``.
+        skip_mismatched: target-key prefixes that keep their fresh initialisation when their shape
+            differs (reported as skipped); any other shape difference outside the input
+            convolutions raises :class:`PretrainedLoadError`.
+        new: target-key prefixes the model has on purpose and the source cannot have (a label
+            embedding a conditional model adds): not counted in the loaded share.
+        min_loaded_share: raise when less than this fraction of the counted parameters loads.
+        label: how the report names the source (default: the path or weight name).
     """
     if isinstance(source, Mapping):
-        state, label = dict(source), "<state dict>"
+        state, default_label = dict(source), "<state dict>"
     elif is_torchvision_weight_name(str(source)):
         if arch is None:
             raise PretrainedLoadError(f"Weight name {source!r} needs a torchvision architecture (arch=...).")
-        state, label = torchvision_state_dict(arch, str(source)), f"{arch}:{source}"
+        state, default_label = torchvision_state_dict(arch, str(source)), f"{arch}:{source}"
     else:
-        state, label = read_state_dict(source), str(source)
+        state, default_label = read_state_dict(source), str(source)
+    label = label or default_label
 
     target = model.state_dict()
+    input_convs = input_conv_keys(model)
     report = LoadReport(source=label)
     merged: dict[str, torch.Tensor] = {}
     mismatched: set[str] = set()
+    refused: list[str] = []
     for key, value in state.items():
         mapped = _map_key(key, key_map or {}, target)
         if mapped is None:
             report.unexpected.append(key)
             continue
-        if any(mapped.startswith(prefix) for prefix in exclude):
+        if _matches(mapped, exclude):
             report.excluded.append(mapped)
             continue
         want = target[mapped]
@@ -234,27 +295,42 @@ def load_pretrained(
         elif adapted is not None:
             merged[mapped] = adapted
             report.adapted.append(f"{mapped} ({adapter[0]})")
-        elif (
-            value.ndim == 4 and want.ndim == 4 and value.shape[0] == want.shape[0] and value.shape[2:] == want.shape[2:]
-        ):
+        elif _is_input_conv_change(mapped, value, want, input_convs):
             merged[mapped] = _adapt_input_conv(value, want.shape[1])
             report.adapted.append(mapped)
         else:
             report.reshaped.append(f"{mapped} {tuple(value.shape)}->{tuple(want.shape)}")
             mismatched.add(mapped)
+            if not _matches(mapped, skip_mismatched):
+                refused.append(report.reshaped[-1])
     report.missing = [
         k
         for k in target
-        if k not in merged
-        and k not in mismatched
-        and not k.endswith("num_batches_tracked")
-        and not any(k.startswith(p) for p in exclude)
+        if k not in merged and k not in mismatched and not k.endswith("num_batches_tracked") and not _matches(k, exclude)
     ]
+    if refused:
+        shown = "\n  ".join(refused[:12]) + (f"\n  ... (+{len(refused) - 12})" if len(refused) > 12 else "")
+        raise PretrainedLoadError(
+            f"{label} does not fit the model: {len(refused)} tensor(s) have another shape (source -> model):\n  {shown}\n"
+            "Build the model with the source's sizes (e.g. latent_dim, widths, num_classes), or, to train those "
+            "tensors from their fresh initialisation, list them in skip_mismatched (a new head: exclude it)."
+        )
+    params = dict(model.named_parameters())
+    counted = [k for k in params if not _matches(k, exclude) and not _matches(k, new)]
+    filled = set(merged)
+    report.counted_params = sum(params[k].numel() for k in counted)
+    report.loaded_params = sum(params[k].numel() for k in counted if k in filled)
     if strict and not report.clean:
         raise PretrainedLoadError(f"strict load failed:\n{report}")
     if not report.loaded and not report.adapted:
         raise PretrainedLoadError(
             f"Nothing in {label} matches the model's keys; wrong file, or a key_map is needed.\n{report}"
+        )
+    if report.loaded_share < min_loaded_share:
+        raise PretrainedLoadError(
+            f"Only {100 * report.loaded_share:.2f} % of the model's parameters load from {label} "
+            f"(below min_loaded_share={min_loaded_share}): it is not a source of this model (another module, or "
+            f"other sizes). Point to a checkpoint of the same architecture.\n{report}"
         )
     model.load_state_dict({**target, **merged}, strict=True)
     rank_zero_info(str(report))  # shown by the CLI; rank 0 only under DDP

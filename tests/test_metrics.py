@@ -313,3 +313,26 @@ def test_extractor_config_writes_the_default_path(fashion_root, tmp_path, monkey
     assert (tmp_path / DEFAULT_EXTRACTOR_PATH).with_name("last.ckpt").is_file()
     extractor = FeatureExtractor.from_checkpoint()  # the default path, relative to the working directory
     assert (extractor.num_classes, extractor.in_channels, extractor.image_size) == (10, 1, 28)
+
+
+def test_extractor_loads_a_net_not_the_lightning_module(tmp_path):
+    """metrics/ imports no LightningModule (modules/dcgan.py imports metrics); the rebuilt net
+    gives the classifier's own features and logits."""
+    import ast
+
+    from conftest import REPO, save_lightning_checkpoint
+    from lit_finetune import ImageClassifier
+    from lit_finetune.metrics import FeatureExtractor
+
+    for path in (REPO / "lit_finetune/metrics").glob("*.py"):
+        imported = {n.module for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom)}
+        assert not any(m and m.startswith("lit_finetune.modules") for m in imported), path
+    torch.manual_seed(0)
+    classifier = ImageClassifier(num_classes=10, in_channels=1).eval()
+    with torch.no_grad():
+        classifier.input_mean.fill_(0.3), classifier.input_std.fill_(0.4)
+    path = save_lightning_checkpoint(classifier, tmp_path / "c.ckpt")
+    extractor, direct = FeatureExtractor.from_checkpoint(path), FeatureExtractor(classifier)
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    assert torch.allclose(extractor(x), direct(x), atol=1e-6)
+    assert torch.allclose(extractor.classify(x), classifier(x), atol=1e-5)

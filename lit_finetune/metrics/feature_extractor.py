@@ -14,7 +14,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch import nn
 
-from lit_finetune.modules.classifier import ImageClassifier
+from lit_finetune.nets.resnet import ResNetClassifierNet
+from lit_finetune.transfer.pretrained import PretrainedLoadError, load_checkpoint_file
 
 #: the command that trains the extractor (``configs/metrics/feature_extractor.yaml``)
 EXTRACTOR_COMMAND = "lit-finetune fit --config configs/metrics/feature_extractor.yaml"
@@ -27,7 +28,7 @@ class ExtractorNotFoundError(FileNotFoundError):
 
 
 class FeatureExtractor(nn.Module):
-    """Penultimate features and class logits of a trained :class:`ImageClassifier`, frozen.
+    """Penultimate features and class logits of a trained classifier, frozen.
 
     A measuring instrument, not a model to train: it is always in ``eval()`` mode (``train()``
     does not change that, so BatchNorm statistics never move), its parameters have
@@ -45,10 +46,12 @@ class FeatureExtractor(nn.Module):
     works directly; :class:`~lit_finetune.metrics.GenerativeMetrics` is the packaged use.
 
     Args:
-        classifier: a trained classifier; its ``backbone`` and ``head`` are used as they are.
+        classifier: a trained classifier: an :class:`~lit_finetune.ImageClassifier` or a
+            :class:`~lit_finetune.nets.ResNetClassifierNet` (anything with ``backbone``, a linear
+            ``head``, ``normalize_input``, ``in_channels`` and ``image_size``); used as it is.
     """
 
-    def __init__(self, classifier: ImageClassifier) -> None:
+    def __init__(self, classifier: nn.Module) -> None:
         super().__init__()
         self.classifier = classifier
         self.num_features: int = classifier.head.in_features
@@ -68,8 +71,22 @@ class FeatureExtractor(nn.Module):
                 f"(a few minutes on a CPU) with\n    {EXTRACTOR_COMMAND}\nwhich writes {DEFAULT_EXTRACTOR_PATH} "
                 "under the directory it runs in, then point the metric's extractor path at that file."
             )
-        classifier = ImageClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-        return cls(classifier)
+        # The network only, rebuilt from the checkpoint's hyper-parameters: the metrics need no LightningModule
+        # (and importing one here would tie the metrics package to the modules that use it)
+        checkpoint = load_checkpoint_file(path, role="The feature extractor")
+        hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+        if "num_classes" not in hparams or "state_dict" not in checkpoint:
+            raise PretrainedLoadError(
+                f"{str(path)!r} is not a classifier checkpoint written by lit-finetune (no hyper-parameters); "
+                f"train the extractor with\n    {EXTRACTOR_COMMAND}"
+            )
+        net = ResNetClassifierNet(
+            hparams["num_classes"], hparams.get("backbone", "resnet_small"), hparams.get("in_channels", 1),
+            hparams.get("image_size", 28), hparams.get("small_input"),
+        )  # fmt: skip
+        wanted = net.state_dict().keys()
+        net.load_state_dict({k: v for k, v in checkpoint["state_dict"].items() if k in wanted}, strict=True)
+        return cls(net)
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         """Stay in eval mode whatever the caller (e.g. a parent module's ``train()``) asks."""

@@ -14,7 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from lit_finetune.callbacks.image_logging import figure_to_array, log_image
 from lit_finetune.modules.base import TransferModule
-from lit_finetune.nets.resnet import TORCHVISION_RESNETS, build_resnet
+from lit_finetune.nets.resnet import TORCHVISION_RESNETS, build_resnet, normalize_input
 from lit_finetune.transfer.l2sp import L2SP
 from lit_finetune.transfer.param_groups import block_groups, module_group, weight_decay_groups
 from lit_finetune.transfer.pretrained import LoadReport, is_torchvision_weight_name, load_pretrained
@@ -174,7 +174,7 @@ class ImageClassifier(TransferModule):
 
     def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
         """``((x + 1) / 2 - mean) / std`` with the resolved statistics (exactly ``x`` when there are none)."""
-        return x * (0.5 / self.input_std) + (0.5 - self.input_mean) / self.input_std
+        return normalize_input(x, self.input_mean, self.input_std)
 
     def param_groups(self) -> list[dict[str, Any]]:
         ratio, decay = self.hparams.backbone_lr_ratio, self.hparams.layer_decay

@@ -1,7 +1,7 @@
 """Plain ``nn.Module`` networks (no Lightning)."""
 
 from lit_finetune.nets.dcgan import DCGANDiscriminator, DCGANGenerator, dcgan_init_
-from lit_finetune.nets.resnet import AVAILABLE_BACKBONES, NarrowResNet, build_resnet
+from lit_finetune.nets.resnet import AVAILABLE_BACKBONES, NarrowResNet, ResNetClassifierNet, build_resnet
 from lit_finetune.nets.vae import ConvDecoder, ConvEncoder
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "DCGANDiscriminator",
     "DCGANGenerator",
     "NarrowResNet",
+    "ResNetClassifierNet",
     "build_resnet",
     "dcgan_init_",
 ]

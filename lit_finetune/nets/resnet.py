@@ -100,3 +100,36 @@ def build_resnet(
     net.fc = nn.Identity()
     net.input_convs = ("conv1",)  # the stem: the only conv whose input channels a pretrained load may adapt
     return net, num_features
+
+
+def normalize_input(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``[-1, 1]`` images to the network's input statistics: ``((x + 1) / 2 - mean) / std``, per channel."""
+    return x * (0.5 / std) + (0.5 - mean) / std
+
+
+class ResNetClassifierNet(nn.Module):
+    """A ResNet classifier as a plain module: ``backbone``, linear ``head`` and the input statistics
+    (``input_mean``, ``input_std``), with the state-dict layout of :class:`~lit_finetune.ImageClassifier`.
+
+    What code that only *uses* a trained classifier needs (e.g. the FID feature extractor), so it
+    can rebuild one from a checkpoint without importing the LightningModule.
+    """
+
+    def __init__(
+        self, num_classes: int, backbone: str = "resnet_small", in_channels: int = 1, image_size: int = 28,
+        small_input: bool | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.in_channels, self.image_size = in_channels, image_size
+        self.backbone, num_features = build_resnet(
+            backbone, in_channels, small_input=image_size <= 64 if small_input is None else small_input
+        )
+        self.head = nn.Linear(num_features, num_classes)
+        self.register_buffer("input_mean", torch.zeros(1, in_channels, 1, 1))
+        self.register_buffer("input_std", torch.ones(1, in_channels, 1, 1))
+
+    def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return normalize_input(x, self.input_mean, self.input_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(self.normalize_input(x)))

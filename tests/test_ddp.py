@@ -267,6 +267,41 @@ class RankStateWriter(Callback):
         torch.save(state, self.out_dir / f"rank{trainer.global_rank}_end.pt")
 
 
+class NoiseRecorder(Callback):
+    """Each rank writes the first noise draws of every training batch: the z rows its DCGAN generator
+    trained on, or (``stream=True``) the first numbers of each batch's noise generator (the VAE's eps)."""
+
+    def __init__(self, out_dir: str, stream: bool = False) -> None:
+        self.out_dir, self.stream, self.drawn = Path(out_dir), stream, []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.stream:
+            draw = pl_module.noise_generator
+
+            def recording() -> torch.Generator:
+                generator = draw()
+                copy = torch.Generator(device=generator.device)
+                copy.set_state(generator.get_state())
+                self.drawn.append(torch.randn(3, generator=copy))
+                return generator
+
+            pl_module.noise_generator = recording
+        else:  # z enters G's training forwards (the EMA generator samples, the raw one trains)
+            pl_module.generator.register_forward_pre_hook(
+                lambda module, args: self.drawn.append(args[0][0, :3].detach().clone()) if module.training else None
+            )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        torch.save(torch.stack(self.drawn), self.out_dir / f"rank{trainer.global_rank}_noise.pt")
+
+
+def _assert_noise_differs_per_rank(out: Path) -> None:
+    noise = [torch.load(out / f"rank{r}_noise.pt", weights_only=True) for r in (0, 1)]
+    assert len(noise[0]) == len(noise[1]) >= 4
+    assert all(not torch.equal(a, b) for a, b in zip(noise[0], noise[1]))  # each rank draws its own noise
+    assert len({tuple(row.tolist()) for row in noise[0]}) == len(noise[0])  # and new noise every draw
+
+
 def test_dcgan_freezed_fine_tune_on_two_processes_stays_in_sync(tmp_path: Path, fashion_root: Path, loopback_env: None) -> None:
     """FreezeD fine-tuning under 2-process DDP: frozen D block unchanged, G, D and the EMA equal on both ranks."""
     from lit_finetune import DCGAN
@@ -281,12 +316,17 @@ def test_dcgan_freezed_fine_tune_on_two_processes_stays_in_sync(tmp_path: Path, 
     model = DCGAN(**tiny, pretrained=str(tmp_path / "source.ckpt"))
     trainer = _two_process_trainer(
         tmp_path,
-        [LayerFreezing(["discriminator.blocks.0"], unfreeze_at_epoch=None), RankStateWriter(str(out))],
+        [
+            LayerFreezing(["discriminator.blocks.0"], unfreeze_at_epoch=None),
+            RankStateWriter(str(out)),
+            NoiseRecorder(str(out)),
+        ],
         strategy="ddp_spawn_find_unused_parameters_true",
     )
     trainer.fit(model, datamodule=_tiny_datamodule(fashion_root))
     end = [torch.load(out / f"rank{r}_end.pt", weights_only=True) for r in (0, 1)]
     _assert_same(end[0], end[1], "ranks disagree after DCGAN fine-tuning")
+    _assert_noise_differs_per_rank(out)  # the weights agree although each rank drew its own z
     src = source.state_dict()
     frozen = [k for k in src if k.startswith("discriminator.blocks.0.")]
     assert frozen and all(torch.equal(end[0][k], src[k]) for k in frozen)  # FreezeD held under DDP
@@ -307,11 +347,17 @@ def test_vae_transfer_on_two_processes_stays_in_sync(tmp_path: Path, fashion_roo
     L.seed_everything(0)
     model = VAE(**tiny, pretrained=str(tmp_path / "source.ckpt"))
     trainer = _two_process_trainer(
-        tmp_path, [LayerFreezing(["encoder"], unfreeze_at_epoch=None), RankStateWriter(str(out))]
+        tmp_path,
+        [
+            LayerFreezing(["encoder"], unfreeze_at_epoch=None),
+            RankStateWriter(str(out)),
+            NoiseRecorder(str(out), stream=True),
+        ],
     )
     trainer.fit(model, datamodule=_tiny_datamodule(fashion_root))
     end = [torch.load(out / f"rank{r}_end.pt", weights_only=True) for r in (0, 1)]
     _assert_same(end[0], end[1], "ranks disagree after VAE transfer")
+    _assert_noise_differs_per_rank(out)
     src = source.state_dict()
     assert all(torch.equal(end[0][k], src[k]) for k in src if k.startswith("encoder."))
     assert any(not torch.equal(end[0][k], src[k]) for k in src if k.startswith("decoder."))

@@ -13,7 +13,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from lit_finetune.metrics import GenerativeMetrics
-from lit_finetune.modules.base import Network, TransferModule
+from lit_finetune.modules.base import Network, NoiseStream, TransferModule
 from lit_finetune.nets.dcgan import DCGANDiscriminator, DCGANGenerator
 from lit_finetune.transfer.diffaugment import DiffAugment
 from lit_finetune.transfer.l2sp import L2SP
@@ -150,7 +150,8 @@ class DCGAN(TransferModule):
             image_size, in_channels, discriminator_width, classes, conditioning, spectral_norm
         )
         self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
-        self.augment = DiffAugment(diffaugment) if diffaugment else nn.Identity()
+        self.augment = DiffAugment(diffaugment)  # an empty policy is the identity
+        self.noise_stream = NoiseStream()  # z and DiffAugment: each DDP rank draws its own
         self.l2sp_g = L2SP(self.generator, l2sp_generator) if l2sp_generator > 0 else None
         self.l2sp_d = L2SP(self.discriminator, l2sp_discriminator) if l2sp_discriminator > 0 else None
         # fixed noise (and labels) so sample grids are comparable across epochs and runs
@@ -300,23 +301,23 @@ class DCGAN(TransferModule):
         y = labels if self.hparams.conditional else None
         opt_g, opt_d = self.optimizers()
         kind, n = self.hparams.loss, real.shape[0]
+        noise = self.noise_generator()
         # each update runs with only its own network's parameters requiring gradients (toggled before the
         # forward, so the graph holds no gradient path into the other network's weights)
         for _ in range(self.hparams.n_critic):
             with self.toggled_optimizer(opt_d):
-                z = torch.randn(n, self.hparams.latent_dim, device=self.device)
+                z = torch.randn(n, self.hparams.latent_dim, device=self.device, generator=noise)
                 with torch.no_grad():
                     fake = self.generator(z, y)
-                d_loss = discriminator_loss(
-                    kind, self.discriminator(self.augment(real), y), self.discriminator(self.augment(fake), y)
-                )
+                real_logits = self.discriminator(self.augment(real, noise), y)
+                d_loss = discriminator_loss(kind, real_logits, self.discriminator(self.augment(fake, noise), y))
                 if self.l2sp_d is not None:
                     d_loss = d_loss + self.l2sp_d()
                 self._check_finite("discriminator loss", d_loss)
                 self._update(opt_d, d_loss)
         with self.toggled_optimizer(opt_g):
-            z = torch.randn(n, self.hparams.latent_dim, device=self.device)
-            g_loss = generator_loss(kind, self.discriminator(self.augment(self.generator(z, y)), y))
+            z = torch.randn(n, self.hparams.latent_dim, device=self.device, generator=noise)
+            g_loss = generator_loss(kind, self.discriminator(self.augment(self.generator(z, y), noise), y))
             if self.l2sp_g is not None:
                 g_loss = g_loss + self.l2sp_g()
             self._check_finite("generator loss", g_loss)

@@ -160,6 +160,9 @@ class TransferModule(L.LightningModule):
         self._weights_resolved = pretrained is None
         #: the per-rank training noise of a module that draws any (see :meth:`noise_generator`)
         self.noise_stream: NoiseStream | None = None
+        # manual optimisation: (scheduler, monitored metric) of each scheduler; Lightning drops `monitor` there
+        self._scheduler_monitors: list[tuple[Any, str]] = []
+        self._validated = False  # a validation (not the sanity check) has run in this process
 
     # -- what subclasses provide ----------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
@@ -256,6 +259,10 @@ class TransferModule(L.LightningModule):
         networks = self.networks()
         check_groups_cover(self, [group for network in networks for group in network.groups])
         configs = [build_optimizer(network) for network in networks]
+        if not self.automatic_optimization:
+            # Lightning ignores (and warns about) `monitor` under manual optimisation: step_schedulers keeps it
+            schedulers = [config["lr_scheduler"] for config in configs if "lr_scheduler" in config]
+            self._scheduler_monitors = [(config["scheduler"], config.pop("monitor")) for config in schedulers]
         if len(configs) == 1:
             return configs[0] if "lr_scheduler" in configs[0] else configs[0]["optimizer"]
         return configs
@@ -266,12 +273,25 @@ class TransferModule(L.LightningModule):
             if config.interval != interval:
                 continue
             if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                metric = self.trainer.callback_metrics.get(config.monitor)
-                if metric is None:  # e.g. a run that stops before its first validation
-                    continue
+                monitor = config.monitor or next(
+                    (name for scheduler, name in self._scheduler_monitors if scheduler is config.scheduler), None
+                )
+                metric = self.trainer.callback_metrics.get(monitor) if monitor else None
+                if metric is None:
+                    if not self._validated:  # nothing validated yet, e.g. before the first validation epoch
+                        continue
+                    raise ValueError(
+                        f"ReduceLROnPlateau of {config.name or 'a scheduler'!r} monitors {monitor!r}, which this run "
+                        f"does not log (logged: {sorted(self.trainer.callback_metrics)}). Set the module's "
+                        "scheduler_monitor to one of them."
+                    )
                 config.scheduler.step(metric)
             else:
                 config.scheduler.step()
+
+    def on_validation_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._validated = True
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self.automatic_optimization:

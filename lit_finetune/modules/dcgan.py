@@ -88,6 +88,7 @@ class DCGAN(TransferModule):
             measure what the EMA is worth (set ``model.hparams.evaluate_ema`` before ``trainer.test``).
         generator_optimizer, discriminator_optimizer: default Adam(lr=2e-4, betas=(0.5, 0.999)).
         generator_lr_scheduler, discriminator_lr_scheduler, scheduler_interval: optional schedulers.
+        scheduler_monitor: the metric a ``ReduceLROnPlateau`` steps on (e.g. ``"val/fid"``).
     """
 
     def __init__(
@@ -118,6 +119,7 @@ class DCGAN(TransferModule):
         generator_lr_scheduler: LRSchedulerCallable | None = None,
         discriminator_lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "epoch",
+        scheduler_monitor: str = "val/d_loss",
     ) -> None:
         if conditional and num_classes is None:
             raise ValueError("A conditional DCGAN needs num_classes (the CLI links it from the datamodule).")
@@ -127,7 +129,7 @@ class DCGAN(TransferModule):
             raise ValueError(f"need n_critic >= 1 and 0 <= ema_decay < 1, got {n_critic} and {ema_decay}")
         super().__init__(
             num_classes if conditional else None, in_channels, image_size,
-            scheduler_interval=scheduler_interval, pretrained=pretrained,
+            scheduler_interval=scheduler_interval, scheduler_monitor=scheduler_monitor, pretrained=pretrained,
         )  # fmt: skip
         # optimizers and schedulers are callables, not plain types: kept out of the checkpoint's hyper-parameters
         self.save_hyperparameters(
@@ -180,6 +182,7 @@ class DCGAN(TransferModule):
                     self.optimizer_factories[name],
                     self.scheduler_factories[name],
                     self.scheduler_interval,
+                    self.scheduler_monitor,
                 )
             )
         return networks

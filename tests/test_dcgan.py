@@ -243,3 +243,20 @@ def test_reduce_lr_on_plateau_steps_on_its_monitored_metric(tmp_path, gan_data):
     with pytest.raises(ValueError, match="monitors 'val/fid', which this run does not log.*val/d_loss.*scheduler_monitor"):
         quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1, logger=False,
                       enable_checkpointing=False).fit(model, datamodule=gan_data)  # fmt: skip
+
+
+def test_metrics_gating_with_validation_every_n_steps(tmp_path, gan_data, tiny_extractor):
+    """check_val_every_n_epoch=None (validate every val_check_interval batches): metrics in every n-th validation."""
+    model = DCGAN(**TINY, feature_extractor=tiny_extractor, metrics_every_n_epochs=2)
+    computed = []
+
+    class Spy(L.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            computed.append(pl_module._metrics_on())
+
+    trainer = quiet_trainer(tmp_path, max_steps=8, max_epochs=-1, check_val_every_n_epoch=None, val_check_interval=1,
+                            limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                            callbacks=[Spy()])  # fmt: skip
+    trainer.fit(model, datamodule=gan_data)  # 4 batches (2 optimizer steps each), validated after each
+    assert computed == [True, False, True, False]
+    assert "val/fid" in trainer.callback_metrics

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from lit_finetune.metrics import GenerativeMetrics
@@ -83,7 +84,8 @@ class DCGAN(TransferModule):
             the extractor's count of generated samples per class and, when conditional, how often
             it assigns a sample the label it was generated for. As many fakes as real images are
             drawn from the EMA generator (class-matched when conditional). ``None``: no metrics.
-        metrics_every_n_epochs: compute validation metrics in every n-th validated epoch.
+        metrics_every_n_epochs: compute validation metrics in every n-th validated epoch (with
+            ``check_val_every_n_epoch=None``: in every n-th validation).
         evaluate_ema: evaluate (and sample from) the EMA generator; ``False`` uses the raw one, e.g. to
             measure what the EMA is worth (set ``model.hparams.evaluate_ema`` before ``trainer.test``).
         generator_optimizer, discriminator_optimizer: default Adam(lr=2e-4, betas=(0.5, 0.999)).
@@ -356,7 +358,17 @@ class DCGAN(TransferModule):
             return False
         if self.trainer.testing:
             return True
-        return (self.current_epoch // self.trainer.check_val_every_n_epoch) % self.hparams.metrics_every_n_epochs == 0
+        return self._validation_index() % self.hparams.metrics_every_n_epochs == 0
+
+    def _validation_index(self) -> int:
+        """Which validation of the fit this is: by epoch, or, when validation runs every ``val_check_interval``
+        training batches (``check_val_every_n_epoch=None``), by batch; both survive a resume."""
+        every = self.trainer.check_val_every_n_epoch
+        if every is not None:
+            return self.current_epoch // every
+        if self.trainer.state.fn != TrainerFn.FITTING:  # a standalone trainer.validate()
+            return 0
+        return (self.trainer.fit_loop.epoch_loop.total_batch_idx + 1) // self.trainer.val_check_batch - 1
 
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str) -> None:
         real, labels = batch

@@ -268,28 +268,31 @@ class RankStateWriter(Callback):
 
 
 class NoiseRecorder(Callback):
-    """Each rank writes the first noise draws of every training batch: the z rows its DCGAN generator
-    trained on, or (``stream=True``) the first numbers of each batch's noise generator (the VAE's eps)."""
+    """Each rank writes the noise of its training forwards: the first z rows its DCGAN generator trained on,
+    or (``vae=True``) the first reparameterisation noise ``eps = (z - mu) / std`` of each VAE training step."""
 
-    def __init__(self, out_dir: str, stream: bool = False) -> None:
-        self.out_dir, self.stream, self.drawn = Path(out_dir), stream, []
+    def __init__(self, out_dir: str, vae: bool = False) -> None:
+        self.out_dir, self.vae, self.drawn = Path(out_dir), vae, []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.stream:
-            draw = pl_module.noise_generator
-
-            def recording() -> torch.Generator:
-                generator = draw()
-                copy = torch.Generator(device=generator.device)
-                copy.set_state(generator.get_state())
-                self.drawn.append(torch.randn(3, generator=copy))
-                return generator
-
-            pl_module.noise_generator = recording
-        else:  # z enters G's training forwards (the EMA generator samples, the raw one trains)
+        if not self.vae:  # the raw generator trains on z (the EMA generator samples)
             pl_module.generator.register_forward_pre_hook(
                 lambda module, args: self.drawn.append(args[0][0, :3].detach().clone()) if module.training else None
             )
+            return
+        encode, posterior = pl_module.encode, {}
+
+        def recording_encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            posterior["mu"], posterior["logvar"] = encode(x)
+            return posterior["mu"], posterior["logvar"]
+
+        def record_eps(module: torch.nn.Module, args: tuple) -> None:
+            if module.training:
+                eps = (args[0] - posterior["mu"]) / (0.5 * posterior["logvar"]).exp()
+                self.drawn.append(eps[0, :3].detach().clone())
+
+        pl_module.encode = recording_encode
+        pl_module.decoder.register_forward_pre_hook(record_eps)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         torch.save(torch.stack(self.drawn), self.out_dir / f"rank{trainer.global_rank}_noise.pt")
@@ -298,8 +301,8 @@ class NoiseRecorder(Callback):
 def _assert_noise_differs_per_rank(out: Path) -> None:
     noise = [torch.load(out / f"rank{r}_noise.pt", weights_only=True) for r in (0, 1)]
     assert len(noise[0]) == len(noise[1]) >= 4
-    assert all(not torch.equal(a, b) for a, b in zip(noise[0], noise[1]))  # each rank draws its own noise
-    assert len({tuple(row.tolist()) for row in noise[0]}) == len(noise[0])  # and new noise every draw
+    assert all(not torch.allclose(a, b, atol=1e-4) for a, b in zip(noise[0], noise[1]))  # each rank its own noise
+    assert all(not torch.allclose(a, b, atol=1e-4) for a, b in zip(noise[0], noise[0][1:]))  # new noise every draw
 
 
 def test_dcgan_freezed_fine_tune_on_two_processes_stays_in_sync(tmp_path: Path, fashion_root: Path, loopback_env: None) -> None:
@@ -351,7 +354,7 @@ def test_vae_transfer_on_two_processes_stays_in_sync(tmp_path: Path, fashion_roo
         [
             LayerFreezing(["encoder"], unfreeze_at_epoch=None),
             RankStateWriter(str(out)),
-            NoiseRecorder(str(out), stream=True),
+            NoiseRecorder(str(out), vae=True),
         ],
     )
     trainer.fit(model, datamodule=_tiny_datamodule(fashion_root))

@@ -200,7 +200,10 @@ class TransferModule(L.LightningModule):
     def noise_generator(self) -> torch.Generator:
         """This training batch's random generator from :attr:`noise_stream` (call it once per batch)."""
         if self.noise_stream is None:
-            self.noise_stream = NoiseStream()
+            raise RuntimeError(
+                f"{type(self).__name__} draws training noise but has no noise stream: set "
+                "self.noise_stream = NoiseStream() in __init__ (it is started at fit start and checkpointed)."
+            )
         rank = self.trainer.global_rank if self._trainer is not None else 0
         return self.noise_stream.next(rank, self.device)
 

@@ -316,7 +316,7 @@ def test_resumed_fit_equals_the_uninterrupted_one(fashion_root, tmp_path):
     resumed = fit(ckpt_path=tmp_path / "steps" / "step=1.ckpt")  # mid-epoch: 2 batches per epoch
     for key, value in full.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
-    assert resumed._synthetic_state == full._synthetic_state
+    assert resumed.noise_stream.state == full.noise_stream.state
 
 
 def test_a_cli_written_checkpoint_loads_as_generator(tmp_path):

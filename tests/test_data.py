@@ -90,17 +90,29 @@ def test_channels_and_size_conversion(fashion_root):
     assert torch.equal(x[:, 0], x[:, 1])  # grayscale replicated
 
 
-def test_augmentation_is_batched_deterministic_and_changes_images():
-    images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
-    labels = torch.arange(16)
-    plain = TensorImageDataset(images, labels)
-    aug = TensorImageDataset(images, labels, augment=True, seed=3)
-    x0, y0 = plain.__getitems__(range(16))
-    x1, _ = aug.__getitems__(range(16))
-    x2, _ = aug.__getitems__(range(16))
-    assert torch.equal(y0, labels) and torch.equal(x1, x2)
-    assert not torch.equal(x0, x1)
-    assert x1.shape == x0.shape
+def test_augmentation_is_batched_varies_across_epochs_and_a_rerun_repeats_it():
+    """batch_size=1: an image's shift and flip change from epoch to epoch (the seed holds the epoch, not only
+    the indices), and a second run sees exactly the same ones."""
+    images = torch.randint(0, 256, (12, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(12)
+    x0, y0 = TensorImageDataset(images, labels).__getitems__(range(12))
+    x1, _ = TensorImageDataset(images, labels, augment=True, seed=3).__getitems__(range(12))
+    assert torch.equal(y0, labels) and x1.shape == x0.shape and not torch.equal(x0, x1)
+
+    def run() -> list[torch.Tensor]:  # per epoch, the augmented images in index order
+        data = TensorImageDataset(images, labels, augment=True, seed=3)
+        loader = ResumableDataLoader(data, batch_size=1, sampler=EpochSeededRandomSampler(data, seed=1),
+                                     collate_fn=collate_batched)  # fmt: skip
+        epochs = []
+        for epoch in range(5):
+            seen = {int(y): x[0] for x, y in _epoch(loader, epoch)}
+            epochs.append(torch.stack([seen[i] for i in range(12)]))
+        return epochs
+
+    first, again = run(), run()
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))  # a rerun is exact
+    for i in range(12):  # every image: not the same augmentation in all five epochs
+        assert len({epoch[i].numpy().tobytes() for epoch in first}) > 1
 
 
 def test_epoch_seeded_sampler_repeats_per_epoch():

@@ -222,3 +222,41 @@ def test_conditional_fine_tune_from_an_unconditional_source_starts_as_the_source
             assert torch.allclose(model.generator_ema(z, y), source.generator(z), atol=1e-6)
             assert torch.allclose(model.discriminator(x, y), source.discriminator(x), atol=1e-6)
     assert model.generator.project.conv.weight[16:].abs().sum() == 0  # the label's rows: zero, then learned
+
+
+def test_reduce_lr_on_plateau_steps_on_its_monitored_metric(tmp_path, gan_data):
+    """Manual optimisation: Lightning drops `monitor`, the module keeps it and steps the plateau scheduler."""
+    from functools import partial
+
+    # an improvement must beat the best by 10 (never): every epoch after the first halves the LR
+    plateau = partial(torch.optim.lr_scheduler.ReduceLROnPlateau, factor=0.5, patience=0, threshold=10.0,
+                      threshold_mode="abs")  # fmt: skip
+    model = DCGAN(**TINY, generator_lr_scheduler=plateau)
+    trainer = quiet_trainer(tmp_path, max_epochs=4, limit_train_batches=1, limit_val_batches=1, logger=False,
+                            enable_checkpointing=False)  # fmt: skip
+    trainer.fit(model, datamodule=gan_data)
+    opt_g, opt_d = trainer.optimizers
+    assert [g["lr"] for g in opt_g.param_groups] == pytest.approx([2e-4 * 0.5**3] * len(opt_g.param_groups))
+    assert opt_d.param_groups[0]["lr"] == pytest.approx(2e-4)  # no scheduler
+
+    model = DCGAN(**TINY, generator_lr_scheduler=plateau, scheduler_monitor="val/fid")  # not logged: no extractor
+    with pytest.raises(ValueError, match="monitors 'val/fid', which this run does not log.*val/d_loss.*scheduler_monitor"):
+        quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1, logger=False,
+                      enable_checkpointing=False).fit(model, datamodule=gan_data)  # fmt: skip
+
+
+def test_metrics_gating_with_validation_every_n_steps(tmp_path, gan_data, tiny_extractor):
+    """check_val_every_n_epoch=None (validate every val_check_interval batches): metrics in every n-th validation."""
+    model = DCGAN(**TINY, feature_extractor=tiny_extractor, metrics_every_n_epochs=2)
+    computed = []
+
+    class Spy(L.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            computed.append(pl_module._metrics_on())
+
+    trainer = quiet_trainer(tmp_path, max_steps=8, max_epochs=-1, check_val_every_n_epoch=None, val_check_interval=1,
+                            limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                            callbacks=[Spy()])  # fmt: skip
+    trainer.fit(model, datamodule=gan_data)  # 4 batches (2 optimizer steps each), validated after each
+    assert computed == [True, False, True, False]
+    assert "val/fid" in trainer.callback_metrics

@@ -267,6 +267,44 @@ class RankStateWriter(Callback):
         torch.save(state, self.out_dir / f"rank{trainer.global_rank}_end.pt")
 
 
+class NoiseRecorder(Callback):
+    """Each rank writes the noise of its training forwards: the first z rows its DCGAN generator trained on,
+    or (``vae=True``) the first reparameterisation noise ``eps = (z - mu) / std`` of each VAE training step."""
+
+    def __init__(self, out_dir: str, vae: bool = False) -> None:
+        self.out_dir, self.vae, self.drawn = Path(out_dir), vae, []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.vae:  # the raw generator trains on z (the EMA generator samples)
+            pl_module.generator.register_forward_pre_hook(
+                lambda module, args: self.drawn.append(args[0][0, :3].detach().clone()) if module.training else None
+            )
+            return
+        encode, posterior = pl_module.encode, {}
+
+        def recording_encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            posterior["mu"], posterior["logvar"] = encode(x)
+            return posterior["mu"], posterior["logvar"]
+
+        def record_eps(module: torch.nn.Module, args: tuple) -> None:
+            if module.training:
+                eps = (args[0] - posterior["mu"]) / (0.5 * posterior["logvar"]).exp()
+                self.drawn.append(eps[0, :3].detach().clone())
+
+        pl_module.encode = recording_encode
+        pl_module.decoder.register_forward_pre_hook(record_eps)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        torch.save(torch.stack(self.drawn), self.out_dir / f"rank{trainer.global_rank}_noise.pt")
+
+
+def _assert_noise_differs_per_rank(out: Path) -> None:
+    noise = [torch.load(out / f"rank{r}_noise.pt", weights_only=True) for r in (0, 1)]
+    assert len(noise[0]) == len(noise[1]) >= 4
+    assert all(not torch.allclose(a, b, atol=1e-4) for a, b in zip(noise[0], noise[1]))  # each rank its own noise
+    assert all(not torch.allclose(a, b, atol=1e-4) for a, b in zip(noise[0], noise[0][1:]))  # new noise every draw
+
+
 def test_dcgan_freezed_fine_tune_on_two_processes_stays_in_sync(tmp_path: Path, fashion_root: Path, loopback_env: None) -> None:
     """FreezeD fine-tuning under 2-process DDP: frozen D block unchanged, G, D and the EMA equal on both ranks."""
     from lit_finetune import DCGAN
@@ -281,12 +319,17 @@ def test_dcgan_freezed_fine_tune_on_two_processes_stays_in_sync(tmp_path: Path, 
     model = DCGAN(**tiny, pretrained=str(tmp_path / "source.ckpt"))
     trainer = _two_process_trainer(
         tmp_path,
-        [LayerFreezing(["discriminator.blocks.0"], unfreeze_at_epoch=None), RankStateWriter(str(out))],
+        [
+            LayerFreezing(["discriminator.blocks.0"], unfreeze_at_epoch=None),
+            RankStateWriter(str(out)),
+            NoiseRecorder(str(out)),
+        ],
         strategy="ddp_spawn_find_unused_parameters_true",
     )
     trainer.fit(model, datamodule=_tiny_datamodule(fashion_root))
     end = [torch.load(out / f"rank{r}_end.pt", weights_only=True) for r in (0, 1)]
     _assert_same(end[0], end[1], "ranks disagree after DCGAN fine-tuning")
+    _assert_noise_differs_per_rank(out)  # the weights agree although each rank drew its own z
     src = source.state_dict()
     frozen = [k for k in src if k.startswith("discriminator.blocks.0.")]
     assert frozen and all(torch.equal(end[0][k], src[k]) for k in frozen)  # FreezeD held under DDP
@@ -307,11 +350,17 @@ def test_vae_transfer_on_two_processes_stays_in_sync(tmp_path: Path, fashion_roo
     L.seed_everything(0)
     model = VAE(**tiny, pretrained=str(tmp_path / "source.ckpt"))
     trainer = _two_process_trainer(
-        tmp_path, [LayerFreezing(["encoder"], unfreeze_at_epoch=None), RankStateWriter(str(out))]
+        tmp_path,
+        [
+            LayerFreezing(["encoder"], unfreeze_at_epoch=None),
+            RankStateWriter(str(out)),
+            NoiseRecorder(str(out), vae=True),
+        ],
     )
     trainer.fit(model, datamodule=_tiny_datamodule(fashion_root))
     end = [torch.load(out / f"rank{r}_end.pt", weights_only=True) for r in (0, 1)]
     _assert_same(end[0], end[1], "ranks disagree after VAE transfer")
+    _assert_noise_differs_per_rank(out)
     src = source.state_dict()
     assert all(torch.equal(end[0][k], src[k]) for k in src if k.startswith("encoder."))
     assert any(not torch.equal(end[0][k], src[k]) for k in src if k.startswith("decoder."))

@@ -224,3 +224,46 @@ def test_resuming_a_code_running_checkpoint_is_refused(tmp_path, tiny_target):
     with pytest.raises(RuntimeError, match="Cannot resume from .*last.ckpt.*weights_only"):
         trainer.fit(ImageClassifier(num_classes=5), datamodule=tiny_target, ckpt_path=str(evil))
     assert not marker.exists()
+
+
+class TrainingDraws(L.Callback):
+    """What a fit draws in training: the global RNG's next numbers and the z of the DCGAN's first G forward."""
+
+    def __init__(self) -> None:
+        self.global_draws: list[torch.Tensor] = []
+        self.z: list[torch.Tensor] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        pl_module.generator.register_forward_pre_hook(
+            lambda module, args: self.z.append(args[0][0, :4].clone()) if module.training else None
+        )
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.global_draws.append(torch.rand(4))
+
+
+def test_a_new_fit_from_load_from_checkpoint_follows_seed_everything(tmp_path, tiny_target):
+    """Only a resumed fit (ckpt_path) continues the checkpoint's random state; a new fit of a loaded module
+    draws what its seed says, so a seed sweep from one checkpoint is a sweep."""
+    from lit_finetune import DCGAN
+
+    L.seed_everything(0)
+    trainer = quiet_trainer(tmp_path, max_steps=1, logger=False, enable_checkpointing=False)
+    trainer.fit(DCGAN(latent_dim=8, generator_width=8, discriminator_width=8), datamodule=tiny_target)
+    ckpt = tmp_path / "trained.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    def draws(seed: int) -> TrainingDraws:
+        L.seed_everything(seed)
+        model = DCGAN.load_from_checkpoint(ckpt, weights_only=True)
+        recorder = TrainingDraws()
+        quiet_trainer(tmp_path, max_steps=2, logger=False, enable_checkpointing=False, callbacks=[recorder]).fit(
+            model, datamodule=tiny_target
+        )
+        return recorder
+
+    one, two, one_again = draws(1), draws(2), draws(1)
+    assert not torch.equal(torch.stack(one.global_draws), torch.stack(two.global_draws))
+    assert not torch.equal(torch.stack(one.z), torch.stack(two.z))
+    assert torch.equal(torch.stack(one.global_draws), torch.stack(one_again.global_draws))
+    assert torch.equal(torch.stack(one.z), torch.stack(one_again.z))

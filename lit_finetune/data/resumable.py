@@ -7,7 +7,8 @@ mid-epoch checkpoint trains the first batches of the epoch a second time and nev
 last ones. Here the state is the sampler's epoch and the number of batches already handed
 out in it; on resume the first ones are skipped as *indices* (no image is loaded or
 augmented for them), and the rest come out exactly as in a run that never stopped, because
-the order depends only on (seed, epoch) and each batch's augmentation only on its indices.
+the order depends only on (seed, epoch) and each batch's augmentation only on the seed, the
+epoch and its indices (each batch's indices reach the dataset as an ``EpochBatch``).
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
+from lit_finetune.data.tensor_dataset import EpochBatch
+
 
 class _SkipFirst:
-    """Wraps the index sampler; the next iteration drops its first ``skip`` items, later ones none."""
+    """Wraps the index sampler; the next iteration drops its first ``skip`` items, later ones none.
+    Batches of indices go out as :class:`EpochBatch` of ``epoch`` (the dataset seeds augmentation with it)."""
 
     def __init__(self, inner: Iterable) -> None:
-        self.inner, self.skip = inner, 0
+        self.inner, self.skip, self.epoch = inner, 0, 0
 
     def __len__(self) -> int:
         return len(self.inner)  # type: ignore[arg-type]  # the full epoch: Lightning counts resumed batches itself
@@ -32,7 +36,8 @@ class _SkipFirst:
         # a generator: ``skip`` is read at the first draw, not at ``iter()`` (worker iterators call
         # ``iter()`` on their index sampler twice when they start and draw from the second)
         skip, self.skip = self.skip, 0
-        yield from islice(self.inner, skip, None)
+        for indices in islice(self.inner, skip, None):
+            yield EpochBatch(indices, self.epoch) if isinstance(indices, list) else indices
 
 
 class ResumableDataLoader(DataLoader):
@@ -78,6 +83,7 @@ class ResumableDataLoader(DataLoader):
             skip = int(saved["batches"])
         state = self._state = {"epoch": epoch, "batches": skip}
         self._index_sampler.skip = skip
+        self._index_sampler.epoch = epoch or 0
         for batch in super().__iter__():
             state["batches"] += 1
             yield batch

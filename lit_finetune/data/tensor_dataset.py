@@ -42,12 +42,29 @@ def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tens
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
+class EpochBatch(list):
+    """A batch's indices and the epoch they were drawn in, as the training loader hands them to the dataset.
+
+    The epoch travels with the indices (not as a dataset attribute) so worker processes, persistent
+    ones included, see it too.
+    """
+
+    def __init__(self, indices: Sequence[int], epoch: int) -> None:
+        super().__init__(indices)
+        self.epoch = epoch
+
+    def __reduce__(self):  # noqa: ANN204  (to worker processes: the indices and the epoch)
+        return EpochBatch, (list(self), self.epoch)
+
+
 class TensorImageDataset(Dataset):
     """``(image, label)`` pairs from a uint8 ``(N, C, H, W)`` tensor, batched and augmented in one go.
 
-    Augmentation randomness is drawn from a generator seeded by ``seed`` and the batch's indices,
-    so the same batch is augmented the same way on every run, with any worker count, and after
-    resuming from a checkpoint.
+    Augmentation randomness is drawn from a generator seeded by ``seed``, the epoch and the batch's
+    indices, so an image is augmented differently every epoch (also with ``batch_size=1``), yet the
+    same batch of the same epoch is augmented the same way on every run, with any worker count, and
+    after resuming from a checkpoint. The epoch comes with the indices (an :class:`EpochBatch`, from
+    :class:`~lit_finetune.data.ResumableDataLoader`); plain indices count as epoch 0.
     """
 
     def __init__(
@@ -77,7 +94,8 @@ class TensorImageDataset(Dataset):
         index = torch.as_tensor(list(indices), dtype=torch.long)
         x = to_signed_float(self.images[index])
         if self.augment:
-            generator = torch.Generator().manual_seed(hash((self.seed, *index.tolist())) & 0x7FFF_FFFF_FFFF)
+            epoch = getattr(indices, "epoch", 0)
+            generator = torch.Generator().manual_seed(hash((self.seed, epoch, *index.tolist())) & 0x7FFF_FFFF_FFFF)
             x = random_translate(x, self.max_shift, generator)
             if self.hflip:
                 x = random_hflip(x, generator)

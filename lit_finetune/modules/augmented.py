@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lit_finetune.modules.base import NoiseStream
 from lit_finetune.modules.classifier import ImageClassifier
 from lit_finetune.modules.loading import CheckpointLoadError, load_module_checkpoint
 
@@ -93,6 +94,7 @@ class GANAugmentedClassifier(ImageClassifier):
     """
 
     hparams_ignore = (*ImageClassifier.hparams_ignore, "generator", "teacher")
+    noise_stream_key = SYNTHETIC_STATE_KEY
 
     def __init__(
         self,
@@ -122,8 +124,8 @@ class GANAugmentedClassifier(ImageClassifier):
         # A plain dict, not submodules: outside parameters(), state_dict(), optimizers and DDP.
         self._frozen: dict[str, nn.Module] = {}
         self._sources = {"generator": generator, "teacher": teacher}
-        self._synthetic_state: dict[str, int] | None = None  # seed and batches drawn
-        self._synthetic_state_from = ""  # "fit", "checkpoint" or "outside_fit" (draw_synthetic called directly)
+        # the synthetic stream (started at fit start only when it is used, so real-only fits draw nothing)
+        self.noise_stream = NoiseStream(synthetic_seed) if self.uses_synthetic else None
 
     # -- the frozen networks -----------------------------------------------------------------------
     @property
@@ -212,17 +214,9 @@ class GANAugmentedClassifier(ImageClassifier):
             self.check_generator()  # before any training, with the fix
 
     def on_fit_start(self) -> None:
-        super().on_fit_start()
+        super().on_fit_start()  # starts the synthetic stream
         if not self.uses_synthetic:
             return
-        # a resumed fit restored the stream in on_load_checkpoint and a second fit of this object continues
-        # it; a fresh one starts it here, also after draws made outside a fit (they do not shift training)
-        if self._synthetic_state_from not in ("fit", "checkpoint"):
-            seed = self.hparams.synthetic_seed
-            if seed is None:
-                seed = int(torch.randint(0, 2**31 - 1, ()).item())
-            self._synthetic_state = {"seed": int(seed), "batches": 0}
-        self._synthetic_state_from = "fit"
         mode = (
             "synthetic images only (CAS)"
             if self.hparams.synthetic_only
@@ -232,30 +226,12 @@ class GANAugmentedClassifier(ImageClassifier):
             mode += f", kept if the teacher's probability of their label >= {self.hparams.confidence_threshold}"
         rank_zero_info(f"{type(self).__name__}: training on {mode}")
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if self._synthetic_state is not None:
-            checkpoint[SYNTHETIC_STATE_KEY] = dict(self._synthetic_state)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        state = checkpoint.get(SYNTHETIC_STATE_KEY)
-        self._synthetic_state = dict(state) if state is not None else None
-        self._synthetic_state_from = "checkpoint" if state is not None else ""
-
     # -- synthetic images -----------------------------------------------------------------------------
     def _stream(self) -> torch.Generator:
         """This batch's random stream: different on every rank and batch, the same after a resume."""
-        if self._synthetic_state is None:  # used outside a fit (research code)
-            seed = self.hparams.synthetic_seed
-            self._synthetic_state = {"seed": 0 if seed is None else int(seed), "batches": 0}
-            self._synthetic_state_from = "outside_fit"
-        state = self._synthetic_state
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(hash((state["seed"], rank, state["batches"])) % (2**63))
-        state["batches"] += 1
-        return generator
+        if self.noise_stream is None:  # drawn from outside a fit in real-only mode
+            self.noise_stream = NoiseStream(self.hparams.synthetic_seed)
+        return self.noise_generator()
 
     @torch.no_grad()
     def draw_synthetic(self, n: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:

@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
 
 from lit_finetune.transfer.lr_factors import install_lr_scale
 from lit_finetune.transfer.param_groups import check_groups_cover
@@ -16,6 +17,55 @@ from lit_finetune.transfer.pretrained import LoadReport
 
 #: checkpoint key of the global random number generator states (see ``on_save_checkpoint``)
 RNG_KEY = "lit_finetune_rng_states"
+#: checkpoint key of a module's :class:`NoiseStream` (its seed and how many batches it has drawn)
+NOISE_STREAM_KEY = "lit_finetune_noise_stream"
+
+
+class NoiseStream:
+    """The random numbers a module draws in training (GAN noise, augmentation, a VAE's sampling).
+
+    Each batch gets its own ``torch.Generator`` seeded from ``(seed, global rank, batches drawn)``, so
+    every DDP rank draws its own noise (the global RNG, seeded alike by ``seed_everything``, would give
+    every rank the same) while the weights stay in sync, and a resumed fit draws what an uninterrupted
+    one would: the checkpoint keeps the seed and the count.
+
+    Args:
+        seed: the stream's seed; ``None`` draws one from the global RNG when a fit starts (so
+            ``seed_everything`` sets it and a seed sweep draws other noise per seed).
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
+        #: ``{"seed": int, "batches": int}`` once started
+        self.state: dict[str, int] | None = None
+        self._origin = ""  # "fit", "checkpoint" (resumed), "loaded" (load_from_checkpoint) or "outside_fit"
+
+    def start_fit(self) -> None:
+        """Start the stream for a fit; a restored (resumed) one and a second fit of the same module continue."""
+        # draws made outside a fit (e.g. a notebook looking at samples first) do not shift the fit's stream
+        if self._origin not in ("fit", "checkpoint"):
+            seed = self.seed if self.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+            self.state = {"seed": int(seed), "batches": 0}
+        self._origin = "fit"
+
+    def next(self, rank: int, device: torch.device | str) -> torch.Generator:
+        """This batch's generator on ``device``: different on every rank and batch, the same after a resume."""
+        if self.state is None:  # used outside a fit (research code)
+            self.state = {"seed": 0 if self.seed is None else int(self.seed), "batches": 0}
+            self._origin = "outside_fit"
+        generator = torch.Generator(device=device)
+        generator.manual_seed(hash((self.state["seed"], rank, self.state["batches"])) % (2**63))
+        self.state["batches"] += 1
+        return generator
+
+    def state_dict(self) -> dict[str, int] | None:
+        return dict(self.state) if self.state is not None else None
+
+    def load_state_dict(self, state: dict[str, int] | None, resume: bool = True) -> None:
+        """Restore a checkpoint's stream; ``resume=False`` (a module from ``load_from_checkpoint``): draws made
+        outside a fit continue it, but a new fit starts its own (from its seed, not the checkpoint's count)."""
+        self.state = dict(state) if state is not None else None
+        self._origin = ("checkpoint" if resume else "loaded") if state is not None else ""
 
 
 @dataclass
@@ -111,6 +161,11 @@ class TransferModule(L.LightningModule):
         #: what the last pretrained load did (``None`` until weights were read)
         self.load_report: LoadReport | None = None
         self._weights_resolved = pretrained is None
+        #: the per-rank training noise of a module that draws any (see :meth:`noise_generator`)
+        self.noise_stream: NoiseStream | None = None
+        # manual optimisation: (scheduler, monitored metric) of each scheduler; Lightning drops `monitor` there
+        self._scheduler_monitors: list[tuple[Any, str]] = []
+        self._validated = False  # a validation (not the sanity check) has run in this process
 
     # -- what subclasses provide ----------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
@@ -142,10 +197,28 @@ class TransferModule(L.LightningModule):
             self._weights_resolved = True
         return self.load_report
 
+    #: checkpoint key of :attr:`noise_stream`
+    noise_stream_key: str = NOISE_STREAM_KEY
+
+    def noise_generator(self) -> torch.Generator:
+        """This training batch's random generator from :attr:`noise_stream` (call it once per batch)."""
+        if self.noise_stream is None:
+            raise RuntimeError(
+                f"{type(self).__name__} draws training noise but has no noise stream: set "
+                "self.noise_stream = NoiseStream() in __init__ (it is started at fit start and checkpointed)."
+            )
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        return self.noise_stream.next(rank, self.device)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the checkpoint's weights win: the pretrained source is never read for a restored module
         self._weights_resolved = True
-        self._rng_to_restore = checkpoint.get(RNG_KEY)
+        # The random state continues only a resumed fit (`fit(ckpt_path=...)`); a new fit of a module from
+        # `load_from_checkpoint` (no trainer attached yet) keeps the seed it was given, so a seed sweep is one.
+        resuming = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        self._rng_to_restore = checkpoint.get(RNG_KEY) if resuming else None
+        if self.noise_stream is not None:
+            self.noise_stream.load_state_dict(checkpoint.get(self.noise_stream_key), resume=resuming)
 
     def on_train_start(self) -> None:
         # restored here, after the sanity-check validation, right before the first resumed batch
@@ -166,6 +239,8 @@ class TransferModule(L.LightningModule):
         checkpoint[RNG_KEY] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             checkpoint[RNG_KEY]["cuda"] = torch.cuda.get_rng_state_all()
+        if self.noise_stream is not None and self.noise_stream.state is not None:
+            checkpoint[self.noise_stream_key] = self.noise_stream.state_dict()
 
     # Lightning restores ``ckpt_path`` (calling on_load_checkpoint) after ``setup`` and before these
     # hooks, so reading here is what skips the source whenever a checkpoint is restored. Callbacks'
@@ -173,6 +248,8 @@ class TransferModule(L.LightningModule):
     # from ``on_train_start`` on.
     def on_fit_start(self) -> None:
         self.load_pretrained_weights()
+        if self.noise_stream is not None:
+            self.noise_stream.start_fit()
 
     def on_validation_start(self) -> None:
         self.load_pretrained_weights()
@@ -188,6 +265,10 @@ class TransferModule(L.LightningModule):
         networks = self.networks()
         check_groups_cover(self, [group for network in networks for group in network.groups])
         configs = [build_optimizer(network) for network in networks]
+        if not self.automatic_optimization:
+            # Lightning ignores (and warns about) `monitor` under manual optimisation: step_schedulers keeps it
+            schedulers = [config["lr_scheduler"] for config in configs if "lr_scheduler" in config]
+            self._scheduler_monitors = [(config["scheduler"], config.pop("monitor")) for config in schedulers]
         if len(configs) == 1:
             return configs[0] if "lr_scheduler" in configs[0] else configs[0]["optimizer"]
         return configs
@@ -198,12 +279,25 @@ class TransferModule(L.LightningModule):
             if config.interval != interval:
                 continue
             if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                metric = self.trainer.callback_metrics.get(config.monitor)
-                if metric is None:  # e.g. a run that stops before its first validation
-                    continue
+                monitor = config.monitor or next(
+                    (name for scheduler, name in self._scheduler_monitors if scheduler is config.scheduler), None
+                )
+                metric = self.trainer.callback_metrics.get(monitor) if monitor else None
+                if metric is None:
+                    if not self._validated:  # nothing validated yet, e.g. before the first validation epoch
+                        continue
+                    raise ValueError(
+                        f"ReduceLROnPlateau of {config.name or 'a scheduler'!r} monitors {monitor!r}, which this run "
+                        f"does not log (logged: {sorted(self.trainer.callback_metrics)}). Set the module's "
+                        "scheduler_monitor to one of them."
+                    )
                 config.scheduler.step(metric)
             else:
                 config.scheduler.step()
+
+    def on_validation_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._validated = True
 
     def on_train_epoch_end(self) -> None:
         if not self.automatic_optimization:

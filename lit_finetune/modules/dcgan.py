@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
 from lit_finetune.metrics import GenerativeMetrics
-from lit_finetune.modules.base import Network, TransferModule
+from lit_finetune.modules.base import Network, NoiseStream, TransferModule
 from lit_finetune.nets.dcgan import DCGANDiscriminator, DCGANGenerator
 from lit_finetune.transfer.diffaugment import DiffAugment
 from lit_finetune.transfer.l2sp import L2SP
@@ -116,11 +117,13 @@ class DCGAN(TransferModule):
             the extractor's count of generated samples per class and, when conditional, how often
             it assigns a sample the label it was generated for. As many fakes as real images are
             drawn from the EMA generator (class-matched when conditional). ``None``: no metrics.
-        metrics_every_n_epochs: compute validation metrics in every n-th validated epoch.
+        metrics_every_n_epochs: compute validation metrics in every n-th validated epoch (with
+            ``check_val_every_n_epoch=None``: in every n-th validation).
         evaluate_ema: evaluate (and sample from) the EMA generator; ``False`` uses the raw one, e.g. to
             measure what the EMA is worth (set ``model.hparams.evaluate_ema`` before ``trainer.test``).
         generator_optimizer, discriminator_optimizer: default Adam(lr=2e-4, betas=(0.5, 0.999)).
         generator_lr_scheduler, discriminator_lr_scheduler, scheduler_interval: optional schedulers.
+        scheduler_monitor: the metric a ``ReduceLROnPlateau`` steps on (e.g. ``"val/fid"``).
     """
 
     def __init__(
@@ -155,6 +158,7 @@ class DCGAN(TransferModule):
         generator_lr_scheduler: LRSchedulerCallable | None = None,
         discriminator_lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "epoch",
+        scheduler_monitor: str = "val/d_loss",
     ) -> None:
         if conditional and num_classes is None:
             raise ValueError("A conditional DCGAN needs num_classes (the CLI links it from the datamodule).")
@@ -175,7 +179,7 @@ class DCGAN(TransferModule):
             )
         super().__init__(
             num_classes if conditional else None, in_channels, image_size,
-            scheduler_interval=scheduler_interval, pretrained=pretrained,
+            scheduler_interval=scheduler_interval, scheduler_monitor=scheduler_monitor, pretrained=pretrained,
         )  # fmt: skip
         # optimizers and schedulers are callables, not plain types: kept out of the checkpoint's hyper-parameters
         self.save_hyperparameters(
@@ -202,7 +206,8 @@ class DCGAN(TransferModule):
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         # "recompute": the EMA's BatchNorm statistics are refreshed before the EMA is next used
         self._ema_bn_stale = ema_batchnorm == "recompute"
-        self.augment = DiffAugment(diffaugment) if diffaugment else nn.Identity()
+        self.augment = DiffAugment(diffaugment)  # an empty policy is the identity
+        self.noise_stream = NoiseStream()  # z and DiffAugment: each DDP rank draws its own
         self.l2sp_g = L2SP(self.generator, l2sp_generator) if l2sp_generator > 0 else None
         self.l2sp_d = L2SP(self.discriminator, l2sp_discriminator) if l2sp_discriminator > 0 else None
         # fixed noise (and labels) so sample grids are comparable across epochs and runs
@@ -231,6 +236,7 @@ class DCGAN(TransferModule):
                     self.optimizer_factories[name],
                     self.scheduler_factories[name],
                     self.scheduler_interval,
+                    self.scheduler_monitor,
                 )
             )
         return networks
@@ -477,23 +483,23 @@ class DCGAN(TransferModule):
         kind, n = self.hparams.loss, real.shape[0]
         accumulate = self.hparams.accumulate_grad_batches
         step = (batch_idx + 1) % accumulate == 0 or self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        noise = self.noise_generator()
         # each update runs with only its own network's parameters requiring gradients (toggled before the
         # forward, so the graph holds no gradient path into the other network's weights)
         for _ in range(self.hparams.n_critic):
             with self.toggled_optimizer(opt_d):
-                z = torch.randn(n, self.hparams.latent_dim, device=self.device)
+                z = torch.randn(n, self.hparams.latent_dim, device=self.device, generator=noise)
                 with torch.no_grad():
                     fake = self.generator(z, y)
-                d_loss = discriminator_loss(
-                    kind, self.discriminator(self.augment(real), y), self.discriminator(self.augment(fake), y)
-                )
+                real_logits = self.discriminator(self.augment(real, noise), y)
+                d_loss = discriminator_loss(kind, real_logits, self.discriminator(self.augment(fake, noise), y))
                 if self.l2sp_d is not None:
                     d_loss = d_loss + self.l2sp_d()
                 self._check_finite("discriminator loss", d_loss)
                 self._update(opt_d, d_loss, step)
         with self.toggled_optimizer(opt_g):
-            z = torch.randn(n, self.hparams.latent_dim, device=self.device)
-            g_loss = generator_loss(kind, self.discriminator(self.augment(self.generator(z, y)), y))
+            z = torch.randn(n, self.hparams.latent_dim, device=self.device, generator=noise)
+            g_loss = generator_loss(kind, self.discriminator(self.augment(self.generator(z, y), noise), y))
             if self.l2sp_g is not None:
                 g_loss = g_loss + self.l2sp_g()
             self._check_finite("generator loss", g_loss)
@@ -551,7 +557,17 @@ class DCGAN(TransferModule):
             return False
         if self.trainer.testing:
             return True
-        return (self.current_epoch // self.trainer.check_val_every_n_epoch) % self.hparams.metrics_every_n_epochs == 0
+        return self._validation_index() % self.hparams.metrics_every_n_epochs == 0
+
+    def _validation_index(self) -> int:
+        """Which validation of the fit this is: by epoch, or, when validation runs every ``val_check_interval``
+        training batches (``check_val_every_n_epoch=None``), by batch; both survive a resume."""
+        every = self.trainer.check_val_every_n_epoch
+        if every is not None:
+            return self.current_epoch // every
+        if self.trainer.state.fn != TrainerFn.FITTING:  # a standalone trainer.validate()
+            return 0
+        return (self.trainer.fit_loop.epoch_loop.total_batch_idx + 1) // self.trainer.val_check_batch - 1
 
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str) -> None:
         real, labels = batch

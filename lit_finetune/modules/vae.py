@@ -11,7 +11,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from lit_finetune.log_steps import lightning_writes_step
-from lit_finetune.modules.base import TransferModule
+from lit_finetune.modules.base import NoiseStream, TransferModule
 from lit_finetune.nets.vae import ConvDecoder, ConvEncoder
 from lit_finetune.transfer.l2sp import L2SP
 from lit_finetune.transfer.param_groups import block_groups, weight_decay_groups
@@ -103,6 +103,7 @@ class VAE(TransferModule):
         fixed = torch.Generator().manual_seed(0)
         self.register_buffer("fixed_z", torch.randn(num_sample_images, latent_dim, generator=fixed))
         self._grid_inputs: torch.Tensor | None = None  # the first training images seen, for reconstructions
+        self.noise_stream = NoiseStream()  # the reparameterisation noise of training: each DDP rank draws its own
         #: the last training step's (rec, kl, beta, batch size) until logged (see the class docstring)
         self._train_step: tuple[torch.Tensor, torch.Tensor, float, int] | None = None
         self._log_at_batch_end = False
@@ -145,10 +146,12 @@ class VAE(TransferModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.reconstruct(x)
 
-    def terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-image ``rec`` (-log p(x|z), one z from q) and ``kl``, in nats."""
+    def terms(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Per-image ``rec`` (-log p(x|z), one z from q, drawn with ``generator``, default the global RNG)
+        and ``kl``, in nats."""
         mu, logvar = self.encode(x)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        z = mu + eps * (0.5 * logvar).exp()
         rec = F.binary_cross_entropy_with_logits(self.decoder(z), binarize(x), reduction="none").flatten(1).sum(1)
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)
         return {"rec": rec, "kl": kl}
@@ -202,7 +205,7 @@ class VAE(TransferModule):
         x = batch[0]
         if self._grid_inputs is None:
             self._grid_inputs = x[: self.hparams.num_sample_images].detach().clone()
-        terms = self.terms(x)
+        terms = self.terms(x, self.noise_generator())
         beta = self.kl_weight()
         loss = (terms["rec"] + beta * terms["kl"]).mean()
         if self.l2sp is not None:

@@ -34,6 +34,7 @@ class TwoNetworks(TransferModule):
             opt.zero_grad()
             self.manual_backward(loss_fn())
             opt.step()
+        self.step_schedulers("step")  # after the updates, where Lightning steps them under automatic optimisation
 
     def train_dataloader(self):
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(12, 4)), batch_size=4)

@@ -335,7 +335,8 @@ def test_a_cli_written_checkpoint_loads_as_generator(tmp_path):
 
 
 def test_a_plain_python_checkpoint_loads_as_itself_and_as_teacher(tmp_path):
-    """``on_save_checkpoint`` writes ``_class_path`` into the hyper-parameters; it must not reach ``**classifier_args``."""
+    """``on_save_checkpoint`` writes ``_class_path`` into the hyper-parameters: it must not reach
+    ``**classifier_args``."""
     from lit_finetune.modules.augmented import load_teacher
 
     model = GANAugmentedClassifier(5, backbone="resnet10", synthetic_ratio=0.25, synthetic_seed=3)

@@ -47,7 +47,8 @@ def test_a_foreign_instantiator_is_refused_before_it_runs(tmp_path, monkeypatch)
 
     _planted_module(tmp_path, monkeypatch, "planted_instantiator")
     # make the installed Lightning behave like 2.5.x, which trusts every instantiator
-    monkeypatch.setattr(saving, "_ALLOWED_INSTANTIATORS", {*saving._ALLOWED_INSTANTIATORS, "planted_instantiator.build"})
+    allowed = {*saving._ALLOWED_INSTANTIATORS, "planted_instantiator.build"}
+    monkeypatch.setattr(saving, "_ALLOWED_INSTANTIATORS", allowed)
     path = _dcgan_checkpoint(tmp_path, _class_path="lit_finetune.DCGAN", _instantiator="planted_instantiator.build")
     with pytest.raises(CheckpointLoadError, match="instantiator 'planted_instantiator.build'.*refused") as err:
         load_module_checkpoint(path, role="generator (--model.generator)")

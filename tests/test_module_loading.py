@@ -110,6 +110,27 @@ def test_bad_class_paths_are_one_line_checkpoint_errors(tmp_path, class_path, me
     assert "\n" not in str(err.value) and "g.ckpt" in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "hparams",
+    [
+        {"generator_optimizer": "planted_model.Opt"},  # a callable-typed argument: jsonargparse imports a string
+        {"optimizer": {"class_path": "planted_model.Opt", "init_args": {"lr": 0.1}}},
+        {"pretrained": [{"class_path": "planted_model.Opt"}]},  # a class spec at any depth
+    ],
+)
+def test_hyperparameters_the_cli_would_import_are_refused(tmp_path, monkeypatch, hparams):
+    """Beyond ``_class_path``: LightningCLI parses ``--ckpt_path``'s hyper-parameters against the constructor, and
+    jsonargparse imports the class of a callable-typed argument or of a nested ``class_path``."""
+    _planted_module(tmp_path, monkeypatch, "planted_model")
+    path = _dcgan_checkpoint(tmp_path, _class_path="lit_finetune.DCGAN", **hparams)
+    key = next(iter(hparams))
+    with pytest.raises(CheckpointLoadError, match=rf"sets \['{key}'\] in its hyper-parameters.*refused"):
+        cli_main(["test", "--config", str(REPO / "configs/dcgan/finetune.yaml"), "--ckpt_path", path])
+    with pytest.raises(CheckpointLoadError, match=key):
+        load_module_checkpoint(path)
+    assert not (tmp_path / "planted_model.py.imported").exists() and "planted_model" not in sys.modules
+
+
 def test_cli_checks_the_class_path_of_ckpt_path_before_importing_it(tmp_path, monkeypatch, capsys):
     """LightningCLI imports the ``_class_path`` of ``--ckpt_path`` to rebuild the model; a crafted file must
     not make it import another module."""

@@ -11,6 +11,7 @@ with ``lit-finetune <subcommand> --ckpt_path`` (:mod:`lit_finetune.cli`).
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,10 @@ def checked_module_class(hparams: Mapping[str, Any], name: str) -> type[Transfer
     """The lit_finetune module class a checkpoint's hyper-parameters name (``None`` without ``_class_path``).
 
     Refuses, with a :class:`CheckpointLoadError` naming the file (``name``), every hyper-parameter Lightning
-    turns into code: an ``_instantiator`` other than LightningCLI's, and a ``_class_path`` outside this
-    package, that does not import, or that is not a concrete module (the base :class:`TransferModule` has no
-    network). Only ``lit_finetune`` modules are ever imported.
+    turns into code: an ``_instantiator`` other than LightningCLI's; a ``_class_path`` outside this package,
+    that does not import, or that is not a concrete module (the base :class:`TransferModule` has no network);
+    and values LightningCLI would import while parsing them (a nested ``class_path``, a callable-typed
+    argument such as ``optimizer``). Only ``lit_finetune`` modules are ever imported.
     """
     instantiator = hparams.get("_instantiator")
     if instantiator is not None and not (isinstance(instantiator, str) and instantiator in LIGHTNING_INSTANTIATORS):
@@ -66,7 +68,35 @@ def checked_module_class(hparams: Mapping[str, Any], name: str) -> type[Transfer
             f"{name} names {class_path!r}, which is not a lit_finetune module (ImageClassifier, DCGAN, VAE, "
             "GANAugmentedClassifier...)."
         )
+    # LightningCLI parses the other hyper-parameters against the constructor: a nested {"class_path": ...}, or
+    # any value of a callable-typed argument (optimizer, lr_scheduler: never saved by these modules), is imported
+    callables = _callable_arguments(cls)
+    code = sorted(key for key, value in hparams.items() if key in callables or _names_a_class(value))
+    if code:
+        raise CheckpointLoadError(
+            f"{name} sets {code} in its hyper-parameters, which would name code to import (lit_finetune modules "
+            "never save these); refused."
+        )
     return cls
+
+
+def _names_a_class(value: Any) -> bool:
+    """Whether ``value`` holds, at any depth, a jsonargparse class spec (a mapping with ``class_path``)."""
+    if isinstance(value, Mapping):
+        return "class_path" in value or "_class_path" in value or any(_names_a_class(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_names_a_class(v) for v in value)
+    return False
+
+
+def _callable_arguments(cls: type) -> set[str]:
+    """Constructor arguments of ``cls`` (and the classes it passes ``**kwargs`` to) typed as callables."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            names.update(p.name for p in inspect.signature(init).parameters.values() if "Callable" in str(p.annotation))
+    return names
 
 
 def read_hparams(path: Path, role: str, required: bool = True) -> dict[str, Any]:

@@ -75,7 +75,7 @@ def checked_module_class(hparams: Mapping[str, Any], name: str) -> type[Transfer
     if code:
         raise CheckpointLoadError(
             f"{name} sets {code} in its hyper-parameters, which would name code to import (lit_finetune modules "
-            "never save these); refused."
+            "never save these); refused. Use a checkpoint written by lit-finetune fit or Trainer.save_checkpoint."
         )
     return cls
 
@@ -90,7 +90,7 @@ def _names_a_class(value: Any) -> bool:
 
 
 def _callable_arguments(cls: type) -> set[str]:
-    """Constructor arguments of ``cls`` (and the classes it passes ``**kwargs`` to) typed as callables."""
+    """Constructor arguments of ``cls`` and its bases (which its ``**kwargs`` may reach) typed as callables."""
     names: set[str] = set()
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")

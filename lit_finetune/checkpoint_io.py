@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     that dir is on another filesystem the move is a copy, and a crash mid-copy leaves a
     truncated ``last.ckpt``. A rename within one folder is atomic, so a reader sees the old
     checkpoint or the new one, never half of one. Remote paths (``s3://``...) go to Lightning.
+    The file gets the permissions of an ordinary new file (0666 less the umask, e.g. 0644), as with
+    Lightning's writer; ``tempfile.mkstemp`` would make every checkpoint 0600, unreadable to others.
 
     Reading a file that is truncated, not a checkpoint, or a pickle that wants to run code
     (refused by ``weights_only=True``) raises one error that names the file and the way out.
@@ -45,7 +47,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = _create_temp_file(path)
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
@@ -55,3 +57,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def _create_temp_file(path: Path) -> tuple[int, Path]:
+    """A new, uniquely named file beside ``path``, opened for writing with the umask's permissions."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import yaml
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
 import lit_finetune.callbacks  # noqa: F401  (registers LayerFreezing, LRWarmup... for --trainer.callbacks)
@@ -20,6 +20,7 @@ import lit_finetune.data  # noqa: F401  (registers the datamodules for --data)
 from lit_finetune.data.base import DatasetNotFoundError, ImageDataModule
 from lit_finetune.metrics import ExtractorNotFoundError
 from lit_finetune.modules.base import TransferModule
+from lit_finetune.modules.loading import checked_module_class, read_hparams
 from lit_finetune.transfer.pretrained import PretrainedLoadError
 
 
@@ -49,6 +50,16 @@ class LitFinetuneCLI(LightningCLI):
     ``num_classes``, ``channels`` and ``image_size`` are read from the datamodule and passed to
     the model, so a config states them once (under ``data``).
     """
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI next reads ``--ckpt_path``'s hyper-parameters and imports the class their ``_class_path``
+        # names (to rebuild the model); check it first, so a checkpoint can only name a lit_finetune module
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            role = "checkpoint (--ckpt_path)"
+            checked_module_class(read_hparams(Path(ckpt_path), role, required=False), f"The {role} {ckpt_path!r}")
 
     def instantiate_classes(self) -> None:
         # jsonargparse reports a failed instantiation as "does not validate against any of the Union

@@ -334,6 +334,52 @@ def test_a_cli_written_checkpoint_loads_as_generator(tmp_path):
         load_module_checkpoint(path)
 
 
+def test_a_plain_python_checkpoint_loads_as_itself_and_as_teacher(tmp_path):
+    """``on_save_checkpoint`` writes ``_class_path`` into the hyper-parameters: it must not reach
+    ``**classifier_args``."""
+    from lit_finetune.modules.augmented import load_teacher
+
+    model = GANAugmentedClassifier(5, backbone="resnet10", synthetic_ratio=0.25, synthetic_seed=3)
+    path = save_lightning_checkpoint(model, tmp_path / "aug.ckpt")
+    assert torch.load(path, weights_only=True)["hyper_parameters"]["_class_path"].endswith("GANAugmentedClassifier")
+    restored = GANAugmentedClassifier.load_from_checkpoint(path, weights_only=True)
+    assert restored.hparams.synthetic_ratio == 0.25 and restored.hparams.backbone == "resnet10"
+    assert "_class_path" not in restored.hparams
+    teacher = load_teacher(path)
+    assert isinstance(teacher, GANAugmentedClassifier)
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(teacher(x), model.eval()(x))
+
+
+class BufferGenerator(nn.Module):
+    """A user's G(z, y) without parameters: a fixed buffer maps labels to pixel values."""
+
+    latent_dim = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("values", torch.linspace(-0.5, 0.5, 5))
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.values[y].view(-1, 1, 1, 1).expand(-1, 1, 28, 28) + 0 * z[:, :1, None, None]
+
+
+def test_a_users_generator_moves_whole_to_the_classifiers_device():
+    """Every parameter and buffer follows the classifier (here to the meta device, which any machine has):
+    a generator without parameters, and one spread over devices, included. The caller's module is used in
+    place, as the docstring says."""
+    spread = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    spread[0].to("meta")  # its first parameter already where the classifier will be, the rest not
+    for user_module in (BufferGenerator(), spread):
+        model = GANAugmentedClassifier(5, backbone="resnet10", generator=user_module).to("meta")
+        generator = model.generator
+        assert generator is user_module and not generator.training
+        devices = {t.device.type for t in [*generator.parameters(), *generator.buffers()]}
+        assert devices == {"meta"}, type(user_module).__name__
+        assert not any(p.requires_grad for p in generator.parameters())
+    assert "not copied" in GANAugmentedClassifier.__doc__ and "deepcopy" in GANAugmentedClassifier.__doc__
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fit_on_cuda_with_bf16_mixed_moves_generator_and_teacher(tiny_target, tmp_path):
     dcgan = DCGAN(latent_dim=16, num_classes=5, conditional=True, generator_width=16, discriminator_width=16)

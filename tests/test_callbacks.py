@@ -47,6 +47,32 @@ def test_lr_factor_hooks_scale_only_during_step():
     assert opt.param_groups[0]["lr"] == 1.0  # the scheduler's value is back
 
 
+def test_factors_loaded_into_a_fresh_optimizer_warn_until_installed():
+    """Plain PyTorch resuming a run: ``load_state_dict`` brings the groups' factors but not the step wrapper."""
+    import warnings
+
+    p = nn.Parameter(torch.zeros(1))
+    trained = install_lr_factor_hooks(torch.optim.SGD([{"params": [p], "lr": 1.0, "name": "backbone"}]))
+    set_lr_factor(trained.param_groups[0], "lr_scale", 0.1)
+    p.grad = torch.ones(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trained.step()  # its factors apply: no warning
+    fresh = torch.optim.SGD([{"params": [p], "lr": 1.0}])
+    fresh.load_state_dict(trained.state_dict())
+    with pytest.warns(UserWarning, match=r"\['backbone'\] carry lit_finetune lr_factors.*install_lr_factor_hooks"):
+        fresh.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh.step()  # once per optimizer
+        installed = torch.optim.SGD([{"params": [p], "lr": 1.0}])
+        installed.load_state_dict(trained.state_dict())
+        install_lr_factor_hooks(installed)
+        before = p.item()
+        installed.step()
+    assert before - p.item() == pytest.approx(0.1)  # the loaded lr_scale applies again
+
+
 def test_freeze_then_unfreeze_keeps_bn_frozen_and_groups_named(tmp_path, tiny_target):
     torch.manual_seed(0)
     model = ImageClassifier(num_classes=5)

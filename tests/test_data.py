@@ -82,6 +82,16 @@ def test_split_is_seeded_and_val_independent_of_few_shot():
         split_indices(labels, 0.2, 100, seed=0)
 
 
+def test_a_val_split_that_gives_no_validation_image_names_the_fix():
+    labels = np.repeat(np.arange(5), 20)
+    with pytest.raises(ValueError, match=r"val_split=3 puts no image.*spread evenly.*5 classes.*val_split=5 or more"):
+        split_indices(labels, 3, None, seed=0)  # a total count below the class count: 0 per class
+    with pytest.raises(ValueError, match=r"val_split=0.01 puts no image.*rounds to 0 per class"):
+        split_indices(labels, 0.01, None, seed=0)
+    _, val = split_indices(labels, 5, None, seed=0)
+    assert sorted(labels[val]) == [0, 1, 2, 3, 4]
+
+
 def test_channels_and_size_conversion(fashion_root):
     dm = FashionMNISTDataModule(root=str(fashion_root), classes=[0], val_split=10, image_size=32, channels=3)
     dm.setup("fit")

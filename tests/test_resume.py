@@ -180,6 +180,29 @@ def test_atomic_checkpoint_io_keeps_the_old_file_when_a_write_fails_part_way(tmp
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["step"] == 3
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_checkpoint_io_gives_files_the_permissions_lightnings_writer_gives(tmp_path, umask):
+    """0666 less the umask (0644 usually), not the 0600 of a ``mkstemp`` file that others cannot read."""
+    import os
+    import stat
+
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    def mode(name: str) -> int:
+        return stat.S_IMODE((tmp_path / name).stat().st_mode)
+
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, tmp_path / "atomic.ckpt")
+    TorchCheckpointIO().save_checkpoint({"step": 1}, tmp_path / "stock.ckpt")  # (fsspec reads the umask once)
+    assert mode("atomic.ckpt") == mode("stock.ckpt")
+    old = os.umask(umask)
+    try:
+        AtomicCheckpointIO().save_checkpoint({"step": 2}, tmp_path / "new.ckpt")
+    finally:
+        os.umask(old)
+    assert mode("new.ckpt") == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atomic.ckpt", "new.ckpt", "stock.ckpt"]  # no temp file
+
+
 def test_atomic_checkpoint_io_never_moves_across_filesystems(tmp_path, monkeypatch):
     """The temp file sits beside the target, so no cross-device move (a copy) is ever needed."""
     seen = _interrupted_save(AtomicCheckpointIO(), tmp_path / "ckpt", monkeypatch, "cross_device_move")

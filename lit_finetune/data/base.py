@@ -112,6 +112,12 @@ def split_indices(
                 )
             rest = rest[:samples_per_class]
         train.append(rest)
+    if val_split > 0 and not sum(len(v) for v in val):
+        why = "a count is spread evenly over the classes" if isinstance(val_split, int) else "it rounds to 0 per class"
+        raise ValueError(
+            f"val_split={val_split} puts no image in the validation split ({why}, {len(classes)} classes): pass "
+            f"val_split={len(classes)} or more (one image per class) or a larger fraction."
+        )
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 

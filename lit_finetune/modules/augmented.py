@@ -3,6 +3,7 @@ samples of a frozen class-conditional generator ``G(z, y)``."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,10 @@ class GANAugmentedClassifier(ImageClassifier):
     fine-tune together), L2-SP, parameter groups. Validation, test and predict see real images only.
 
     The generator is frozen: in eval mode, gradients off, held outside the module's children so it is
-    in no optimizer, no DDP wrapper and no checkpoint. A path is read when a fit starts (also
+    in no optimizer, no DDP wrapper and no checkpoint. A generator or teacher passed as an ``nn.Module``
+    is used as it is, not copied: it is changed in place, put in eval mode with ``requires_grad=False``
+    and moved (every parameter and buffer) to the classifier's device; pass a ``copy.deepcopy`` to keep
+    your own module as it was. A path is read when a fit starts (also
     ``fit --ckpt_path`` resumes, which need the file); testing and predicting never read it.
     Synthetic images are not passed through the datamodule's augmentation; the real ones are.
 
@@ -110,6 +114,10 @@ class GANAugmentedClassifier(ImageClassifier):
         synthetic_seed: int | None = None,
         **classifier_args: Any,
     ) -> None:
+        # Lightning's records in a checkpoint's hyper-parameters (the class, LightningCLI's instantiator), which
+        # load_from_checkpoint hands back as keyword arguments: not ImageClassifier's
+        for key in ("_class_path", "_instantiator"):
+            classifier_args.pop(key, None)
         super().__init__(num_classes, **classifier_args)
         if synthetic_ratio < 0:
             raise ValueError(f"synthetic_ratio must be >= 0, got {synthetic_ratio}")
@@ -145,7 +153,8 @@ class GANAugmentedClassifier(ImageClassifier):
                 net = load_teacher(source)
             self._frozen[name] = net.requires_grad_(False).eval()
         net = self._frozen[name]
-        if next(net.parameters(), torch.empty(0, device=self.device)).device != self.device:
+        # every tensor, buffers too: a generator without parameters, or one spread over devices, must move as well
+        if any(t.device != self.device for t in itertools.chain(net.parameters(), net.buffers())):
             net.to(self.device)
         return net.eval()
 

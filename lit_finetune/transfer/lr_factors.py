@@ -20,7 +20,10 @@ continues them exactly. Factor *functions* (:func:`add_lr_factor_fn`) are evalua
 before each step, from the group itself.
 
 The wrapper is an instance attribute (not a step pre-hook) because pre-hooks run before the
-closure, and no hook runs after a closure that raised.
+closure, and no hook runs after a closure that raised. So it is not in the optimizer's
+``state_dict()``: groups loaded into a fresh optimizer (plain PyTorch resuming a lit-finetune
+run) carry their factors but nothing applies them; such an optimizer warns at its first step
+(:func:`_warn_unapplied_factors`) until :func:`install_lr_factor_hooks` is called on it.
 """
 
 from __future__ import annotations
@@ -28,12 +31,15 @@ from __future__ import annotations
 import functools
 import math
 import types
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 from torch.optim import Optimizer
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 _WRAPPED = "_lit_finetune_lr_factors"
+_WARNED = "_lit_finetune_warned_unapplied_factors"
 FactorFn = Callable[[dict[str, Any]], float]
 
 
@@ -100,3 +106,25 @@ def install_lr_scale(optimizer: Optimizer) -> Optimizer:
     for group in optimizer.param_groups:
         set_lr_factor(group, "lr_scale", group.get("lr_scale", 1.0))
     return optimizer
+
+
+def _warn_unapplied_factors(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+    """Global step pre-hook: warn (once per optimizer) when groups carry LR factors that its step ignores."""
+    if getattr(optimizer, _WRAPPED, None) is not None or getattr(optimizer, _WARNED, False):
+        return
+    ignored = [
+        group.get("name", str(i))
+        for i, group in enumerate(optimizer.param_groups)
+        if math.prod(group.get("lr_factors", {}).values()) != 1.0
+    ]
+    if ignored:
+        setattr(optimizer, _WARNED, True)
+        warnings.warn(
+            f"{type(optimizer).__name__}: parameter groups {ignored} carry lit_finetune lr_factors (e.g. loaded "
+            "with load_state_dict from a lit-finetune run) that this optimizer's step does not apply; call "
+            "lit_finetune.transfer.install_lr_factor_hooks(optimizer) after building it.",
+            stacklevel=2,
+        )
+
+
+register_optimizer_step_pre_hook(_warn_unapplied_factors)

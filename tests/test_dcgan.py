@@ -202,17 +202,25 @@ def test_evaluate_raw_generator_instead_of_ema(tmp_path, gan_data, tiny_extracto
     assert torch.equal(model.sample(2), (torch.manual_seed(0), model.generator(torch.randn(2, 16)))[1])
 
 
-def test_conditional_fine_tune_from_an_unconditional_source_starts_as_the_source(tmp_path):
-    """G(z, y) = source G(z) and D(x, y) = source D(x) for every label right after loading; the report says so."""
+@pytest.mark.parametrize("conditioning", ["projection", "concat"])
+def test_conditional_fine_tune_from_an_unconditional_source_starts_as_the_source(tmp_path, conditioning):
+    """G(z, y) = source G(z) and D(x, y) = source D(x) for every label right after loading; the report says so.
+
+    With concat conditioning D's first conv keeps the image filters unscaled and its label channels start at 0."""
     from lit_finetune import DCGAN
 
     shape = {"latent_dim": 16, "generator_width": 8, "discriminator_width": 8}
     torch.manual_seed(0)
     source = DCGAN(**shape)
     torch.save({"state_dict": source.state_dict()}, tmp_path / "source.ckpt")
-    model = DCGAN(**shape, conditional=True, num_classes=5, pretrained=str(tmp_path / "source.ckpt"))
+    model = DCGAN(**shape, conditional=True, num_classes=5, conditioning=conditioning, pretrained=str(tmp_path / "source.ckpt"))
     report = model.load_pretrained_weights()
-    assert report.adapted == ["generator.project.conv.weight (label rows zero)"] and not report.reshaped
+    expected = ["generator.project.conv.weight (label rows zero)"]
+    if conditioning == "concat":
+        expected.append("discriminator.blocks.0.conv.weight (label channels zero)")
+        d_weight = model.discriminator.blocks[0].conv.weight
+        assert torch.equal(d_weight[:, :1], source.discriminator.blocks[0].conv.weight) and d_weight[:, 1:].abs().sum() == 0
+    assert report.adapted == expected and not report.reshaped
     source.eval(), model.eval()
     z, x = torch.randn(10, 16), torch.rand(10, 1, 28, 28) * 2 - 1
     with torch.no_grad():

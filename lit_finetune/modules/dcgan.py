@@ -18,7 +18,7 @@ from lit_finetune.nets.dcgan import DCGANDiscriminator, DCGANGenerator
 from lit_finetune.transfer.diffaugment import DiffAugment
 from lit_finetune.transfer.l2sp import L2SP
 from lit_finetune.transfer.param_groups import block_groups, weight_decay_groups
-from lit_finetune.transfer.pretrained import LoadReport, load_pretrained
+from lit_finetune.transfer.pretrained import LoadReport, input_conv_keys, load_pretrained
 
 LOSSES = ("nonsaturating", "hinge")
 #: the DCGAN paper's optimizer, used where a config names none
@@ -39,6 +39,17 @@ def discriminator_loss(kind: str, real_logits: torch.Tensor, fake_logits: torch.
 def generator_loss(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
     """Non-saturating ``-log D(G(z))`` or hinge ``-D(G(z))``."""
     return -fake_logits.mean() if kind == "hinge" else F.softplus(-fake_logits).mean()
+
+
+def _zero_extended(source: torch.Tensor, target: torch.Tensor, dim: int, keep: int) -> torch.Tensor | None:
+    """A weight whose input grew by label inputs: the source's ``keep`` slices along ``dim`` first, unchanged,
+    and zeros for the rest, so the labels start with no effect (``None``: the source is not of that kind)."""
+    others = [i for i in range(target.ndim) if i != dim]
+    if source.ndim != target.ndim or source.shape[dim] != keep or any(source.shape[i] != target.shape[i] for i in others):
+        return None
+    adapted = torch.zeros_like(target)
+    adapted.narrow(dim, 0, keep).copy_(source)
+    return adapted
 
 
 class DCGAN(TransferModule):
@@ -192,11 +203,20 @@ class DCGAN(TransferModule):
         then enters with zero weight: G's first layer keeps the source's weights for ``z`` and gets
         zeros for the label embedding, and D's projection embedding starts at zero, so the module
         starts as exactly the source G and D and learns to use labels (reported as ``adapted``).
+        With ``conditioning="concat"`` D's first convolution keeps the source's image filters
+        unscaled and gets zero weights for the label channels, so D(x, y) = source D(x) too.
         """
-        adapt = {"generator.project.conv.weight": ("label rows zero", self._label_rows_zero)}
+        adapt = {}
+        if self.hparams.conditional:
+            # G's project conv is transposed: dimension 0 is its input (z, then the label embedding)
+            label_rows = partial(_zero_extended, dim=0, keep=self.hparams.latent_dim)
+            adapt["generator.project.conv.weight"] = ("label rows zero", label_rows)
+            if self.hparams.conditioning == "concat":  # D's input channels: the image's, then one per class
+                label_channels = partial(_zero_extended, dim=1, keep=self.hparams.in_channels)
+                for key in input_conv_keys(self.discriminator):
+                    adapt[f"discriminator.{key}"] = ("label channels zero", label_channels)
         report = load_pretrained(
-            self, source, exclude=["generator_ema.", "l2sp_g.", "l2sp_d.", "fixed_"],
-            adapt=adapt if self.hparams.conditional else None,
+            self, source, exclude=["generator_ema.", "l2sp_g.", "l2sp_d.", "fixed_"], adapt=adapt
         )  # fmt: skip
         embed = self.discriminator.embed
         if embed is not None and "discriminator.embed.weight" in report.missing:
@@ -207,16 +227,6 @@ class DCGAN(TransferModule):
             if reg is not None:
                 reg.reset_anchor()
         return report
-
-    def _label_rows_zero(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
-        """G's first layer from an unconditional source: its input rows are ``z`` then the label
-        embedding, so the source's rows go first and the label's rows are zero (``None``: no such source)."""
-        latent_dim = self.hparams.latent_dim
-        if source.shape[0] != latent_dim or source.shape[1:] != target.shape[1:]:
-            return None
-        adapted = torch.zeros_like(target)
-        adapted[:latent_dim] = source
-        return adapted
 
     def setup(self, stage: str) -> None:
         super().setup(stage)

@@ -1,23 +1,32 @@
 """Load pretrained weights from any source, loudly.
 
 ``load_pretrained`` accepts a Lightning checkpoint written by this package, a plain state dict
-file, or a torchvision weight name. It loads every tensor that fits, adapts an input conv whose
-channel count differs, keeps the fresh initialisation for everything else, and returns a
-:class:`LoadReport` naming each key it loaded, adapted, skipped, or could not find. Nothing is
-dropped silently (the ``strict=False`` trap of older libraries).
+file, or a torchvision weight name. It loads every tensor that fits, adapts the input convolutions
+a net declares (``input_convs``) to another image channel count, and returns a :class:`LoadReport`
+naming each key it loaded, adapted, skipped, or could not find, and the share of the model's
+parameters that came from the source. Any other shape change is an error (unless the caller
+asks to skip it), and so is a source that fills less than ``min_loaded_share`` of the model:
+nothing is dropped silently (the ``strict=False`` trap of older libraries).
 """
 
 from __future__ import annotations
 
 import pickle
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+
+
+#: the least share of the model's parameters (those not declared new) a source must fill
+MIN_LOADED_SHARE = 0.5
+
+#: an ``adapt=`` entry: ``(what, fn)``, ``fn(source_tensor, target_tensor)`` -> the tensor to load, or ``None``
+Adapter = tuple[str, Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]]
 
 
 class PretrainedLoadError(RuntimeError):
@@ -35,13 +44,24 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)  # in the model, not in the source
     unexpected: list[str] = field(default_factory=list)  # in the source, not in the model
     excluded: list[str] = field(default_factory=list)  # matched, but left out on request (exclude=)
+    loaded_params: int = 0  # parameter elements loaded or adapted from the source
+    total_params: int = 0  # the model's parameter elements, less those excluded (declared new)
 
     @property
     def clean(self) -> bool:
         return not (self.reshaped or self.missing or self.unexpected)
 
+    @property
+    def loaded_share(self) -> float:
+        """Share of the model's parameters (not buffers; excluded keys left out) filled from the source."""
+        return self.loaded_params / self.total_params if self.total_params else 0.0
+
     def __str__(self) -> str:
-        lines = [f"load_pretrained({self.source}): {len(self.loaded)} tensors loaded"]
+        lines = [
+            f"load_pretrained({self.source}): {len(self.loaded)} tensors loaded, {len(self.adapted)} adapted; "
+            f"{100 * self.loaded_share:.3g}% of the model's parameters "
+            f"({self.loaded_params:,} of {self.total_params:,}{', excluded keys not counted' if self.excluded else ''})"
+        ]
         for label, keys in (
             ("adapted to a new shape (input channels, or as noted)", self.adapted),
             ("skipped, shape differs (kept fresh init)", self.reshaped),
@@ -173,6 +193,32 @@ def _adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     return weight.repeat(1, repeats, 1, 1)[:, :in_channels] * (src_c / in_channels)
 
 
+def _input_channel_rule(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
+    """The :func:`_adapt_input_conv` rule where only dimension 1 (a ``Conv2d``'s input channels) differs."""
+    if source.ndim == target.ndim == 4 and source.shape[0] == target.shape[0] and source.shape[2:] == target.shape[2:]:
+        return _adapt_input_conv(source, target.shape[1])
+    return None
+
+
+def input_conv_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the input convolutions the model's nets declare.
+
+    A net lists the ``Conv2d`` layers that read its input images, by name relative to itself, in an
+    ``input_convs`` attribute (e.g. ``("conv1",)``); only their weights may be adapted to another
+    image channel count. A spectrally normalised conv's weight is ``<name>.parametrizations.weight.original``.
+    """
+    keys = []
+    for prefix, module in model.named_modules():
+        for name in getattr(module, "input_convs", ()):
+            path = f"{prefix}.{name}" if prefix else name
+            keys += [f"{path}.weight", f"{path}.parametrizations.weight.original"]
+    return keys
+
+
+def _skipped(key: str, skip: bool | Iterable[str]) -> bool:
+    return skip if isinstance(skip, bool) else any(key.startswith(prefix) for prefix in skip)
+
+
 def load_pretrained(
     model: nn.Module,
     source: str | Path | Mapping[str, torch.Tensor],
@@ -180,7 +226,9 @@ def load_pretrained(
     arch: str | None = None,
     strict: bool = False,
     exclude: Sequence[str] = (),
-    adapt: Mapping[str, tuple[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]]] | None = None,
+    adapt: Mapping[str, Adapter] | None = None,
+    skip_mismatched: bool | Sequence[str] = False,
+    min_loaded_share: float = MIN_LOADED_SHARE,
 ) -> LoadReport:
     """Load what fits from ``source`` into ``model`` and report every key.
 
@@ -192,10 +240,17 @@ def load_pretrained(
             e.g. ``{"": "backbone.", "fc.": "head."}`` for torchvision ResNet weights.
         arch: torchvision architecture name for weight names (``"resnet18"``).
         strict: raise instead of reporting when anything is skipped, missing or unexpected.
-        exclude: target-key prefixes never loaded (e.g. ``["head."]`` for a new task's head).
+        exclude: target-key prefixes never loaded (e.g. ``["head."]`` for a new task's head); their
+            parameters count as new, not in the loaded share.
         adapt: for target keys whose shape differs from the source's on purpose: ``key -> (what,
             fn)``, ``fn(source_tensor, target_tensor)`` returning the tensor to load (the target's
-            shape), or ``None`` to keep the fresh init. Reported as adapted, ``"<key> (<what>)"``.
+            shape), or ``None`` when it cannot. Reported as adapted, ``"<key> (<what>)"``. The
+            input convolutions the model's nets declare (:func:`input_conv_keys`) get the
+            input-channel rule unless ``adapt`` names them.
+        skip_mismatched: target-key prefixes (or ``True``: all) whose shape mismatches are reported
+            as skipped and keep the fresh init; any other mismatch raises :class:`PretrainedLoadError`.
+        min_loaded_share: raise when less than this share of the model's parameters (excluded keys
+            not counted) is loaded or adapted: a source of other sizes would otherwise load almost nothing.
     """
     if isinstance(source, Mapping):
         state, label = dict(source), "<state dict>"
@@ -208,6 +263,7 @@ def load_pretrained(
 
     target = model.state_dict()
     report = LoadReport(source=label)
+    adapt = {**{key: ("input channels", _input_channel_rule) for key in input_conv_keys(model)}, **(adapt or {})}
     merged: dict[str, torch.Tensor] = {}
     mismatched: set[str] = set()
     for key, value in state.items():
@@ -219,7 +275,7 @@ def load_pretrained(
             report.excluded.append(mapped)
             continue
         want = target[mapped]
-        adapter = (adapt or {}).get(mapped)
+        adapter = adapt.get(mapped)
         adapted = adapter[1](value, want) if adapter is not None and value.shape != want.shape else None
         if value.shape == want.shape:
             merged[mapped] = value
@@ -227,14 +283,19 @@ def load_pretrained(
         elif adapted is not None:
             merged[mapped] = adapted
             report.adapted.append(f"{mapped} ({adapter[0]})")
-        elif (
-            value.ndim == 4 and want.ndim == 4 and value.shape[0] == want.shape[0] and value.shape[2:] == want.shape[2:]
-        ):
-            merged[mapped] = _adapt_input_conv(value, want.shape[1])
-            report.adapted.append(mapped)
         else:
             report.reshaped.append(f"{mapped} {tuple(value.shape)}->{tuple(want.shape)}")
             mismatched.add(mapped)
+    refused = [entry for entry in report.reshaped if not _skipped(entry, skip_mismatched)]
+    if refused:
+        shown = "\n  ".join(refused[:10]) + (f"\n  ... (+{len(refused) - 10})" if len(refused) > 10 else "")
+        raise PretrainedLoadError(
+            f"{label} does not fit the model: {len(refused)} tensor(s) differ in shape (source->model):\n  {shown}\n"
+            "Only declared input convolutions adapt to another channel count"
+            + (f" ({', '.join(k for k in adapt if k in target)})" if any(k in target for k in adapt) else "")
+            + ". Build the model with the source's sizes (widths, latent_dim, channels, classes), or load the "
+            "rest and keep these fresh with load_pretrained(..., skip_mismatched=[<key prefixes>])."
+        )
     report.missing = [
         k
         for k in target
@@ -245,9 +306,19 @@ def load_pretrained(
     ]
     if strict and not report.clean:
         raise PretrainedLoadError(f"strict load failed:\n{report}")
+    filled = set(report.loaded) | {entry.split(" ", 1)[0] for entry in report.adapted}
+    counted = {k: p.numel() for k, p in model.named_parameters() if not any(k.startswith(e) for e in exclude)}
+    report.total_params = sum(counted.values())
+    report.loaded_params = sum(n for k, n in counted.items() if k in filled)
     if not report.loaded and not report.adapted:
         raise PretrainedLoadError(
             f"Nothing in {label} matches the model's keys; wrong file, or a key_map is needed.\n{report}"
+        )
+    if report.loaded_share < min_loaded_share:
+        raise PretrainedLoadError(
+            f"Only {100 * report.loaded_share:.3g}% of the model's parameters would come from {label} (at least "
+            f"{min_loaded_share:.0%} needed): the source is another network or has other sizes. Use a source "
+            f"built like the model, or train from scratch (pretrained=None).\n{report}"
         )
     model.load_state_dict({**target, **merged}, strict=True)
     rank_zero_info(str(report))  # shown by the CLI; rank 0 only under DDP

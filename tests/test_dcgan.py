@@ -213,13 +213,15 @@ def test_conditional_fine_tune_from_an_unconditional_source_starts_as_the_source
     torch.manual_seed(0)
     source = DCGAN(**shape)
     torch.save({"state_dict": source.state_dict()}, tmp_path / "source.ckpt")
-    model = DCGAN(**shape, conditional=True, num_classes=5, conditioning=conditioning, pretrained=str(tmp_path / "source.ckpt"))
+    source_path = str(tmp_path / "source.ckpt")
+    model = DCGAN(**shape, conditional=True, num_classes=5, conditioning=conditioning, pretrained=source_path)
     report = model.load_pretrained_weights()
     expected = ["generator.project.conv.weight (label rows zero)"]
     if conditioning == "concat":
         expected.append("discriminator.blocks.0.conv.weight (label channels zero)")
         d_weight = model.discriminator.blocks[0].conv.weight
-        assert torch.equal(d_weight[:, :1], source.discriminator.blocks[0].conv.weight) and d_weight[:, 1:].abs().sum() == 0
+        assert torch.equal(d_weight[:, :1], source.discriminator.blocks[0].conv.weight)  # unscaled
+        assert d_weight[:, 1:].abs().sum() == 0
     assert report.adapted == expected and not report.reshaped
     source.eval(), model.eval()
     z, x = torch.randn(10, 16), torch.rand(10, 1, 28, 28) * 2 - 1
@@ -230,3 +232,19 @@ def test_conditional_fine_tune_from_an_unconditional_source_starts_as_the_source
             assert torch.allclose(model.generator_ema(z, y), source.generator(z), atol=1e-6)
             assert torch.allclose(model.discriminator(x, y), source.discriminator(x), atol=1e-6)
     assert model.generator.project.conv.weight[16:].abs().sum() == 0  # the label's rows: zero, then learned
+
+
+def test_sample_cli_labels_out_of_range_is_a_one_line_error(tmp_path):
+    """`lit-finetune-sample --labels 5 9` on a 5-class generator: one line naming the valid labels, no traceback."""
+    import subprocess
+    import sys
+
+    source, _ = _save_source(tmp_path, num_classes=5, conditional=True)
+    out_dir = str(tmp_path / "s")
+    run = [sys.executable, "-m", "lit_finetune.sample", "--ckpt_path", source, "--num", "2", "--out", out_dir]
+    out = subprocess.run([*run, "--labels", "5", "9"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "lit-finetune-sample: error: --labels 5 9: the generator has 5 classes, labels 0 to 4."
+    ]
+    assert subprocess.run([*run, "--labels", "0", "4"], capture_output=True, timeout=120).returncode == 0

@@ -233,16 +233,17 @@ def test_a_source_of_other_sizes_fails_on_the_loaded_share_of_parameters(tmp_pat
     """Skipping every mismatch leaves BatchNorm counters and 1-element biases: a tiny share of the parameters."""
     from lit_finetune import DCGAN
 
+    sizes = dict(latent_dim=64, generator_width=32, discriminator_width=32)
     torch.save(DCGAN().state_dict(), tmp_path / "default.pt")
     with pytest.raises(PretrainedLoadError, match="does not fit the model"):  # the module's own load refuses it
-        DCGAN(latent_dim=64, generator_width=32, discriminator_width=32, pretrained=str(tmp_path / "default.pt")).load_pretrained_weights()
+        DCGAN(**sizes, pretrained=str(tmp_path / "default.pt")).load_pretrained_weights()
     model = DCGAN(latent_dim=64, generator_width=32, discriminator_width=32)
     with pytest.raises(PretrainedLoadError, match=r"Only 0.000\d+% of the model's parameters"):
         load_pretrained(model, tmp_path / "default.pt", skip_mismatched=True, exclude=["generator_ema.", "fixed_"])
 
     same = DCGAN(latent_dim=64, generator_width=32, discriminator_width=32)
     torch.save(same.state_dict(), tmp_path / "same.pt")
-    report = DCGAN(latent_dim=64, generator_width=32, discriminator_width=32, pretrained=str(tmp_path / "same.pt")).load_pretrained_weights()
+    report = DCGAN(**sizes, pretrained=str(tmp_path / "same.pt")).load_pretrained_weights()
     assert report.loaded_share == 1.0 and "100% of the model's parameters" in str(report)
     classifier = ImageClassifier(num_classes=3)
     torch.save(ImageClassifier(num_classes=3).state_dict(), tmp_path / "clf.pt")

@@ -93,6 +93,7 @@ class GANAugmentedClassifier(ImageClassifier):
     """
 
     hparams_ignore = (*ImageClassifier.hparams_ignore, "generator", "teacher")
+    runtime_options = ("generator", "teacher", "generator_ema", "latent_dim")
 
     def __init__(
         self,

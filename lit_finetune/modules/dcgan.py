@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lit_finetune.metrics import GenerativeMetrics
+from lit_finetune.metrics import EXTRACTOR_COMMAND, GenerativeMetrics
 from lit_finetune.modules.base import Network, TransferModule
 from lit_finetune.nets.dcgan import DCGANDiscriminator, DCGANGenerator
 from lit_finetune.transfer.diffaugment import DiffAugment
@@ -45,7 +46,9 @@ def _zero_extended(source: torch.Tensor, target: torch.Tensor, dim: int, keep: i
     """A weight whose input grew by label inputs: the source's ``keep`` slices along ``dim`` first, unchanged,
     and zeros for the rest, so the labels start with no effect (``None``: the source is not of that kind)."""
     others = [i for i in range(target.ndim) if i != dim]
-    if source.ndim != target.ndim or source.shape[dim] != keep or any(source.shape[i] != target.shape[i] for i in others):
+    if source.ndim != target.ndim or source.shape[dim] != keep:
+        return None
+    if any(source.shape[i] != target.shape[i] for i in others):
         return None
     adapted = torch.zeros_like(target)
     adapted.narrow(dim, 0, keep).copy_(source)
@@ -100,6 +103,8 @@ class DCGAN(TransferModule):
         generator_optimizer, discriminator_optimizer: default Adam(lr=2e-4, betas=(0.5, 0.999)).
         generator_lr_scheduler, discriminator_lr_scheduler, scheduler_interval: optional schedulers.
     """
+
+    runtime_options = ("feature_extractor", "metrics_every_n_epochs", "evaluate_ema")
 
     def __init__(
         self,
@@ -234,6 +239,13 @@ class DCGAN(TransferModule):
             # the generator's labels are the datamodule's 0..k-1; the extractor knows the dataset's original ids
             classes = getattr(self.trainer.datamodule, "classes", None) if self.hparams.conditional else None
             self.generative_metrics = GenerativeMetrics(self.hparams.feature_extractor, classes=classes)
+        elif not self.hparams.feature_extractor and stage in ("fit", "validate", "test"):
+            rank_zero_warn(
+                f"DCGAN: FID/KID skipped at {getattr(stage, 'value', stage)}: no feature_extractor is set, so only "
+                "d_loss is logged. Pass "
+                "--model.init_args.feature_extractor <classifier checkpoint> (it wins over a --ckpt_path's "
+                f"hyper-parameters) or DCGAN(feature_extractor=...); make one with: {EXTRACTOR_COMMAND}"
+            )
         strategy = self.trainer.strategy
         if (
             stage == "fit"

@@ -202,14 +202,15 @@ def test_evaluate_raw_generator_instead_of_ema(tmp_path, gan_data, tiny_extracto
     assert torch.equal(model.sample(2), (torch.manual_seed(0), model.generator(torch.randn(2, 16)))[1])
 
 
-@pytest.mark.parametrize("conditioning", ["projection", "concat"])
-def test_conditional_fine_tune_from_an_unconditional_source_starts_as_the_source(tmp_path, conditioning):
+@pytest.mark.parametrize("conditioning, spectral_norm", [("projection", False), ("concat", False), ("concat", True)])
+def test_conditional_fine_tune_from_an_unconditional_source_starts_as_the_source(tmp_path, conditioning, spectral_norm):
     """G(z, y) = source G(z) and D(x, y) = source D(x) for every label right after loading; the report says so.
 
-    With concat conditioning D's first conv keeps the image filters unscaled and its label channels start at 0."""
+    With concat conditioning D's first conv keeps the image filters unscaled and its label channels start at 0
+    (with spectral norm, its power-iteration vector is extended the same way, so sigma is the source's)."""
     from lit_finetune import DCGAN
 
-    shape = {"latent_dim": 16, "generator_width": 8, "discriminator_width": 8}
+    shape = {"latent_dim": 16, "generator_width": 8, "discriminator_width": 8, "spectral_norm": spectral_norm}
     torch.manual_seed(0)
     source = DCGAN(**shape)
     torch.save({"state_dict": source.state_dict()}, tmp_path / "source.ckpt")
@@ -218,9 +219,12 @@ def test_conditional_fine_tune_from_an_unconditional_source_starts_as_the_source
     report = model.load_pretrained_weights()
     expected = ["generator.project.conv.weight (label rows zero)"]
     if conditioning == "concat":
-        expected.append("discriminator.blocks.0.conv.weight (label channels zero)")
-        d_weight = model.discriminator.blocks[0].conv.weight
-        assert torch.equal(d_weight[:, :1], source.discriminator.blocks[0].conv.weight)  # unscaled
+        key = "discriminator.blocks.0.conv." + ("parametrizations.weight.original" if spectral_norm else "weight")
+        expected.append(f"{key} (label channels zero)")
+        if spectral_norm:
+            expected.append("discriminator.blocks.0.conv.parametrizations.weight.0._v (label channels zero)")
+        d_weight = model.state_dict()[key]
+        assert torch.equal(d_weight[:, :1], source.state_dict()[key])  # unscaled
         assert d_weight[:, 1:].abs().sum() == 0
     assert report.adapted == expected and not report.reshaped
     source.eval(), model.eval()

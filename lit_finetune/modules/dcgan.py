@@ -217,9 +217,10 @@ class DCGAN(TransferModule):
             label_rows = partial(_zero_extended, dim=0, keep=self.hparams.latent_dim)
             adapt["generator.project.conv.weight"] = ("label rows zero", label_rows)
             if self.hparams.conditioning == "concat":  # D's input channels: the image's, then one per class
-                label_channels = partial(_zero_extended, dim=1, keep=self.hparams.in_channels)
-                for key in input_conv_keys(self.discriminator):
-                    adapt[f"discriminator.{key}"] = ("label channels zero", label_channels)
+                for entry in input_conv_keys(self.discriminator):  # the weight (and spectral norm's _v)
+                    keep = self.hparams.in_channels * entry.per_channel
+                    label_channels = partial(_zero_extended, dim=entry.dim, keep=keep)
+                    adapt[f"discriminator.{entry.key}"] = ("label channels zero", label_channels)
         report = load_pretrained(
             self, source, exclude=["generator_ema.", "l2sp_g.", "l2sp_d.", "fixed_"], adapt=adapt
         )  # fmt: skip

@@ -15,11 +15,14 @@ import pickle
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.nn.utils import parametrize
 
 
 #: the least share of the model's parameters (those not declared new) a source must fill
@@ -193,26 +196,49 @@ def _adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     return weight.repeat(1, repeats, 1, 1)[:, :in_channels] * (src_c / in_channels)
 
 
-def _input_channel_rule(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
-    """The :func:`_adapt_input_conv` rule where only dimension 1 (a ``Conv2d``'s input channels) differs."""
+@dataclass(frozen=True)
+class InputConvKey:
+    """A state-dict tensor of a declared input convolution, and where its input channels lie."""
+
+    key: str
+    dim: int  # the input-channel dimension: 1 for a conv weight, 0 for spectral norm's vector ``_v``
+    per_channel: int  # entries per input channel along ``dim``: 1 for a weight, the kernel's area for ``_v``
+
+
+def input_conv_keys(model: nn.Module) -> list[InputConvKey]:
+    """The tensors of the input convolutions the model's nets declare.
+
+    A net lists the ``Conv2d`` layers that read its input images, by name relative to itself, in an
+    ``input_convs`` attribute (e.g. ``("conv1",)``); only these may be adapted to another image
+    channel count. A spectrally normalised conv holds its weight as
+    ``<name>.parametrizations.weight.original`` and the power iteration's right singular vector
+    ``<name>.parametrizations.weight.0._v`` (one entry per input channel and kernel position).
+    """
+    entries = []
+    for prefix, module in model.named_modules():
+        for name in getattr(module, "input_convs", ()):
+            path, conv = f"{prefix}.{name}" if prefix else name, module.get_submodule(name)
+            if not parametrize.is_parametrized(conv, "weight"):
+                entries.append(InputConvKey(f"{path}.weight", 1, 1))
+                continue
+            entries.append(InputConvKey(f"{path}.parametrizations.weight.original", 1, 1))
+            if hasattr(conv.parametrizations.weight[0], "_v"):
+                area = conv.kernel_size[0] * conv.kernel_size[1]
+                entries.append(InputConvKey(f"{path}.parametrizations.weight.0._v", 0, area))
+    return entries
+
+
+def _input_channel_rule(source: torch.Tensor, target: torch.Tensor, entry: InputConvKey) -> torch.Tensor | None:
+    """The :func:`_adapt_input_conv` rule where only the input channels differ (a weight's out-channels and
+    kernel must match); spectral norm's ``_v`` gets the same rule per kernel position, then unit length."""
+    if entry.dim == 0:
+        if source.ndim != 1 or source.numel() % entry.per_channel or target.numel() % entry.per_channel:
+            return None
+        vector = _adapt_input_conv(source.view(1, -1, entry.per_channel, 1), target.numel() // entry.per_channel)
+        return F.normalize(vector.flatten(), dim=0)
     if source.ndim == target.ndim == 4 and source.shape[0] == target.shape[0] and source.shape[2:] == target.shape[2:]:
         return _adapt_input_conv(source, target.shape[1])
     return None
-
-
-def input_conv_keys(model: nn.Module) -> list[str]:
-    """State-dict keys of the input convolutions the model's nets declare.
-
-    A net lists the ``Conv2d`` layers that read its input images, by name relative to itself, in an
-    ``input_convs`` attribute (e.g. ``("conv1",)``); only their weights may be adapted to another
-    image channel count. A spectrally normalised conv's weight is ``<name>.parametrizations.weight.original``.
-    """
-    keys = []
-    for prefix, module in model.named_modules():
-        for name in getattr(module, "input_convs", ()):
-            path = f"{prefix}.{name}" if prefix else name
-            keys += [f"{path}.weight", f"{path}.parametrizations.weight.original"]
-    return keys
 
 
 def _skipped(key: str, skip: bool | Iterable[str]) -> bool:
@@ -263,7 +289,8 @@ def load_pretrained(
 
     target = model.state_dict()
     report = LoadReport(source=label)
-    adapt = {**{key: ("input channels", _input_channel_rule) for key in input_conv_keys(model)}, **(adapt or {})}
+    inputs = {entry.key: ("input channels", partial(_input_channel_rule, entry=entry)) for entry in input_conv_keys(model)}
+    adapt = {**inputs, **(adapt or {})}
     merged: dict[str, torch.Tensor] = {}
     mismatched: set[str] = set()
     for key, value in state.items():

@@ -289,7 +289,7 @@ def load_pretrained(
 
     target = model.state_dict()
     report = LoadReport(source=label)
-    inputs = {entry.key: ("input channels", partial(_input_channel_rule, entry=entry)) for entry in input_conv_keys(model)}
+    inputs = {e.key: ("input channels", partial(_input_channel_rule, entry=e)) for e in input_conv_keys(model)}
     adapt = {**inputs, **(adapt or {})}
     merged: dict[str, torch.Tensor] = {}
     mismatched: set[str] = set()

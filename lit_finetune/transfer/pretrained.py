@@ -318,10 +318,10 @@ def load_pretrained(
         shown = "\n  ".join(refused[:10]) + (f"\n  ... (+{len(refused) - 10})" if len(refused) > 10 else "")
         raise PretrainedLoadError(
             f"{label} does not fit the model: {len(refused)} tensor(s) differ in shape (source->model):\n  {shown}\n"
-            "Only declared input convolutions adapt to another channel count"
-            + (f" ({', '.join(k for k in adapt if k in target)})" if any(k in target for k in adapt) else "")
-            + ". Build the model with the source's sizes (widths, latent_dim, channels, classes), or load the "
-            "rest and keep these fresh with load_pretrained(..., skip_mismatched=[<key prefixes>])."
+            f"Only the declared input convolutions (another image channel count) and the layers the module adapts "
+            f"on purpose may change shape here: {', '.join(k for k in adapt if k in target) or 'none'}. Build the "
+            "model with the source's sizes (widths, latent_dim, channels, classes), or load the rest and keep "
+            "these fresh with load_pretrained(..., skip_mismatched=[<key prefixes>])."
         )
     report.missing = [
         k

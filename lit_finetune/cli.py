@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 import yaml
 from jsonargparse import Namespace
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -73,7 +73,7 @@ class LitFinetuneCLI(LightningCLI):
                 raise
             raise cause from None
 
-    def parse_arguments(self, parser, args) -> None:
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
         self._args = args  # parsed again without defaults when --ckpt_path rebuilds the model
 
@@ -99,7 +99,10 @@ class LitFinetuneCLI(LightningCLI):
         """Put the given ``runtime_options`` back over the checkpoint's values; name every other override."""
         model = self.config[self.config["subcommand"]].model
         module_path, _, name = str(model.class_path).rpartition(".")
-        runtime = getattr(getattr(importlib.import_module(module_path), name, None), "runtime_options", ())
+        # only this package's modules are looked up: a checkpoint must not choose what gets imported
+        runtime: tuple[str, ...] = ()
+        if module_path.split(".")[0] == __name__.split(".")[0]:
+            runtime = getattr(getattr(importlib.import_module(module_path), name, None), "runtime_options", ())
         for key, value in given.items():
             # ``pretrained`` is a record in a checkpoint, never read when it is restored
             if key == "pretrained" or key not in model.init_args or model.init_args[key] == value:

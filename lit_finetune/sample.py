@@ -32,6 +32,19 @@ def load_module(ckpt_path: str | Path):
     return module
 
 
+def check_labels(module, labels: list[int] | None) -> None:
+    """``--labels`` must name classes of a conditional module: a ``ValueError`` saying which are wrong."""
+    if not labels:
+        return
+    num_classes = getattr(module, "num_classes", None)
+    if num_classes is None:
+        given = " ".join(map(str, labels))
+        raise ValueError(f"--labels {given}: {type(module).__name__} is unconditional; drop --labels.")
+    wrong = " ".join(str(label) for label in labels if not 0 <= label < num_classes)
+    if wrong:
+        raise ValueError(f"--labels {wrong}: the generator has {num_classes} classes, labels 0 to {num_classes - 1}.")
+
+
 def write_samples(
     module, num: int, out: str | Path, labels: list[int] | None = None, seed: int = 0, nrow: int = 10
 ) -> list[Path]:
@@ -39,6 +52,7 @@ def write_samples(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
+    check_labels(module, labels)
     label_tensor = None
     if labels:
         label_tensor = torch.tensor(labels, dtype=torch.long).repeat(-(-num // len(labels)))[:num]
@@ -77,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         module = load_module(args.ckpt_path)
-    except CheckpointLoadError as err:
+        check_labels(module, args.labels)
+    except (CheckpointLoadError, ValueError) as err:
         sys.stderr.write(f"lit-finetune-sample: error: {err}\n")
         sys.exit(2)
     paths = write_samples(module, args.num, args.out, args.labels, args.seed, args.nrow)

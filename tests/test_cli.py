@@ -160,3 +160,50 @@ def test_shell_user_errors_name_the_fix_without_traceback(tmp_path):
                  "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]")  # fmt: skip
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "sorce.ckpt" in out.stderr and "does not exist" in out.stderr
+
+
+def test_ckpt_path_keeps_given_runtime_options_and_names_overrides(tmp_path, monkeypatch, fashion_root, capsys):
+    """`test --ckpt_path` rebuilds the model from the checkpoint's hyper-parameters, but a feature extractor
+    given on the command line wins (it changes no network), and the options the checkpoint overrode are named."""
+    import torch
+
+    from conftest import save_lightning_checkpoint
+    from lit_finetune import DCGAN, ImageClassifier
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    ckpt = save_lightning_checkpoint(
+        DCGAN(latent_dim=16, generator_width=8, discriminator_width=8, evaluate_ema=False), tmp_path / "ft.ckpt"
+    )
+    extractor = save_lightning_checkpoint(ImageClassifier(num_classes=10), tmp_path / "extractor.ckpt")
+    cli = cli_main(
+        ["test", "--config", str(REPO / "configs/dcgan/finetune.yaml"), "--ckpt_path", ckpt,
+         "--data.init_args.root", str(fashion_root), "--trainer.limit_test_batches", "1", "--trainer.logger", "false",
+         "--trainer.enable_progress_bar", "false", "--model.init_args.feature_extractor", extractor]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert cli.model.hparams.feature_extractor == extractor and "test/fid" in cli.trainer.callback_metrics
+    assert f"feature_extractor='{extractor}' as given (the checkpoint has None)" in err
+    # architecture from the checkpoint, said out loud; options nobody gave keep the checkpoint's value
+    assert (cli.model.hparams.latent_dim, cli.model.hparams.evaluate_ema) == (16, False)
+    assert "latent_dim=16 from the checkpoint overrides the given 64" in err
+
+
+def test_dcgan_test_without_feature_extractor_says_fid_kid_were_skipped(tmp_path, monkeypatch, fashion_root):
+    import torch
+
+    from conftest import save_lightning_checkpoint
+    from lit_finetune import DCGAN
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    generator = DCGAN(latent_dim=16, generator_width=8, discriminator_width=8)
+    ckpt = save_lightning_checkpoint(generator, tmp_path / "g.ckpt")
+    skipped = r"FID/KID skipped at test: no feature_extractor.*--model.init_args.feature_extractor"
+    with pytest.warns(UserWarning, match=skipped):
+        cli = cli_main(
+            ["test", "--config", str(REPO / "configs/dcgan/pretrain.yaml"), "--ckpt_path", ckpt,
+             "--data.init_args.root", str(fashion_root), "--trainer.limit_test_batches", "1",
+             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+        )  # fmt: skip
+    assert set(cli.trainer.callback_metrics) == {"test/d_loss"}

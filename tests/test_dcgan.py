@@ -202,17 +202,31 @@ def test_evaluate_raw_generator_instead_of_ema(tmp_path, gan_data, tiny_extracto
     assert torch.equal(model.sample(2), (torch.manual_seed(0), model.generator(torch.randn(2, 16)))[1])
 
 
-def test_conditional_fine_tune_from_an_unconditional_source_starts_as_the_source(tmp_path):
-    """G(z, y) = source G(z) and D(x, y) = source D(x) for every label right after loading; the report says so."""
+@pytest.mark.parametrize("conditioning, spectral_norm", [("projection", False), ("concat", False), ("concat", True)])
+def test_conditional_fine_tune_from_an_unconditional_source_starts_as_the_source(tmp_path, conditioning, spectral_norm):
+    """G(z, y) = source G(z) and D(x, y) = source D(x) for every label right after loading; the report says so.
+
+    With concat conditioning D's first conv keeps the image filters unscaled and its label channels start at 0
+    (with spectral norm, its power-iteration vector is extended the same way, so sigma is the source's)."""
     from lit_finetune import DCGAN
 
-    shape = {"latent_dim": 16, "generator_width": 8, "discriminator_width": 8}
+    shape = {"latent_dim": 16, "generator_width": 8, "discriminator_width": 8, "spectral_norm": spectral_norm}
     torch.manual_seed(0)
     source = DCGAN(**shape)
     torch.save({"state_dict": source.state_dict()}, tmp_path / "source.ckpt")
-    model = DCGAN(**shape, conditional=True, num_classes=5, pretrained=str(tmp_path / "source.ckpt"))
+    source_path = str(tmp_path / "source.ckpt")
+    model = DCGAN(**shape, conditional=True, num_classes=5, conditioning=conditioning, pretrained=source_path)
     report = model.load_pretrained_weights()
-    assert report.adapted == ["generator.project.conv.weight (label rows zero)"] and not report.reshaped
+    expected = ["generator.project.conv.weight (label rows zero)"]
+    if conditioning == "concat":
+        key = "discriminator.blocks.0.conv." + ("parametrizations.weight.original" if spectral_norm else "weight")
+        expected.append(f"{key} (label channels zero)")
+        if spectral_norm:
+            expected.append("discriminator.blocks.0.conv.parametrizations.weight.0._v (label channels zero)")
+        d_weight = model.state_dict()[key]
+        assert torch.equal(d_weight[:, :1], source.state_dict()[key])  # unscaled
+        assert d_weight[:, 1:].abs().sum() == 0
+    assert report.adapted == expected and not report.reshaped
     source.eval(), model.eval()
     z, x = torch.randn(10, 16), torch.rand(10, 1, 28, 28) * 2 - 1
     with torch.no_grad():
@@ -260,3 +274,17 @@ def test_metrics_gating_with_validation_every_n_steps(tmp_path, gan_data, tiny_e
     trainer.fit(model, datamodule=gan_data)  # 4 batches (2 optimizer steps each), validated after each
     assert computed == [True, False, True, False]
     assert "val/fid" in trainer.callback_metrics
+def test_sample_cli_labels_out_of_range_is_a_one_line_error(tmp_path):
+    """`lit-finetune-sample --labels 5 9` on a 5-class generator: one line naming the valid labels, no traceback."""
+    import subprocess
+    import sys
+
+    source, _ = _save_source(tmp_path, num_classes=5, conditional=True)
+    out_dir = str(tmp_path / "s")
+    run = [sys.executable, "-m", "lit_finetune.sample", "--ckpt_path", source, "--num", "2", "--out", out_dir]
+    out = subprocess.run([*run, "--labels", "5", "9"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "lit-finetune-sample: error: --labels 5 9: the generator has 5 classes, labels 0 to 4."
+    ]
+    assert subprocess.run([*run, "--labels", "0", "4"], capture_output=True, timeout=120).returncode == 0

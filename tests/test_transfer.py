@@ -22,7 +22,7 @@ def test_lightning_checkpoint_loads_with_head_of_other_size(tmp_path):
     src = ImageClassifier(num_classes=10)
     save_lightning_checkpoint(src, tmp_path / "src.ckpt")
     dst = ImageClassifier(num_classes=5)
-    with pytest.raises(PretrainedLoadError, match=r"head\.weight \(10, 128\)->\(5, 128\)"):
+    with pytest.raises(PretrainedLoadError, match=r"head.weight \(10, 128\)->\(5, 128\)"):
         load_pretrained(dst, tmp_path / "src.ckpt")  # a shape change is an error unless asked to skip it
     report = load_pretrained(dst, tmp_path / "src.ckpt", skip_mismatched=["head."])
     assert torch.equal(dst.backbone.layer1[0].conv1.weight, src.backbone.layer1[0].conv1.weight)
@@ -39,7 +39,7 @@ def test_torchvision_layout_state_dict_maps_fc_to_head_and_adapts_channels(tmp_p
     torch.save(state, tmp_path / "tv.pt")
     model = ImageClassifier(num_classes=5, backbone="resnet18", in_channels=1, image_size=224, load_head=True)
     report = load_pretrained(model, tmp_path / "tv.pt", key_map={"": "backbone.", "fc.": "head."})
-    assert "backbone.conv1.weight" in report.adapted
+    assert "backbone.conv1.weight (input channels)" in report.adapted
     assert torch.allclose(model.backbone.conv1.weight, state["conv1.weight"].sum(1, keepdim=True))
     assert torch.equal(model.head.weight, state["fc.weight"])
     assert not report.unexpected
@@ -205,3 +205,48 @@ def test_weight_decay_spares_norms_biases_and_l2sp_anchored_weights():
     opt.step()
     assert torch.equal(model.backbone.layer1[0].conv1.weight, before)
     assert not torch.equal(model.head.weight, head_before)  # decayed toward 0
+
+
+def test_only_declared_input_convs_adapt_other_shapes_are_errors(tmp_path):
+    """1 -> 3 channels: the VAE encoder's input conv adapts; the decoder's output layer is no input (an error
+    naming it, unless skipped); a transposed conv's dimension 1 (its output channels) is never "adapted"."""
+    from lit_finetune import DCGAN, VAE
+
+    torch.manual_seed(0)
+    gray = VAE(latent_dim=4, encoder_width=8, decoder_width=8)
+    torch.save(gray.state_dict(), tmp_path / "vae.pt")
+    rgb = VAE(latent_dim=4, encoder_width=8, decoder_width=8, in_channels=3)
+    with pytest.raises(PretrainedLoadError, match=r"decoder.to_image.weight \(8, 1, 4, 4\)->\(8, 3, 4, 4\)"):
+        load_pretrained(rgb, tmp_path / "vae.pt")
+    report = load_pretrained(rgb, tmp_path / "vae.pt", skip_mismatched=["decoder.to_image."])
+    assert report.adapted == ["encoder.blocks.0.conv.weight (input channels)"]
+    assert report.reshaped == ["decoder.to_image.weight (8, 1, 4, 4)->(8, 3, 4, 4)", "decoder.to_image.bias (1,)->(3,)"]
+    rgb_image = torch.rand(2, 1, 28, 28).repeat(1, 3, 1, 1)  # a gray image as RGB: the adapted encoder sees the same
+    assert torch.allclose(rgb.encoder(rgb_image)[0], gray.encoder(rgb_image[:, :1])[0], atol=1e-5)
+
+    torch.save(DCGAN(latent_dim=16, generator_width=16, discriminator_width=8).state_dict(), tmp_path / "g16.pt")
+    with pytest.raises(PretrainedLoadError, match=r"generator.project.conv.weight \(16, 32, 7, 7\)->\(16, 64, 7, 7\)"):
+        load_pretrained(DCGAN(latent_dim=16, generator_width=32, discriminator_width=8), tmp_path / "g16.pt")
+
+
+def test_a_source_of_other_sizes_fails_on_the_loaded_share_of_parameters(tmp_path):
+    """Skipping every mismatch leaves BatchNorm counters and 1-element biases: a tiny share of the parameters."""
+    from lit_finetune import DCGAN
+
+    sizes = dict(latent_dim=64, generator_width=32, discriminator_width=32)
+    torch.save(DCGAN().state_dict(), tmp_path / "default.pt")
+    with pytest.raises(PretrainedLoadError, match="does not fit the model"):  # the module's own load refuses it
+        DCGAN(**sizes, pretrained=str(tmp_path / "default.pt")).load_pretrained_weights()
+    model = DCGAN(latent_dim=64, generator_width=32, discriminator_width=32)
+    with pytest.raises(PretrainedLoadError, match=r"Only 0.000\d+% of the model's parameters"):
+        load_pretrained(model, tmp_path / "default.pt", skip_mismatched=True, exclude=["generator_ema.", "fixed_"])
+
+    same = DCGAN(latent_dim=64, generator_width=32, discriminator_width=32)
+    torch.save(same.state_dict(), tmp_path / "same.pt")
+    report = DCGAN(**sizes, pretrained=str(tmp_path / "same.pt")).load_pretrained_weights()
+    assert report.loaded_share == 1.0 and "100% of the model's parameters" in str(report)
+    classifier = ImageClassifier(num_classes=3)
+    torch.save(ImageClassifier(num_classes=3).state_dict(), tmp_path / "clf.pt")
+    report = ImageClassifier(num_classes=5, pretrained=str(tmp_path / "clf.pt")).load_pretrained_weights()
+    assert report.loaded_share == 1.0  # the new head is declared new (excluded), not counted
+    assert report.total_params == sum(p.numel() for p in classifier.backbone.parameters())

@@ -99,6 +99,7 @@ class GANAugmentedClassifier(ImageClassifier):
 
     hparams_ignore = (*ImageClassifier.hparams_ignore, "generator", "teacher")
     noise_stream_key = SYNTHETIC_STATE_KEY
+    runtime_options = ("generator", "teacher", "generator_ema", "latent_dim")
 
     def __init__(
         self,

@@ -132,6 +132,11 @@ class TransferModule(L.LightningModule):
         pretrained: where the weights come from (read by :meth:`read_pretrained`).
     """
 
+    #: constructor arguments that change neither the networks nor what the checkpoint holds (paths of
+    #: outside networks, evaluation switches): with ``lit-finetune ... --ckpt_path``, the value given in
+    #: the config or on the command line wins over the checkpoint's hyper-parameters
+    runtime_options: tuple[str, ...] = ()
+
     def __init__(
         self,
         num_classes: int | None,

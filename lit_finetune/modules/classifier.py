@@ -115,9 +115,8 @@ class ImageClassifier(TransferModule):
         self.save_hyperparameters(ignore=list(self.hparams_ignore))
         if input_normalization not in ("auto", "imagenet", "none"):
             raise ValueError(f"input_normalization must be auto, imagenet or none; got {input_normalization!r}")
-        self.backbone, num_features = build_resnet(
-            backbone, in_channels, small_input=image_size <= 64 if small_input is None else small_input
-        )
+        self.small_input = image_size <= 64 if small_input is None else small_input
+        self.backbone, num_features = build_resnet(backbone, in_channels, small_input=self.small_input)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(num_features, num_classes)
         self.class_names = [str(i) for i in range(num_classes)]
@@ -153,11 +152,14 @@ class ImageClassifier(TransferModule):
             exclude.append("head.")
         if self.hparams.input_normalization != "auto" or weight_name:
             exclude += INPUT_STATS  # fixed by the setting, or ImageNet's for torchvision weights
-        # the input statistics follow the input conv when the channel count differs (gray source, RGB target)
+        # the input statistics follow the input conv when the channel count differs (gray source, RGB target);
+        # the small-input stem (3x3) is new by design when the source has torchvision's 7x7 one: kept fresh, reported;
+        # a head of another size (load_head) too: "when its shape fits"
         adapt = {name: ("per channel", _stats_to_channels) for name in INPUT_STATS}
+        skip = ["head.", *(["backbone.conv1."] if self.small_input else [])]
         report = load_pretrained(
             self, source, key_map=TORCHVISION_KEY_MAP, arch=self.hparams.backbone, exclude=exclude, adapt=adapt,
-            skip_mismatched=["head."],  # load_head: "when its shape fits"
+            skip_mismatched=skip,
         )  # fmt: skip
         if weight_name and self.hparams.input_normalization == "auto":
             for name, stats in zip(INPUT_STATS, (IMAGENET_MEAN, IMAGENET_STD)):

@@ -13,16 +13,17 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
-from lit_finetune.metrics import GenerativeMetrics
+from lit_finetune.metrics import EXTRACTOR_COMMAND, GenerativeMetrics
 from lit_finetune.modules.base import Network, NoiseStream, TransferModule
 from lit_finetune.nets.dcgan import DCGANDiscriminator, DCGANGenerator
 from lit_finetune.transfer.diffaugment import DiffAugment
 from lit_finetune.transfer.l2sp import L2SP
 from lit_finetune.transfer.param_groups import block_groups, weight_decay_groups
-from lit_finetune.transfer.pretrained import LoadReport, load_pretrained
+from lit_finetune.transfer.pretrained import LoadReport, input_conv_keys, load_pretrained
 
 LOSSES = ("nonsaturating", "hinge")
 #: how the EMA generator's BatchNorm statistics are obtained (see ``DCGAN``'s ``ema_batchnorm``)
@@ -45,6 +46,19 @@ def discriminator_loss(kind: str, real_logits: torch.Tensor, fake_logits: torch.
 def generator_loss(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
     """Non-saturating ``-log D(G(z))`` or hinge ``-D(G(z))``."""
     return -fake_logits.mean() if kind == "hinge" else F.softplus(-fake_logits).mean()
+
+
+def _zero_extended(source: torch.Tensor, target: torch.Tensor, dim: int, keep: int) -> torch.Tensor | None:
+    """A weight whose input grew by label inputs: the source's ``keep`` slices along ``dim`` first, unchanged,
+    and zeros for the rest, so the labels start with no effect (``None``: the source is not of that kind)."""
+    others = [i for i in range(target.ndim) if i != dim]
+    if source.ndim != target.ndim or source.shape[dim] != keep:
+        return None
+    if any(source.shape[i] != target.shape[i] for i in others):
+        return None
+    adapted = torch.zeros_like(target)
+    adapted.narrow(dim, 0, keep).copy_(source)
+    return adapted
 
 
 class DCGAN(TransferModule):
@@ -125,6 +139,8 @@ class DCGAN(TransferModule):
         generator_lr_scheduler, discriminator_lr_scheduler, scheduler_interval: optional schedulers.
         scheduler_monitor: the metric a ``ReduceLROnPlateau`` steps on (e.g. ``"val/fid"``).
     """
+
+    runtime_options = ("feature_extractor", "metrics_every_n_epochs", "evaluate_ema")
 
     def __init__(
         self,
@@ -247,28 +263,24 @@ class DCGAN(TransferModule):
 
         A conditional module may start from an unconditional source (the usual case: pretrain on
         unlabelled source images, then learn ``G(z, y)`` on few labelled target images). The label
-        then enters with zero weight, so the module starts as exactly the source G and D and
-        learns to use labels: G's first layer keeps the source's weights for ``z`` and gets zeros
-        for the label embedding; D's projection embedding starts at zero (``conditioning=
-        "projection"``), or D's first convolution keeps the source's image filters unscaled and
-        gets zero filters for the one-hot label channels (``"concat"``). Both are reported as
-        ``adapted``; the label embeddings are new and do not count toward the loaded share.
-        Exception: with ``spectral_norm=True`` the projection embedding is spectrally normalised and
-        cannot be zero, so projection D starts as the source plus a projection term (concat is exact).
+        then enters with zero weight: G's first layer keeps the source's weights for ``z`` and gets
+        zeros for the label embedding, and D's projection embedding starts at zero, so the module
+        starts as exactly the source G and D and learns to use labels (reported as ``adapted``).
+        With ``conditioning="concat"`` D's first convolution keeps the source's image filters
+        unscaled and gets zero weights for the label channels, so D(x, y) = source D(x) too.
         """
         adapt = {}
         if self.hparams.conditional:
-            adapt["generator.project.conv.weight"] = ("label rows zero", self._label_rows_zero)
-            if self.hparams.conditioning == "concat":
-                conv = "parametrizations.weight.original" if self.hparams.spectral_norm else "weight"
-                adapt[f"discriminator.blocks.0.conv.{conv}"] = ("label channels zero", self._label_channels_zero)
-                if self.hparams.spectral_norm:  # the power iteration's right vector, laid out like the input
-                    adapt["discriminator.blocks.0.conv.parametrizations.weight.0._v"] = (
-                        "label channels zero", self._label_channels_zero_v
-                    )  # fmt: skip
+            # G's project conv is transposed: dimension 0 is its input (z, then the label embedding)
+            label_rows = partial(_zero_extended, dim=0, keep=self.hparams.latent_dim)
+            adapt["generator.project.conv.weight"] = ("label rows zero", label_rows)
+            if self.hparams.conditioning == "concat":  # D's input channels: the image's, then one per class
+                for entry in input_conv_keys(self.discriminator):  # the weight (and spectral norm's _v)
+                    keep = self.hparams.in_channels * entry.per_channel
+                    label_channels = partial(_zero_extended, dim=entry.dim, keep=keep)
+                    adapt[f"discriminator.{entry.key}"] = ("label channels zero", label_channels)
         report = load_pretrained(
-            self, source, exclude=["generator_ema.", "ema_updates", "l2sp_g.", "l2sp_d.", "fixed_"],
-            adapt=adapt, new=["generator.embed.", "discriminator.embed."] if self.hparams.conditional else (),
+            self, source, exclude=["generator_ema.", "ema_updates", "l2sp_g.", "l2sp_d.", "fixed_"], adapt=adapt
         )  # fmt: skip
         embed = self.discriminator.embed
         if embed is not None and "discriminator.embed.weight" in report.missing:
@@ -280,45 +292,19 @@ class DCGAN(TransferModule):
                 reg.reset_anchor()
         return report
 
-    def _label_rows_zero(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
-        """G's first layer from an unconditional source: its input rows are ``z`` then the label
-        embedding, so the source's rows go first and the label's rows are zero (``None``: no such source)."""
-        latent_dim = self.hparams.latent_dim
-        if source.shape[0] != latent_dim or source.shape[1:] != target.shape[1:]:
-            return None
-        adapted = torch.zeros_like(target)
-        adapted[:latent_dim] = source
-        return adapted
-
-    def _label_channels_zero(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
-        """D's first conv under concat conditioning, from an unconditional source: its input channels
-        are the image's then one per class, so the source's image filters go first, unscaled, and
-        the label channels are zero (``None``: no such source)."""
-        channels = self.hparams.in_channels
-        if source.shape[1] != channels or source.shape[0] != target.shape[0] or source.shape[2:] != target.shape[2:]:
-            return None
-        adapted = torch.zeros_like(target)
-        adapted[:, :channels] = source
-        return adapted
-
-    def _label_channels_zero_v(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
-        """Spectral norm's right singular vector of that conv (flattened ``(channels, kh, kw)``): the
-        source's entries for the image channels, zeros for the label channels, so ``sigma`` is the source's."""
-        channels, all_channels = self.hparams.in_channels, self.hparams.in_channels + self.hparams.num_classes
-        if source.ndim != 1 or target.ndim != 1 or target.numel() % all_channels:
-            return None
-        if source.numel() != target.numel() // all_channels * channels:
-            return None
-        adapted = torch.zeros_like(target)
-        adapted[: source.numel()] = source
-        return adapted
-
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if self.hparams.feature_extractor and self.generative_metrics is None:
             # the generator's labels are the datamodule's 0..k-1; the extractor knows the dataset's original ids
             classes = getattr(self.trainer.datamodule, "classes", None) if self.hparams.conditional else None
             self.generative_metrics = GenerativeMetrics(self.hparams.feature_extractor, classes=classes)
+        elif not self.hparams.feature_extractor and stage in ("fit", "validate", "test"):
+            rank_zero_warn(
+                f"DCGAN: FID/KID skipped at {getattr(stage, 'value', stage)}: no feature_extractor is set, so only "
+                "d_loss is logged. Pass "
+                "--model.init_args.feature_extractor <classifier checkpoint> (it wins over a --ckpt_path's "
+                f"hyper-parameters) or DCGAN(feature_extractor=...); make one with: {EXTRACTOR_COMMAND}"
+            )
         strategy = self.trainer.strategy
         if (
             stage == "fit"

@@ -69,6 +69,8 @@ class VAE(TransferModule):
         optimizer, lr_scheduler, scheduler_interval, scheduler_monitor: see :class:`TransferModule`.
     """
 
+    runtime_options = ("iw_samples",)  # importance samples of the test bound: an evaluation switch
+
     def __init__(
         self,
         latent_dim: int = 16,

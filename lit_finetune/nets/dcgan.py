@@ -92,6 +92,9 @@ class DCGANGenerator(nn.Module):
             the noise). Ignored when unconditional.
     """
 
+    #: none: the input is ``z``; ``project``'s dimension 0 is its input, ``to_image``'s output is the image
+    input_convs: tuple[str, ...] = ()
+
     def __init__(
         self,
         latent_dim: int = 100,
@@ -154,8 +157,9 @@ class DCGANDiscriminator(nn.Module):
     The first block has no BatchNorm (DCGAN paper); every block ends in LeakyReLU(0.2).
     """
 
-    #: the convolution that sees the images: the only one whose input channels a pretrained load may adapt
-    input_convs = ("blocks.0.conv",)
+    #: the convolutions that read the input images: the only layers a pretrained load may adapt to
+    #: another image channel count (see :func:`~lit_finetune.transfer.load_pretrained`)
+    input_convs: tuple[str, ...] = ("blocks.0.conv",)
 
     def __init__(
         self,

@@ -31,6 +31,9 @@ class NarrowResNet(nn.Module):
     stem that costs seconds per batch on a 2-core CPU, hence this narrow sibling.
     """
 
+    #: the stem reads the images: the only layer a pretrained load may adapt to another channel count
+    input_convs: tuple[str, ...] = ("conv1",)
+
     def __init__(self, layers: Sequence[int], widths: Sequence[int], in_channels: int = 3) -> None:
         super().__init__()
         self.inplanes = widths[0]
@@ -98,7 +101,7 @@ def build_resnet(
     nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
     num_features = net.fc.in_features
     net.fc = nn.Identity()
-    net.input_convs = ("conv1",)  # the stem: the only conv whose input channels a pretrained load may adapt
+    net.input_convs = ("conv1",)  # as NarrowResNet declares it; torchvision's ResNet class has no such attribute
     return net, num_features
 
 

@@ -23,8 +23,8 @@ class ConvEncoder(nn.Module):
         width: channels of the first block (doubling per block).
     """
 
-    #: the convolution that sees the images: the only one whose input channels a pretrained load may adapt
-    input_convs = ("blocks.0.conv",)
+    #: the convolution that reads the images: the only layer a pretrained load may adapt to another channel count
+    input_convs: tuple[str, ...] = ("blocks.0.conv",)
 
     def __init__(self, image_size: int = 28, channels: int = 1, latent_dim: int = 16, width: int = 32) -> None:
         super().__init__()
@@ -54,6 +54,9 @@ class ConvDecoder(nn.Module):
     final ``to_image`` transposed convolution (no activation: the module turns logits into a
     likelihood or an image).
     """
+
+    #: none: the input is ``z``; ``to_image`` writes the image, so another channel count there is an error
+    input_convs: tuple[str, ...] = ()
 
     def __init__(self, image_size: int = 28, channels: int = 1, latent_dim: int = 16, width: int = 32) -> None:
         super().__init__()

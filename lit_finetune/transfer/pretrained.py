@@ -1,33 +1,35 @@
 """Load pretrained weights from any source, loudly.
 
 ``load_pretrained`` accepts a Lightning checkpoint written by this package, a plain state dict
-file, or a torchvision weight name. It loads every tensor that fits and returns a
-:class:`LoadReport` naming each key it loaded, adapted, skipped, or could not find, and the share
-of the model's parameters that came from the source. Nothing is dropped silently (the
-``strict=False`` trap of older libraries):
-
-* a tensor whose shape differs is adapted only where that is meaningful: the **input
-  convolutions** each net names in its ``input_convs`` attribute (the first conv that sees the
-  images; its input-channel count may differ, timm's ``adapt_input_conv`` rule), or a key the
-  caller passes in ``adapt=`` (e.g. a conditional DCGAN's label channels, started at zero);
-* every other shape difference is an error naming the tensor and both shapes, unless the
-  caller lists it in ``skip_mismatched`` (then it keeps its fresh initialisation, reported);
-* a load that fills less than ``min_loaded_share`` of the model's parameters (not counting
-  what the caller excludes or declares ``new``) is an error: a source of other sizes would
-  otherwise "load" a few BatchNorm counters and biases and train from scratch unnoticed.
+file, or a torchvision weight name. It loads every tensor that fits, adapts the input convolutions
+a net declares (``input_convs``) to another image channel count, and returns a :class:`LoadReport`
+naming each key it loaded, adapted, skipped, or could not find, and the share of the model's
+parameters that came from the source. Any other shape change is an error (unless the caller
+asks to skip it), and so is a source that fills less than ``min_loaded_share`` of the model:
+nothing is dropped silently (the ``strict=False`` trap of older libraries).
 """
 
 from __future__ import annotations
 
 import pickle
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.nn.utils import parametrize
+
+
+#: the least share of the model's parameters (those not declared new) a source must fill
+MIN_LOADED_SHARE = 0.5
+
+#: an ``adapt=`` entry: ``(what, fn)``, ``fn(source_tensor, target_tensor)`` -> the tensor to load, or ``None``
+Adapter = tuple[str, Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]]
 
 
 class PretrainedLoadError(RuntimeError):
@@ -45,10 +47,8 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)  # in the model, not in the source
     unexpected: list[str] = field(default_factory=list)  # in the source, not in the model
     excluded: list[str] = field(default_factory=list)  # matched, but left out on request (exclude=)
-    #: parameter elements filled from the source (loaded or adapted) and the model's total that counts
-    #: (all parameters but those excluded or declared new)
-    loaded_params: int = 0
-    counted_params: int = 0
+    loaded_params: int = 0  # parameter elements loaded or adapted from the source
+    total_params: int = 0  # the model's parameter elements, less those excluded (declared new)
 
     @property
     def clean(self) -> bool:
@@ -56,14 +56,14 @@ class LoadReport:
 
     @property
     def loaded_share(self) -> float:
-        """Fraction of the model's counted parameters that came from the source."""
-        return self.loaded_params / self.counted_params if self.counted_params else 0.0
+        """Share of the model's parameters (not buffers; excluded keys left out) filled from the source."""
+        return self.loaded_params / self.total_params if self.total_params else 0.0
 
     def __str__(self) -> str:
         lines = [
-            f"load_pretrained({self.source}): {len(self.loaded)} tensors loaded, "
-            f"{100 * self.loaded_share:.1f} % of the model's parameters ({self.loaded_params:,} of {self.counted_params:,}; "
-            "excluded and new ones not counted)"
+            f"load_pretrained({self.source}): {len(self.loaded)} tensors loaded, {len(self.adapted)} adapted; "
+            f"{100 * self.loaded_share:.3g}% of the model's parameters "
+            f"({self.loaded_params:,} of {self.total_params:,}{', excluded keys not counted' if self.excluded else ''})"
         ]
         for label, keys in (
             ("adapted to a new shape (input channels, or as noted)", self.adapted),
@@ -203,28 +203,53 @@ def _adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     return weight.repeat(1, repeats, 1, 1)[:, :in_channels] * (src_c / in_channels)
 
 
-def input_conv_keys(model: nn.Module) -> set[str]:
-    """State-dict prefixes of the model's input convolutions: every submodule's ``input_convs``
-    (names relative to it), e.g. ``{"backbone.conv1.", "discriminator.blocks.0.conv."}``."""
-    keys = set()
-    for name, module in model.named_modules():
-        for conv in getattr(module, "input_convs", ()):
-            keys.add(f"{name}.{conv}." if name else f"{conv}.")
-    return keys
+@dataclass(frozen=True)
+class InputConvKey:
+    """A state-dict tensor of a declared input convolution, and where its input channels lie."""
+
+    key: str
+    dim: int  # the input-channel dimension: 1 for a conv weight, 0 for spectral norm's vector ``_v``
+    per_channel: int  # entries per input channel along ``dim``: 1 for a weight, the kernel's area for ``_v``
 
 
-def _is_input_conv_change(key: str, value: torch.Tensor, want: torch.Tensor, input_convs: set[str]) -> bool:
-    """A 4-D weight of a declared input conv that differs in its input channels only."""
-    return (
-        any(key.startswith(prefix) for prefix in input_convs)
-        and value.ndim == want.ndim == 4
-        and value.shape[0] == want.shape[0]
-        and value.shape[2:] == want.shape[2:]
-    )
+def input_conv_keys(model: nn.Module) -> list[InputConvKey]:
+    """The tensors of the input convolutions the model's nets declare.
+
+    A net lists the ``Conv2d`` layers that read its input images, by name relative to itself, in an
+    ``input_convs`` attribute (e.g. ``("conv1",)``); only these may be adapted to another image
+    channel count. A spectrally normalised conv holds its weight as
+    ``<name>.parametrizations.weight.original`` and the power iteration's right singular vector
+    ``<name>.parametrizations.weight.0._v`` (one entry per input channel and kernel position).
+    """
+    entries = []
+    for prefix, module in model.named_modules():
+        for name in getattr(module, "input_convs", ()):
+            path, conv = f"{prefix}.{name}" if prefix else name, module.get_submodule(name)
+            if not parametrize.is_parametrized(conv, "weight"):
+                entries.append(InputConvKey(f"{path}.weight", 1, 1))
+                continue
+            entries.append(InputConvKey(f"{path}.parametrizations.weight.original", 1, 1))
+            if hasattr(conv.parametrizations.weight[0], "_v"):
+                area = conv.kernel_size[0] * conv.kernel_size[1]
+                entries.append(InputConvKey(f"{path}.parametrizations.weight.0._v", 0, area))
+    return entries
 
 
-def _matches(key: str, prefixes: Sequence[str]) -> bool:
-    return any(key.startswith(prefix) for prefix in prefixes)
+def _input_channel_rule(source: torch.Tensor, target: torch.Tensor, entry: InputConvKey) -> torch.Tensor | None:
+    """The :func:`_adapt_input_conv` rule where only the input channels differ (a weight's out-channels and
+    kernel must match); spectral norm's ``_v`` gets the same rule per kernel position, then unit length."""
+    if entry.dim == 0:
+        if source.ndim != 1 or source.numel() % entry.per_channel or target.numel() % entry.per_channel:
+            return None
+        vector = _adapt_input_conv(source.view(1, -1, entry.per_channel, 1), target.numel() // entry.per_channel)
+        return F.normalize(vector.flatten(), dim=0)
+    if source.ndim == target.ndim == 4 and source.shape[0] == target.shape[0] and source.shape[2:] == target.shape[2:]:
+        return _adapt_input_conv(source, target.shape[1])
+    return None
+
+
+def _skipped(key: str, skip: bool | Iterable[str]) -> bool:
+    return skip if isinstance(skip, bool) else any(key.startswith(prefix) for prefix in skip)
 
 
 def load_pretrained(
@@ -234,11 +259,9 @@ def load_pretrained(
     arch: str | None = None,
     strict: bool = False,
     exclude: Sequence[str] = (),
-    adapt: Mapping[str, tuple[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]]] | None = None,
-    skip_mismatched: Sequence[str] = (),
-    new: Sequence[str] = (),
-    min_loaded_share: float = 0.5,
-    label: str | None = None,
+    adapt: Mapping[str, Adapter] | None = None,
+    skip_mismatched: bool | Sequence[str] = False,
+    min_loaded_share: float = MIN_LOADED_SHARE,
 ) -> LoadReport:
     """Load what fits from ``source`` into ``model`` and report every key.
 
@@ -250,17 +273,17 @@ def load_pretrained(
             e.g. ``{"": "backbone.", "fc.": "head."}`` for torchvision ResNet weights.
         arch: torchvision architecture name for weight names (``"resnet18"``).
         strict: raise instead of reporting when anything is skipped, missing or unexpected.
-        exclude: target-key prefixes never loaded (e.g. ``["head."]`` for a new task's head).
+        exclude: target-key prefixes never loaded (e.g. ``["head."]`` for a new task's head); their
+            parameters count as new, not in the loaded share.
         adapt: for target keys whose shape differs from the source's on purpose: ``key -> (what,
             fn)``, ``fn(source_tensor, target_tensor)`` returning the tensor to load (the target's
-            shape), or ``None`` to fall back to the rules below. Reported as adapted, ``"<key> (<what>)"``.
-        skip_mismatched: target-key prefixes that keep their fresh initialisation when their shape
-            differs (reported as skipped); any other shape difference outside the input
-            convolutions raises :class:`PretrainedLoadError`.
-        new: target-key prefixes the model has on purpose and the source cannot have (a label
-            embedding a conditional model adds): not counted in the loaded share.
-        min_loaded_share: raise when less than this fraction of the counted parameters loads.
-        label: how the report names the source (default: the path or weight name).
+            shape), or ``None`` when it cannot. Reported as adapted, ``"<key> (<what>)"``. The
+            input convolutions the model's nets declare (:func:`input_conv_keys`) get the
+            input-channel rule unless ``adapt`` names them.
+        skip_mismatched: target-key prefixes (or ``True``: all) whose shape mismatches are reported
+            as skipped and keep the fresh init; any other mismatch raises :class:`PretrainedLoadError`.
+        min_loaded_share: raise when less than this share of the model's parameters (excluded keys
+            not counted) is loaded or adapted: a source of other sizes would otherwise load almost nothing.
     """
     if isinstance(source, Mapping):
         state, default_label = dict(source), "<state dict>"
@@ -275,6 +298,8 @@ def load_pretrained(
     target = model.state_dict()
     input_convs = input_conv_keys(model)
     report = LoadReport(source=label)
+    inputs = {e.key: ("input channels", partial(_input_channel_rule, entry=e)) for e in input_conv_keys(model)}
+    adapt = {**inputs, **(adapt or {})}
     merged: dict[str, torch.Tensor] = {}
     mismatched: set[str] = set()
     refused: list[str] = []
@@ -287,7 +312,7 @@ def load_pretrained(
             report.excluded.append(mapped)
             continue
         want = target[mapped]
-        adapter = (adapt or {}).get(mapped)
+        adapter = adapt.get(mapped)
         adapted = adapter[1](value, want) if adapter is not None and value.shape != want.shape else None
         if value.shape == want.shape:
             merged[mapped] = value
@@ -295,14 +320,19 @@ def load_pretrained(
         elif adapted is not None:
             merged[mapped] = adapted
             report.adapted.append(f"{mapped} ({adapter[0]})")
-        elif _is_input_conv_change(mapped, value, want, input_convs):
-            merged[mapped] = _adapt_input_conv(value, want.shape[1])
-            report.adapted.append(mapped)
         else:
             report.reshaped.append(f"{mapped} {tuple(value.shape)}->{tuple(want.shape)}")
             mismatched.add(mapped)
-            if not _matches(mapped, skip_mismatched):
-                refused.append(report.reshaped[-1])
+    refused = [entry for entry in report.reshaped if not _skipped(entry, skip_mismatched)]
+    if refused:
+        shown = "\n  ".join(refused[:10]) + (f"\n  ... (+{len(refused) - 10})" if len(refused) > 10 else "")
+        raise PretrainedLoadError(
+            f"{label} does not fit the model: {len(refused)} tensor(s) differ in shape (source->model):\n  {shown}\n"
+            f"Only the declared input convolutions (another image channel count) and the layers the module adapts "
+            f"on purpose may change shape here: {', '.join(k for k in adapt if k in target) or 'none'}. Build the "
+            "model with the source's sizes (widths, latent_dim, channels, classes), or load the rest and keep "
+            "these fresh with load_pretrained(..., skip_mismatched=[<key prefixes>])."
+        )
     report.missing = [
         k
         for k in target
@@ -322,15 +352,19 @@ def load_pretrained(
     report.loaded_params = sum(params[k].numel() for k in counted if k in filled)
     if strict and not report.clean:
         raise PretrainedLoadError(f"strict load failed:\n{report}")
+    filled = set(report.loaded) | {entry.split(" ", 1)[0] for entry in report.adapted}
+    counted = {k: p.numel() for k, p in model.named_parameters() if not any(k.startswith(e) for e in exclude)}
+    report.total_params = sum(counted.values())
+    report.loaded_params = sum(n for k, n in counted.items() if k in filled)
     if not report.loaded and not report.adapted:
         raise PretrainedLoadError(
             f"Nothing in {label} matches the model's keys; wrong file, or a key_map is needed.\n{report}"
         )
     if report.loaded_share < min_loaded_share:
         raise PretrainedLoadError(
-            f"Only {100 * report.loaded_share:.2f} % of the model's parameters load from {label} "
-            f"(below min_loaded_share={min_loaded_share}): it is not a source of this model (another module, or "
-            f"other sizes). Point to a checkpoint of the same architecture.\n{report}"
+            f"Only {100 * report.loaded_share:.3g}% of the model's parameters would come from {label} (at least "
+            f"{min_loaded_share:.0%} needed): the source is another network or has other sizes. Use a source "
+            f"built like the model, or train from scratch (pretrained=None).\n{report}"
         )
     model.load_state_dict({**target, **merged}, strict=True)
     rank_zero_info(str(report))  # shown by the CLI; rank 0 only under DDP

@@ -286,29 +286,26 @@ def load_pretrained(
             not counted) is loaded or adapted: a source of other sizes would otherwise load almost nothing.
     """
     if isinstance(source, Mapping):
-        state, default_label = dict(source), "<state dict>"
+        state, label = dict(source), "<state dict>"
     elif is_torchvision_weight_name(str(source)):
         if arch is None:
             raise PretrainedLoadError(f"Weight name {source!r} needs a torchvision architecture (arch=...).")
-        state, default_label = torchvision_state_dict(arch, str(source)), f"{arch}:{source}"
+        state, label = torchvision_state_dict(arch, str(source)), f"{arch}:{source}"
     else:
-        state, default_label = read_state_dict(source), str(source)
-    label = label or default_label
+        state, label = read_state_dict(source), str(source)
 
     target = model.state_dict()
-    input_convs = input_conv_keys(model)
     report = LoadReport(source=label)
     inputs = {e.key: ("input channels", partial(_input_channel_rule, entry=e)) for e in input_conv_keys(model)}
     adapt = {**inputs, **(adapt or {})}
     merged: dict[str, torch.Tensor] = {}
     mismatched: set[str] = set()
-    refused: list[str] = []
     for key, value in state.items():
         mapped = _map_key(key, key_map or {}, target)
         if mapped is None:
             report.unexpected.append(key)
             continue
-        if _matches(mapped, exclude):
+        if any(mapped.startswith(prefix) for prefix in exclude):
             report.excluded.append(mapped)
             continue
         want = target[mapped]
@@ -336,20 +333,11 @@ def load_pretrained(
     report.missing = [
         k
         for k in target
-        if k not in merged and k not in mismatched and not k.endswith("num_batches_tracked") and not _matches(k, exclude)
+        if k not in merged
+        and k not in mismatched
+        and not k.endswith("num_batches_tracked")
+        and not any(k.startswith(p) for p in exclude)
     ]
-    if refused:
-        shown = "\n  ".join(refused[:12]) + (f"\n  ... (+{len(refused) - 12})" if len(refused) > 12 else "")
-        raise PretrainedLoadError(
-            f"{label} does not fit the model: {len(refused)} tensor(s) have another shape (source -> model):\n  {shown}\n"
-            "Build the model with the source's sizes (e.g. latent_dim, widths, num_classes), or, to train those "
-            "tensors from their fresh initialisation, list them in skip_mismatched (a new head: exclude it)."
-        )
-    params = dict(model.named_parameters())
-    counted = [k for k in params if not _matches(k, exclude) and not _matches(k, new)]
-    filled = set(merged)
-    report.counted_params = sum(params[k].numel() for k in counted)
-    report.loaded_params = sum(params[k].numel() for k in counted if k in filled)
     if strict and not report.clean:
         raise PretrainedLoadError(f"strict load failed:\n{report}")
     filled = set(report.loaded) | {entry.split(" ", 1)[0] for entry in report.adapted}

@@ -21,6 +21,7 @@ from lit_finetune.data.base import DatasetNotFoundError, ImageDataModule
 from lit_finetune.metrics import ExtractorNotFoundError
 from lit_finetune.modules.base import TransferModule
 from lit_finetune.transfer.pretrained import PretrainedLoadError
+from lit_finetune.zoo import ZooError
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
@@ -91,7 +92,7 @@ def main() -> None:
     without a traceback."""
     try:
         cli_main()
-    except (DatasetNotFoundError, PretrainedLoadError, ExtractorNotFoundError) as err:
+    except (DatasetNotFoundError, PretrainedLoadError, ExtractorNotFoundError, ZooError) as err:
         sys.stderr.write(f"lit-finetune: error: {err}\n")
         sys.exit(2)
 

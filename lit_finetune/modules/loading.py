@@ -15,6 +15,7 @@ from typing import Any
 
 from lit_finetune.modules.base import TransferModule
 from lit_finetune.transfer.pretrained import PretrainedLoadError, load_checkpoint_file
+from lit_finetune.zoo import resolve_source
 
 
 class CheckpointLoadError(PretrainedLoadError):
@@ -38,14 +39,14 @@ def load_module_checkpoint(path: str | Path, role: str = "checkpoint") -> Transf
     """The module saved in ``path``, in eval mode on the CPU.
 
     Args:
-        path: a ``.ckpt`` written by ``lit-finetune fit`` or by a Trainer.
+        path: a ``.ckpt`` written by ``lit-finetune fit`` or by a Trainer, or a ``zoo:`` name.
         role: what the file is for, named in errors (e.g. ``"generator (--model.generator)"``).
 
     Raises:
         CheckpointLoadError: the file is missing, unreadable, refused by ``weights_only=True``, or
             names no lit-finetune module.
     """
-    path = Path(path)
+    path = Path(resolve_source(path, role=role))
     if not path.is_file():
         raise CheckpointLoadError(
             f"The {role} {str(path)!r} does not exist; pass a .ckpt written by lit-finetune fit "

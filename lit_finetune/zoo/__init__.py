@@ -276,7 +276,9 @@ def status(entry: ZooEntry) -> tuple[str, str]:
             f"{manifest['sha256'][:12]}..., size {manifest.get('size')}"  # fmt: skip
     _VERIFIED[key] = digest
     if manifest.get("recipe") not in recipes(entry).values():
-        return "stale", "built from another recipe (config, overrides or seed changed, or a smoke build)"
+        if bool(manifest.get("smoke")) != smoke():
+            return "stale", f"a {'smoke' if manifest.get('smoke') else 'full'} build ({SMOKE_ENV}={int(smoke())} now)"
+        return "stale", "built from another recipe (its config, overrides or seed changed)"
     return "ok", f"sha256 {digest[:12]}..."
 
 
@@ -455,10 +457,11 @@ def _build(
     command = [sys.executable, "-m", "lit_finetune.cli", "fit", "--config", str(config_file),
                "--seed_everything", str(entry.seed), *overrides]  # fmt: skip
     how_long = "a few seconds (smoke build)" if smoke() else f"about {entry.minutes:g} min on a 2-core CPU, once"
+    because = "; ".join(filter(None, [why, reason]))
+    extra = f" {' '.join(overrides)}" if overrides else ""
     _say(
-        f"zoo: building {entry.key} ({why}; {reason}): {entry.what}, from configs/{entry.config} with seed "
-        f"{entry.seed}{' ' + ' '.join(overrides) if overrides else ''}; it is {entry.why}; {how_long} -> "
-        f"{entry_path(entry)}"
+        f"zoo: building {entry.key} ({because}): {entry.what}; it is {entry.why}. Trains configs/{entry.config} "
+        f"--seed_everything {entry.seed}{extra}, {how_long} -> {entry_path(entry)}"
     )
     start = time.time()
     out = _stderr_fd()  # stdout stays clean for `lit-finetune-zoo path NAME`
@@ -499,7 +502,7 @@ def _download(entry: ZooEntry, work: Path, why: str, reason: str) -> tuple[Path 
     import torch
 
     assert entry.url is not None
-    _say(f"zoo: downloading {entry.key} ({why}; {reason}): {entry.what} -> {entry_path(entry)}")
+    _say(f"zoo: downloading {entry.key} ({'; '.join(filter(None, [why, reason]))}): {entry.what} -> {entry_path(entry)}")
     try:
         torch.hub.load_state_dict_from_url(
             entry.url, model_dir=str(work), map_location="cpu", progress=True, check_hash=True, weights_only=True

@@ -229,6 +229,12 @@ def test_cycles_and_failed_builds_are_errors_that_say_what_to_do(tmp_path, monke
     with pytest.raises(ZooError, match="cycle: fashion-mnist-0-4/vae@v1 -> fashion-mnist-0-4/vae@v1"):
         ensure(lookup(VAE))
     monkeypatch.delenv("LIT_FINETUNE_ZOO_CHAIN")
+    monkeypatch.setattr(zoo, "_dependencies", lambda e: [lookup("fashion-mnist-0-4/dcgan" if e.name == VAE else VAE)])
+    with pytest.raises(ZooError, match="cycle: fashion-mnist-0-4/vae@v1 -> fashion-mnist-0-4/dcgan@v1 -> fashion-mnist-0-4/vae@v1"):
+        ensure(lookup(VAE))  # in one process too: A needs B needs A
+    assert zoo._BUILDING == []
+    monkeypatch.undo()
+    monkeypatch.setenv("LIT_FINETUNE_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(zoo, "SMOKE_OVERRIDES", ("--trainer.max_epochs", "not-a-number"))
     with pytest.raises(ZooError, match=r"(?s)Building fashion-mnist-0-4/vae@v1 failed.*lit_finetune.cli fit --config"):
         ensure(lookup(VAE))

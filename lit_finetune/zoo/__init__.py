@@ -43,7 +43,8 @@ their overrides, so they are never taken for real ones), ``LIT_FINETUNE_CONFIGS`
 shipped configs, default ``configs/`` beside the package).
 
 Under DDP, run ``lit-finetune-zoo build NAME`` first: ranks that find an entry missing wait on the lock
-while one builds, which can outlast a collective's timeout. The lock needs a local file system.
+while one builds, which can outlast a collective's timeout. The lock (``fcntl.flock``) needs a POSIX system
+and a local file system.
 
 Command line: ``lit-finetune-zoo list | build NAME [--force] | path NAME | verify``.
 """
@@ -335,8 +336,12 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+_BUILDING: list[str] = []  # entries this process is building (their dependencies are being resolved)
+
+
 def _chain() -> list[str]:
-    return [k for k in os.environ.get(_CHAIN_ENV, "").split(",") if k]
+    """Entries being built by this process and its ancestors, outermost first."""
+    return [*(k for k in os.environ.get(_CHAIN_ENV, "").split(",") if k), *_BUILDING]
 
 
 def ensure(entry: ZooEntry, reason: str = "", force: bool = False) -> Path:
@@ -345,6 +350,15 @@ def ensure(entry: ZooEntry, reason: str = "", force: bool = False) -> Path:
         return entry_path(entry)
     if entry.key in _chain():
         raise ZooError(f"zoo entries depend on each other in a cycle: {' -> '.join([*_chain(), entry.key])}")
+    _BUILDING.append(entry.key)
+    try:
+        return _ensure_locked(entry, reason, force)
+    finally:
+        _BUILDING.pop()
+
+
+def _ensure_locked(entry: ZooEntry, reason: str, force: bool) -> Path:
+    """:func:`ensure` once the entry is known to be needed: its dependencies first, then it, under its lock."""
     dependencies = {dep.key: ensure(dep, reason=f"needed to build {entry.key}") for dep in _dependencies(entry)}
     with _locked(entry):
         state, detail = status(entry)
@@ -432,7 +446,7 @@ def _child_env(entry: ZooEntry) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS and not k.startswith(_DIST_PREFIXES)}
     package_root = str(Path(__file__).resolve().parents[2])  # the child runs this very package
     env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
-    env[_CHAIN_ENV] = ",".join([*_chain(), entry.key])
+    env[_CHAIN_ENV] = ",".join(_chain())  # includes entry.key: the child must not build it again
     return env
 
 

@@ -114,13 +114,13 @@ REGISTRY: tuple[ZooEntry, ...] = (
     ZooEntry(
         "fashion-mnist/feature-extractor", 1, "metrics/feature_extractor.yaml",
         "a ResNet classifier on all ten Fashion-MNIST classes (best validation epoch)",
-        "the feature space of FID / KID (feature_extractor of the DCGAN configs)", 8,
+        "the feature space of FID / KID (feature_extractor of the DCGAN configs)", 10,
     ),
     ZooEntry(
         "fashion-mnist-0-4/classifier", 1, "classifier/pretrain_source.yaml",
         "the source ResNet classifier on Fashion-MNIST classes 0-4 (best validation epoch)",
         "the pretrained source of configs/classifier/finetune_target.yaml, digits_target.yaml and "
-        "augmented/classifier.yaml", 6,
+        "augmented/classifier.yaml", 8,
     ),
     ZooEntry(
         "fashion-mnist-0-4/dcgan", 1, "dcgan/pretrain.yaml",
@@ -130,7 +130,7 @@ REGISTRY: tuple[ZooEntry, ...] = (
     ZooEntry(
         "fashion-mnist-0-4/vae", 1, "vae/pretrain.yaml",
         "the source VAE on Fashion-MNIST classes 0-4 (best validation ELBO)",
-        "the pretrained source of configs/vae/transfer*.yaml", 3,
+        "the pretrained source of configs/vae/transfer*.yaml", 2,
     ),
     ZooEntry(
         "fashion-mnist-5-9-50shot/cdcgan", 1, "augmented/cdcgan_target.yaml",
@@ -141,7 +141,7 @@ REGISTRY: tuple[ZooEntry, ...] = (
     ZooEntry(
         "fashion-mnist-5-9-50shot/classifier", 1, "classifier/finetune_target.yaml",
         "the source classifier fine-tuned on the same 50 images per class (best validation epoch)",
-        "the teacher of configs/augmented/classifier.yaml's confidence filter (--model.teacher)", 2,
+        "the teacher of configs/augmented/classifier.yaml's confidence filter (--model.teacher)", 3,
         overrides=("--data.init_args.samples_per_class", "50", "--data.init_args.seed", "0"),
     ),
 )  # fmt: skip

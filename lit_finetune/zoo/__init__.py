@@ -130,7 +130,7 @@ REGISTRY: tuple[ZooEntry, ...] = (
     ZooEntry(
         "fashion-mnist-0-4/vae", 1, "vae/pretrain.yaml",
         "the source VAE on Fashion-MNIST classes 0-4 (best validation ELBO)",
-        "the pretrained source of configs/vae/transfer*.yaml", 2,
+        "the pretrained source of configs/vae/transfer*.yaml", 1,
     ),
     ZooEntry(
         "fashion-mnist-5-9-50shot/cdcgan", 1, "augmented/cdcgan_target.yaml",

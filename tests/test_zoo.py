@@ -27,7 +27,8 @@ VAE = "fashion-mnist-0-4/vae"  # the cheapest entry to build again
 
 def _zoo_cli(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([*ZOO_CLI, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    pipe = subprocess.PIPE
+    return subprocess.Popen([*ZOO_CLI, *args], env=env, stdout=pipe, stderr=pipe, text=True, **kwargs)
 
 
 # -- names --------------------------------------------------------------------------------------------
@@ -71,9 +72,8 @@ def test_every_entry_builds_once_with_a_manifest(zoo_built):
         # the config's monitored checkpoint when it writes one, else its last
         assert manifest["checkpoint"] == ("best" if "monitor: val/" in config.read_text() else "last"), entry.key
     cdcgan = json.loads((entry_dir(lookup("fashion-mnist-5-9-50shot/cdcgan")) / "manifest.json").read_text())
-    assert cdcgan["dependencies"] == {
-        key: zoo._sha256(zoo.entry_path(lookup(key))) for key in ("fashion-mnist-0-4/dcgan@v1", "fashion-mnist/feature-extractor@v1")
-    }  # fmt: skip
+    needs = ("fashion-mnist-0-4/dcgan@v1", "fashion-mnist/feature-extractor@v1")
+    assert cdcgan["dependencies"] == {key: zoo._sha256(zoo.entry_path(lookup(key))) for key in needs}
     before = {e.key: zoo.entry_path(e).stat().st_mtime_ns for e in REGISTRY}
     assert resolve_source("zoo:" + VAE) == str(zoo.entry_path(lookup(VAE)))
     assert before == {e.key: zoo.entry_path(e).stat().st_mtime_ns for e in REGISTRY}  # cached: nothing rebuilt
@@ -206,7 +206,8 @@ def test_a_name_with_a_url_is_downloaded_with_its_hash_checked(zoo_built, tmp_pa
     entry = ZooEntry("test/vae", 1, "vae/pretrain.yaml", "a VAE", "a test", 0.1, url=published.as_uri())
     monkeypatch.setattr(zoo, "REGISTRY", (*REGISTRY, entry))
     built = []
-    monkeypatch.setattr(zoo, "_build", lambda entry, *a: built.append(entry.key) or _fake_build(zoo_built)(lookup(VAE), *a))
+    fake = _fake_build(zoo_built)
+    monkeypatch.setattr(zoo, "_build", lambda entry, *a: built.append(entry.key) or fake(lookup(VAE), *a))
 
     path = Path(resolve_source("zoo:test/vae"))
     assert not built and path.read_bytes() == published.read_bytes() and status(entry)[0] == "ok"
@@ -230,7 +231,7 @@ def test_cycles_and_failed_builds_are_errors_that_say_what_to_do(tmp_path, monke
         ensure(lookup(VAE))
     monkeypatch.delenv("LIT_FINETUNE_ZOO_CHAIN")
     monkeypatch.setattr(zoo, "_dependencies", lambda e: [lookup("fashion-mnist-0-4/dcgan" if e.name == VAE else VAE)])
-    with pytest.raises(ZooError, match="cycle: fashion-mnist-0-4/vae@v1 -> fashion-mnist-0-4/dcgan@v1 -> fashion-mnist-0-4/vae@v1"):
+    with pytest.raises(ZooError, match=f"cycle: {VAE}@v1 -> fashion-mnist-0-4/dcgan@v1 -> {VAE}@v1"):
         ensure(lookup(VAE))  # in one process too: A needs B needs A
     assert zoo._BUILDING == []
     monkeypatch.undo()

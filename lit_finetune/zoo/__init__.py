@@ -516,7 +516,8 @@ def _download(entry: ZooEntry, work: Path, why: str, reason: str) -> tuple[Path 
     import torch
 
     assert entry.url is not None
-    _say(f"zoo: downloading {entry.key} ({'; '.join(filter(None, [why, reason]))}): {entry.what} -> {entry_path(entry)}")
+    because = "; ".join(filter(None, [why, reason]))
+    _say(f"zoo: downloading {entry.key} ({because}): {entry.what} -> {entry_path(entry)}")
     try:
         torch.hub.load_state_dict_from_url(
             entry.url, model_dir=str(work), map_location="cpu", progress=True, check_hash=True, weights_only=True
@@ -564,7 +565,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bad += state in ("corrupt", "stale")
                 print(f"  zoo:{entry.key:<42} {state:<8} {detail}")
             if bad:
-                print(f"{bad} entr{'y' if bad == 1 else 'ies'} will be rebuilt on next use (or: lit-finetune-zoo build NAME).")
+                entries = "entry" if bad == 1 else "entries"
+                print(f"{bad} {entries} will be rebuilt on next use (or now: lit-finetune-zoo build NAME).")
             return 1 if bad else 0
     except ZooError as err:
         print(f"lit-finetune-zoo: error: {err}", file=sys.stderr)

@@ -26,6 +26,7 @@ from lit_finetune.metrics import ExtractorNotFoundError
 from lit_finetune.modules.base import TransferModule
 from lit_finetune.modules.loading import checked_module_class, read_hparams
 from lit_finetune.transfer.pretrained import PretrainedLoadError
+from lit_finetune.zoo import ZooError
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
@@ -157,7 +158,7 @@ def main() -> None:
     without a traceback."""
     try:
         cli_main()
-    except (DatasetNotFoundError, PretrainedLoadError, ExtractorNotFoundError) as err:
+    except (DatasetNotFoundError, PretrainedLoadError, ExtractorNotFoundError, ZooError) as err:
         sys.stderr.write(f"lit-finetune: error: {err}\n")
         sys.exit(2)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,42 @@ def fashion_root() -> Path:
     if not (FASHION_ROOT / "train-images-idx3-ubyte.gz").is_file():
         pytest.fail(f"Fashion-MNIST not found in {FASHION_ROOT}: run `apt-get install dataset-fashion-mnist`.")
     return FASHION_ROOT
+
+
+@pytest.fixture(scope="session", autouse=True)
+def zoo_home(tmp_path_factory) -> Path:
+    """Every test sees its own empty zoo cache ($LIT_FINETUNE_HOME) with smoke-sized builds, never
+    ~/.cache/lit_finetune: a config that names ``zoo:...`` builds that entry once per test run, in seconds."""
+    home = tmp_path_factory.mktemp("zoo_home")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("LIT_FINETUNE_HOME", str(home))
+    patch.setenv("LIT_FINETUNE_ZOO_SMOKE", "1")
+    patch.setenv("LIT_FINETUNE_ZOO_OFFLINE", "1")
+    yield home
+    patch.undo()
+
+
+#: seconds the session's zoo builds took (reported by the zoo tests)
+ZOO_BUILD_SECONDS: list[float] = []
+
+
+@pytest.fixture(scope="session")
+def zoo_built(zoo_home, fashion_root) -> Path:
+    """Every zoo entry built once (smoke-sized, subprocess builds as a user gets them) into the session's home."""
+    from lit_finetune.zoo import REGISTRY, ensure
+
+    start = time.perf_counter()
+    for entry in REGISTRY:
+        ensure(entry, reason="the test session")
+    ZOO_BUILD_SECONDS.append(time.perf_counter() - start)
+    return zoo_home
+
+
+def copy_zoo_home(source: Path, target: Path, monkeypatch) -> Path:
+    """A private copy of a built zoo home, made the current one (for tests that damage entries)."""
+    shutil.copytree(source, target)
+    monkeypatch.setenv("LIT_FINETUNE_HOME", str(target))
+    return target
 
 
 @pytest.fixture

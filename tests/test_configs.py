@@ -26,61 +26,29 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, fashion_root):
-    """What the configs expect from the user: a source checkpoint and, for ImageFolder, a folder of images."""
+def inputs(tmp_path_factory):
+    """What no config can name for the user: a folder of their own images (ImageFolder)."""
     from PIL import Image
 
-    from lit_finetune import ImageClassifier
-
-    import yaml
-
-    from lit_finetune import DCGAN
-
     root = tmp_path_factory.mktemp("inputs")
-    source = root / "source.ckpt"
-    torch.save({"state_dict": ImageClassifier(num_classes=5).state_dict()}, source)
-    # a DCGAN source shaped like the one configs/dcgan/pretrain.yaml writes
-    shape = yaml.safe_load((CONFIG_ROOT / "dcgan/pretrain.yaml").read_text())["model"]["init_args"]
-    nets = {k: shape[k] for k in ("latent_dim", "generator_width", "discriminator_width")}
-    torch.save({"state_dict": DCGAN(**nets).state_dict()}, root / "dcgan.ckpt")
-    save_lightning_checkpoint(ImageClassifier(num_classes=10), root / "extractor.ckpt")  # an untrained extractor
     rng = np.random.default_rng(0)
     for split, count in (("train", 12), ("test", 3)):
         for cls in ("ant", "bee"):
             (root / "images" / split / cls).mkdir(parents=True)
             for i in range(count):
                 Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(root / "images" / split / cls / f"{i}.png")
-    from lit_finetune import VAE
-
-    shape = yaml.safe_load((CONFIG_ROOT / "vae/pretrain.yaml").read_text())["model"]["init_args"]
-    nets = {k: shape[k] for k in ("latent_dim", "encoder_width", "decoder_width")}
-    torch.save({"state_dict": VAE(**nets).state_dict()}, root / "vae.ckpt")
-    # the conditional generator configs/augmented/cdcgan_target.yaml writes, as a whole-module checkpoint
-    shape = yaml.safe_load((CONFIG_ROOT / "augmented/cdcgan_target.yaml").read_text())["model"]["init_args"]
-    nets = {k: shape[k] for k in ("latent_dim", "generator_width", "discriminator_width", "conditional")}
-    save_lightning_checkpoint(DCGAN(num_classes=5, **nets), root / "cdcgan.ckpt")
-    return {
-        "source": source, "dcgan": root / "dcgan.ckpt", "vae": root / "vae.ckpt", "cdcgan": root / "cdcgan.ckpt",
-        "extractor": root / "extractor.ckpt", "images": root / "images",
-    }  # fmt: skip
+    return {"images": root / "images"}
 
 
 def _user_args(config: str, inputs, fashion_root) -> list[str]:
+    """Only the data: sources (pretrained, generator, feature_extractor) are the configs' own zoo names."""
     import yaml
 
     shipped = yaml.safe_load((CONFIG_ROOT / config).read_text())
     args = []
-    if shipped["model"].get("init_args", {}).get("pretrained"):  # the config expects a source checkpoint
-        module = shipped["model"]["class_path"].rsplit(".", 1)[-1]  # what kind of source the model loads
-        source = {"DCGAN": inputs["dcgan"], "VAE": inputs["vae"]}.get(module, inputs["source"])
-        args += ["--model.init_args.pretrained", str(source)]
-    if shipped["model"].get("init_args", {}).get("generator"):  # GAN-augmented: a conditional DCGAN checkpoint
-        args += ["--model.init_args.generator", str(inputs["cdcgan"])]
-    if shipped["model"].get("init_args", {}).get("feature_extractor"):
-        args += ["--model.init_args.feature_extractor", str(inputs["extractor"])]
     config = config.split("/")[-1]
     if config == "imagefolder_target.yaml":
-        # the config's resnet18 takes ImageNet weights; here the source is a resnet_small checkpoint
+        # the user's own images; the config's resnet18 would take ImageNet weights, here it starts from scratch
         args += ["--data.init_args.root", str(inputs["images"]), "--data.init_args.val_split", "4",
                  "--model.init_args.backbone", "resnet_small"]  # fmt: skip
     elif shipped["data"]["class_path"].endswith("FashionMNISTDataModule"):
@@ -97,7 +65,8 @@ def test_every_fit_config_is_covered():
 
 @pytest.mark.parametrize("mode", list(SMOKE))
 @pytest.mark.parametrize("config", FIT_CONFIGS)
-def test_shipped_config_smoke_run(config, mode, inputs, fashion_root, tmp_path, monkeypatch):
+def test_shipped_config_smoke_run(config, mode, inputs, fashion_root, tmp_path, monkeypatch, zoo_built):
+    """Each config alone in an empty folder: nothing run before it, its sources come from the zoo."""
     monkeypatch.chdir(tmp_path)
     cli = cli_main(["fit", "--config", str(CONFIG_ROOT / config), *_user_args(config, inputs, fashion_root), *SMOKE[mode], *QUIET])
     assert cli.trainer.global_step >= 1
@@ -105,6 +74,18 @@ def test_shipped_config_smoke_run(config, mode, inputs, fashion_root, tmp_path, 
         assert cli.trainer.logger is None
         if "AppliedLRMonitor" in (CONFIG_ROOT / config).read_text():
             assert any(k.startswith("lr/") and v > 0 for k, v in cli.trainer.callback_metrics.items())  # LR monitor, no logger
+
+
+@pytest.mark.parametrize("config", FIT_CONFIGS)
+def test_shipped_config_tests_alone(config, inputs, fashion_root, tmp_path, monkeypatch, zoo_built):
+    """``lit-finetune test --config X`` in an empty folder: tests the model the config builds (its zoo source
+    loaded, or fresh weights), as a user does before fitting."""
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["test", "--config", str(CONFIG_ROOT / config), *_user_args(config, inputs, fashion_root),
+                    "--trainer.limit_test_batches", "1", "--trainer.logger", "false", *QUIET])  # fmt: skip
+    assert any(k.startswith("test/") for k in cli.trainer.callback_metrics)
+    pretrained = cli.model.pretrained
+    assert (cli.model.load_report is not None) == bool(pretrained)  # the zoo source was read
 
 
 def test_predict_folder_config_smoke_run(inputs, fashion_root, tmp_path, monkeypatch):

@@ -209,7 +209,7 @@ def test_cli_fit_ddp(launch: list[str], tmp_path: Path, fashion_root: Path, loop
     pretrain -> fine-tune as shipped, only shortened.
     """
     shipped = yaml.safe_load((REPO / "configs/classifier/finetune_target.yaml").read_text())
-    pretrained = tmp_path / shipped["model"]["init_args"]["pretrained"]
+    pretrained = tmp_path / "runs/classifier/pretrain_source/checkpoints/best.ckpt"  # not the config's zoo name
     pretrained.parent.mkdir(parents=True)
     torch.manual_seed(7)
     source = ImageClassifier(num_classes=5)
@@ -230,6 +230,7 @@ def test_cli_fit_ddp(launch: list[str], tmp_path: Path, fashion_root: Path, loop
         "--trainer.num_sanity_val_steps", "0",
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
+        "--model.init_args.pretrained", str(pretrained),
         "--data.root", str(fashion_root),
         "--data.samples_per_class", "8",
         "--data.val_split", "40",

@@ -16,6 +16,7 @@ from torch import nn
 
 from lit_finetune.nets.resnet import ResNetClassifierNet
 from lit_finetune.transfer.pretrained import PretrainedLoadError, load_checkpoint_file
+from lit_finetune.zoo import resolve_source
 
 #: the command that trains the extractor (``configs/metrics/feature_extractor.yaml``)
 EXTRACTOR_COMMAND = "lit-finetune fit --config configs/metrics/feature_extractor.yaml"
@@ -63,13 +64,15 @@ class FeatureExtractor(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path = DEFAULT_EXTRACTOR_PATH) -> FeatureExtractor:
-        """Build the extractor from a checkpoint written by ``EXTRACTOR_COMMAND`` (read with ``weights_only=True``)."""
-        path = Path(path)
+        """Build the extractor from a checkpoint written by ``EXTRACTOR_COMMAND`` (read with ``weights_only=True``)
+        or a ``zoo:`` name (``zoo:fashion-mnist/feature-extractor``)."""
+        path = Path(resolve_source(path, role="feature_extractor"))
         if not path.is_file():
             raise ExtractorNotFoundError(
                 f"Feature extractor checkpoint {str(path)!r} not found. FID/KID need it; train it once "
                 f"(a few minutes on a CPU) with\n    {EXTRACTOR_COMMAND}\nwhich writes {DEFAULT_EXTRACTOR_PATH} "
-                "under the directory it runs in, then point the metric's extractor path at that file."
+                "under the directory it runs in, then point the metric's extractor path at that file; or pass "
+                "zoo:fashion-mnist/feature-extractor (built once, cached)."
             )
         # The network only, rebuilt from the checkpoint's hyper-parameters: the metrics need no LightningModule
         # (and importing one here would tie the metrics package to the modules that use it)

@@ -18,6 +18,7 @@ from typing import Any
 
 from lit_finetune.modules.base import TransferModule
 from lit_finetune.transfer.pretrained import PretrainedLoadError, load_checkpoint_file
+from lit_finetune.zoo import resolve_source
 
 
 class CheckpointLoadError(PretrainedLoadError):
@@ -121,7 +122,7 @@ def load_module_checkpoint(path: str | Path, role: str = "checkpoint") -> Transf
     """The module saved in ``path``, in eval mode on the CPU.
 
     Args:
-        path: a ``.ckpt`` written by ``lit-finetune fit`` or by a Trainer.
+        path: a ``.ckpt`` written by ``lit-finetune fit`` or by a Trainer, or a ``zoo:`` name.
         role: what the file is for, named in errors (e.g. ``"generator (--model.generator)"``).
 
     Raises:
@@ -129,7 +130,7 @@ def load_module_checkpoint(path: str | Path, role: str = "checkpoint") -> Transf
             no lit-finetune module or an instantiator (see :func:`checked_module_class`), or does not
             rebuild as the module it names.
     """
-    path = Path(path)
+    path = Path(resolve_source(path, role=role))
     if not path.is_file():
         raise CheckpointLoadError(
             f"The {role} {str(path)!r} does not exist; pass a .ckpt written by lit-finetune fit "

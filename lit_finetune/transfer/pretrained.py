@@ -31,6 +31,8 @@ MIN_LOADED_SHARE = 0.5
 #: an ``adapt=`` entry: ``(what, fn)``, ``fn(source_tensor, target_tensor)`` -> the tensor to load, or ``None``
 Adapter = tuple[str, Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]]
 
+from lit_finetune.zoo import resolve_source
+
 
 class PretrainedLoadError(RuntimeError):
     """A pretrained source could not be read or does not fit the model."""
@@ -126,12 +128,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     ``weights_only=True`` refuses pickles that would run code on load; such files, non-checkpoints
     and truncated files all raise :class:`PretrainedLoadError` naming the file and the fix.
     """
-    path = Path(path)
+    path = Path(resolve_source(path, role="pretrained"))
     if not path.is_file():
         raise PretrainedLoadError(
             f"Pretrained file {str(path)!r} does not exist. Pass the path of a .ckpt written by lit-finetune "
-            "(e.g. <run dir>/checkpoints/last.ckpt), a state-dict .pt file, or a torchvision weight name "
-            "such as IMAGENET1K_V1."
+            "(e.g. <run dir>/checkpoints/last.ckpt), a state-dict .pt file, a torchvision weight name "
+            "such as IMAGENET1K_V1, or a zoo name such as zoo:fashion-mnist-0-4/classifier (lit-finetune-zoo list)."
         )
     obj = load_checkpoint_file(path)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):

@@ -61,7 +61,7 @@ Profiles (``--profile``):
   images, 80 classifier steps per arm with 5 validation points, 200 GAN steps with snapshots every 50,
   1 torch thread (2 threads ran ~10x slower with other jobs on the 2 cores). Measured: 24.3 min wall
   (source classifier and source DCGAN ~2 min, ~17 s per GAN, ~8.5 s per arm run) at a load average of
-  0.3 to 1.0. A first version with 35 classifier steps (18.6 min) left the real-only classifiers
+  0.3 to 1.0, with 3 seeds; 5 seeds: ~2 + 15 x 2.6 min = ~40 min (estimated). A first version with 35 classifier steps (18.6 min) left the real-only classifiers
   under-trained (75-83 % instead of 88-89 %) with seed spreads up to ±13 points; 80 steps replaced it.
 * ``full``: for one GPU (``--device cuda``): source 5 epochs, batch 50, 200 classifier steps, 1,000
   GAN steps (widths 64) with snapshots every 100, seeds 0-4, torch's default threads. Estimated, not

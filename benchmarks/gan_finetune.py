@@ -45,7 +45,7 @@ Recipe choices (fixed before looking at any result, never chosen on test):
 Profiles:
 
 * ``quick`` (default): extractor 2 epochs, source 3 epochs, 300 generator steps per arm, seeds 0-4.
-  Timings below are from the 3-seed version; 5 seeds and the floor add ~12 x 70 s + ~30 s: ~45-50 min.
+  Timings below are from the 3-seed version; 5 seeds and the floor add 12 x ~47 s + ~30 s: ~41 min (estimated).
   Planned from measured step times on a 2-core AMD EPYC with 1 torch thread (other jobs running):
   extractor ~0.54 s per batch of 128 (430 batches/epoch), source GAN ~0.37 s per batch of 128 (230/epoch),
   target GAN ~0.15 s per batch of 50, testing an arm ~20-25 s (10,000 extractor forwards): about

@@ -39,7 +39,10 @@ through N in {10, 50, 200} labelled training images per class. For each N and se
    validation accuracy (ties: lower validation loss), reported by its test accuracy. It is a best of six
    runs against the single real-only run, so run-to-run noise alone favours it; the md says so.
 4. ``benchmarks/results/gan_augmented.md`` (tables, CAS gaps, acceptance rates, the chosen generators,
-   the published figures, a verdict computed from the numbers) and ``gan_augmented.png`` (test accuracy
+   the published figures, a verdict computed from the numbers: per (init, N, real + G arm) cell a two-sided
+   paired t-test against real only over the seeds (``stats.paired_t_test``; with 5 seeds Wilcoxon's test
+   cannot reach p < 0.0625), Holm-corrected over the family of those cells (``stats.holm``), the worst seed
+   of each cell shown; the "ratio chosen on validation" row repeats one of the arms and is not counted) and ``gan_augmented.png`` (test accuracy
    against N per arm, one panel per init).
 
 Choices (none tuned on test): the classifier recipe is ``transfer_sweep.py``'s full fine-tune, fixed
@@ -54,14 +57,14 @@ would reject nearly everything.
 Profiles (``--profile``):
 
 * ``quick`` (default): source classifier 2 epochs of ``pretrain_source.yaml`` (cached in the work dir
-  and reused by later runs), a 2-epoch unconditional source DCGAN (cached too), seeds 0-2, batch 25 real
+  and reused by later runs), a 2-epoch unconditional source DCGAN (cached too), seeds 0-4, batch 25 real
   images, 80 classifier steps per arm with 5 validation points, 200 GAN steps with snapshots every 50,
   1 torch thread (2 threads ran ~10x slower with other jobs on the 2 cores). Measured: 24.3 min wall
   (source classifier and source DCGAN ~2 min, ~17 s per GAN, ~8.5 s per arm run) at a load average of
-  0.3 to 1.0. A first version with 35 classifier steps (18.6 min) left the real-only classifiers
+  0.3 to 1.0, with 3 seeds; 5 seeds: ~2 + 15 x 2.6 min = ~40 min (estimated). A first version with 35 classifier steps (18.6 min) left the real-only classifiers
   under-trained (75-83 % instead of 88-89 %) with seed spreads up to ±13 points; 80 steps replaced it.
 * ``full``: for one GPU (``--device cuda``): source 5 epochs, batch 50, 200 classifier steps, 1,000
-  GAN steps (widths 64) with snapshots every 100, seeds 0-2, torch's default threads. Estimated, not
+  GAN steps (widths 64) with snapshots every 100, seeds 0-4, torch's default threads. Estimated, not
   measured (no GPU here), for an H200 where small steps cost Python/Lightning overhead (~5-10 ms):
   ~0.5 min source + 9 x ~15 s GANs + 144 x ~2 s arms = ~7-8 min; ``--seeds 0 1 2 3 4`` for more.
   Measured on one H200 (torch 2.11, 2026-11-26): that estimate was wrong. The run was stopped at its
@@ -112,6 +115,7 @@ from transfer_sweep import (
     row,
     sample_std,
 )  # fmt: skip
+from stats import PairedTest, holm, paired_t_test
 from transfer_vs_scratch import machine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,11 +181,11 @@ class Profile:
 
 PROFILES = {
     "quick": Profile(
-        seeds=(0, 1, 2), shots=(10, 50, 200), batch_size=25, steps=80, gan_steps=200, snapshot_every=50,
+        seeds=(0, 1, 2, 3, 4), shots=(10, 50, 200), batch_size=25, steps=80, gan_steps=200, snapshot_every=50,
         gan_width=32, gan_batch=50, pretrain_epochs=2, evals=5, gan_source_epochs=2,
     ),
     "full": Profile(
-        seeds=(0, 1, 2), shots=(10, 50, 200), batch_size=50, steps=200, gan_steps=1000, snapshot_every=100,
+        seeds=(0, 1, 2, 3, 4), shots=(10, 50, 200), batch_size=50, steps=200, gan_steps=1000, snapshot_every=100,
         gan_width=64, gan_batch=50, pretrain_epochs=5, evals=10, threads=None, gan_source_epochs=10,
     ),
     "tiny": Profile(
@@ -456,49 +460,56 @@ def diffs(results: Results, n: int, init: str, key: str, base: str = "real") -> 
     return [a - b for a, b in zip(accs(results, n, init, key), accs(results, n, init, base))]
 
 
+ALPHA = 0.05  #: family-wise error rate of the verdict (Holm)
+
+
+def family(results: Results) -> list[tuple[str, int, str, PairedTest]]:
+    """Every (init, N, real + G arm) cell's paired t-test against real only, over seeds. The family of
+    the verdict: the "ratio chosen on validation" row duplicates one of these arms and is not in it."""
+    return [
+        (init, n, key, paired_t_test(accs(results, n, init, key), accs(results, n, init, "real")))
+        for init in INITS
+        for n in results
+        for key in results[n][init]
+        if key in ARM_BY_KEY and ARM_BY_KEY[key].augments
+    ]
+
+
 def verdict(results: Results) -> str:
-    """Plain sentences, computed from the numbers: did real + G beat real only, beyond the seed spread?"""
-    lines = []
-    helped = hurt = total = 0
-    for init, name in INITS.items():
-        parts = []
-        for n in results:
-            keys = [k for k in results[n][init] if k == CHOSEN or ARM_BY_KEY[k].augments]
-            if not keys:
-                continue
-            scored = {k: diffs(results, n, init, k) for k in keys}
-            for d in scored.values():
-                mean, spread = statistics.mean(d), sample_std(d)
-                total += 1
-                helped += mean > 0 and mean > spread
-                hurt += mean < 0 and -mean > spread
-            best = max(scored, key=lambda k: statistics.mean(scored[k]))
-            d = scored[best]
-            spread = sample_std(d)
-            where = "beyond" if abs(statistics.mean(d)) > spread else "within"
-            chosen = scored.get(CHOSEN)
-            chosen_txt = f"; ratio chosen on validation {_points(chosen)}" if chosen else ""
-            parts.append(
-                f"N={n}: real + G arms {_signed(min(statistics.mean(v) for v in scored.values()))} to "
-                f"{_signed(statistics.mean(d))} points vs real only (best: {label(best)}, {_points(d)}, {where} "
-                f"the seed spread{chosen_txt})"
-            )
-        if parts:
-            lines.append(f"**{name}**: " + "; ".join(parts) + ".")
-    if total:
-        lines.append(
-            f"Over all {total} (init, N, real + G arm) cells, augmentation helped by more than the std of the "
-            f"per-seed differences in {helped}, hurt by more than it in {hurt}, and was within it in "
-            f"{total - helped - hurt}: "
+    """Plain sentences and a per-cell table, computed from the numbers: a two-sided paired t-test per cell
+    (real + G vs real only, paired by seed) with Holm's correction over the family of cells."""
+    cells = family(results)
+    if not cells:
+        return ""
+    adjusted = holm([t.p for _, _, _, t in cells])
+    helped = sum(1 for (*_, t), q in zip(cells, adjusted) if q <= ALPHA and t.mean > 0)
+    hurt = sum(1 for (*_, t), q in zip(cells, adjusted) if q <= ALPHA and t.mean < 0)
+    seeds = len(cells[0][3].diffs)
+    lines = [
+        (
+            f"Verdict: per (init, N, real + G arm) cell, a two-sided paired t-test of the per-seed differences to "
+            f"real only ({seeds} seeds, df {seeds - 1}), Holm-corrected over the family of {len(cells)} cells "
+            f"(family-wise α = {ALPHA}; the ratio-chosen-on-validation row repeats one of these arms and is not "
+            f"counted). Augmentation helped significantly in {helped}, hurt significantly in {hurt}, and was not "
+            f"distinguishable from real only in {len(cells) - helped - hurt}: "
             + (
                 "on this evidence GAN augmentation did not help."
                 if helped == 0
                 else "it helped in some cells only (see the table)."
-                if hurt or helped < total / 2
+                if hurt or helped < len(cells) / 2
                 else "it helped in most cells."
             )
+        ),
+        "",
+        "| init | N | arm | difference (points) | worst seed | t | p | Holm p |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (init, n, key, t), q in zip(cells, adjusted):
+        lines.append(
+            row([INITS[init], str(n), label(key), _points(list(t.diffs)), _signed(t.worst), f"{t.t:.2f}",
+                 f"{t.p:.3f}", f"{q:.3f}{' *' if q <= ALPHA else ''}"])  # fmt: skip
         )
-    return "\n\n".join(lines)
+    return "\n".join(lines)
 
 
 def _short(key: str) -> str:

@@ -5,10 +5,13 @@
    with ``conditional: true``), unless ``--source``.
 3. For each seed and arm, fit on the few-shot target (classes 5-9, 20 images per class, 100 in all:
    the data of ``configs/dcgan/finetune.yaml``) and test the EMA generator on the full target test
-   split (5,000 images, one class-matched sample per real image): FID, KID, the extractor's count of
-   generated samples per class, and label agreement (how often the extractor assigns a sample the
-   label it was generated for).
-4. Write ``benchmarks/results/gan_finetune.md`` (tables) and ``gan_finetune.png`` (one sample grid per
+   split (5,000 images, one class-matched sample per real image): FID, KID (with its std over KID
+   subsets), the extractor's count of generated samples per class, and label agreement (how often the
+   extractor assigns a sample the label it was generated for); the same test with the raw generator.
+4. The real-vs-real floor of the same extractor (``real_floor``): the target test images against as
+   many class-matched real target *training* images (the arms' sample sizes), and two disjoint
+   class-stratified halves of the test images (half the sample size, which shows FID's sample-size bias).
+5. Write ``benchmarks/results/gan_finetune.md`` (tables) and ``gan_finetune.png`` (one sample grid per
    arm for the first seed, and FID bars with the std over seeds).
 
 Arms (every one from the shipped configs, only the treatment changes):
@@ -26,7 +29,14 @@ Recipe choices (fixed before looking at any result, never chosen on test):
   Adam(2e-4, betas 0.5/0.999) and EMA decay 0.99 from the configs. The final EMA generator is tested; no
   checkpoint is picked, so validation is switched off (``limit_val_batches: 0``) to save time.
 * Seed ``s`` seeds everything (``seed_everything``) and picks the 20 images per class
-  (``data.seed``); within a seed, all arms see the same 100 images.
+  (``data.seed``); within a seed, all arms see the same 100 images. 5 seeds: 3 understated the spread.
+* Reproducible: the torch thread count is fixed (``--threads``, default 1) and recorded, because CPU
+  kernels sum in a thread-dependent order and a GAN amplifies the rounding (two runs of the same seed that
+  differed only in thread count moved FID by up to 23). With the same threads and seed a rerun gives the
+  same FID (``tests/test_benchmarks_gan.py``).
+* FID is biased upward at finite sample size (the bias falls roughly as 1/n; Chong & Forsyth 2020), so
+  FIDs are compared only at equal numbers of real and fake images, and the real-vs-real floor is
+  measured at the same sizes. KID is unbiased; it is shown with its std over KID subsets.
 * The source generator is conditional on 5 labels (classes 0-4), the target's on 5 labels
   (classes 5-9): all weights load, the label embedding is re-purposed by fine-tuning.
 * FID in this feature space (an in-project Fashion-MNIST classifier's penultimate layer) is
@@ -34,7 +44,8 @@ Recipe choices (fixed before looking at any result, never chosen on test):
 
 Profiles:
 
-* ``quick`` (default): extractor 2 epochs, source 3 epochs, 300 generator steps per arm, seeds 0-2.
+* ``quick`` (default): extractor 2 epochs, source 3 epochs, 300 generator steps per arm, seeds 0-4.
+  Timings below are from the 3-seed version; 5 seeds and the floor add 12 x ~47 s + ~30 s: ~41 min (estimated).
   Planned from measured step times on a 2-core AMD EPYC with 1 torch thread (other jobs running):
   extractor ~0.54 s per batch of 128 (430 batches/epoch), source GAN ~0.37 s per batch of 128 (230/epoch),
   target GAN ~0.15 s per batch of 50, testing an arm ~20-25 s (10,000 extractor forwards): about
@@ -44,7 +55,7 @@ Profiles:
   GPU (not run for the README table).
 * ``smoke``: a few batches of everything, one seed: checks the pipeline, its numbers mean nothing.
 
-    OMP_NUM_THREADS=1 python benchmarks/gan_finetune.py                    # quick profile
+    OMP_NUM_THREADS=1 python benchmarks/gan_finetune.py                    # quick profile, 1 thread
     python benchmarks/gan_finetune.py --profile full                      # on a GPU
     python benchmarks/gan_finetune.py --extractor E.ckpt --source S.ckpt  # reuse trained ones
 """
@@ -71,7 +82,7 @@ CONFIGS = REPO / "configs"
 SHORT_NAMES = ("top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 TARGET_CLASSES = (5, 6, 7, 8, 9)
 PROFILES = {
-    "quick": dict(extractor_epochs=2, source_epochs=3, steps=300, seeds=[0, 1, 2]),
+    "quick": dict(extractor_epochs=2, source_epochs=3, steps=300, seeds=[0, 1, 2, 3, 4]),
     "full": dict(extractor_epochs=10, source_epochs=20, steps=2000, seeds=[0, 1, 2, 3, 4]),
     # the pipeline end to end in a minute or two; its numbers mean nothing
     "smoke": dict(
@@ -258,30 +269,103 @@ def real_class_counts(extractor: Path) -> list[int]:
     return GenerativeMetrics(extractor).class_counts(real).tolist()
 
 
+@dataclass
+class Floor:
+    """FID/KID of real images against other real images through the same extractor."""
+
+    what: str
+    num_a: int
+    num_b: int
+    fid: float
+    kid_mean: float
+    kid_std: float
+
+
+def _per_class(labels: torch.Tensor, counts: dict[int, int], generator: torch.Generator) -> torch.Tensor:
+    """Indices of ``counts[c]`` random images of each class ``c`` in ``labels``."""
+    picks = []
+    for c, k in counts.items():
+        where = torch.nonzero(labels == c).flatten()
+        if len(where) < k:
+            raise ValueError(f"class {c}: {k} images asked, {len(where)} available")
+        picks.append(where[torch.randperm(len(where), generator=generator)[:k]])
+    return torch.cat(picks)
+
+
+def real_floor(extractor: Path, num_test: int | None = None, root: str | None = None, seed: int = 0) -> list[Floor]:
+    """What a perfect generator would score, with the sample sizes of the arms' test: the first
+    ``num_test`` (None: all) target test images against as many class-matched target training images,
+    and two disjoint class-stratified halves of those test images (half the size: FID's bias shows)."""
+    from lit_finetune.data import FashionMNISTDataModule
+    from lit_finetune.metrics import GenerativeMetrics
+
+    data = FashionMNISTDataModule(**({"root": root} if root else {}))
+    split = {}
+    for name in ("test", "train"):
+        images, labels = data.read_split(name)
+        keep = torch.isin(labels, torch.tensor(TARGET_CLASSES))
+        split[name] = (images[keep].float() / 127.5 - 1, labels[keep])  # uint8 -> [-1, 1]
+    test, test_labels = (t[:num_test] for t in split["test"])
+    counts = {c: int((test_labels == c).sum()) for c in TARGET_CLASSES}
+    generator = torch.Generator().manual_seed(seed)
+    train = split["train"][0][_per_class(split["train"][1], counts, generator)]
+    first = _per_class(test_labels, {c: k // 2 for c, k in counts.items()}, generator)
+    rest = torch.ones(len(test), dtype=torch.bool)
+    rest[first] = False
+    metrics = GenerativeMetrics(extractor)
+    out = []
+    for what, a, b in (
+        ("target test vs target train images (the arms' sample sizes)", test, train),
+        ("two disjoint halves of the target test images", test[first], test[rest]),
+    ):
+        metrics.reset()
+        metrics.update(real=a, fake=b)
+        values = metrics.compute()
+        out.append(Floor(what, len(a), len(b), *(float(values[k]) for k in ("fid", "kid_mean", "kid_std"))))
+    return out
+
+
 # -- reporting -----------------------------------------------------------------------------------------
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def markdown(
-    results: dict[str, list[ArmResult]], seeds: list[int], real_counts: list[int] | None, setup: str
+    results: dict[str, list[ArmResult]], seeds: list[int], real_counts: list[int] | None, setup: str,
+    floors: list[Floor] = (),
 ) -> str:  # fmt: skip
-    """The metrics table, the per-class count table and the setup paragraph."""
+    """The metrics table, the real-vs-real floor, the per-class count table and the setup paragraph."""
     lines = [
-        "| arm | FID ↓ | KID ↓ | label agreement ↑ | FID, raw G (no EMA) | G / D steps | FID per seed |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | FID ↓ | KID ×10³ ↓ | KID subset std ×10³ | label agreement ↑ | FID, raw G (no EMA) | G / D steps "
+        "| FID per seed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, runs in results.items():
         fid, fid_sd = _mean_std([r.fid for r in runs])
-        kid, kid_sd = _mean_std([r.kid_mean for r in runs])
+        kid, kid_sd = _mean_std([1e3 * r.kid_mean for r in runs])
+        kid_subset = statistics.mean(1e3 * r.kid_std for r in runs)
         agree, agree_sd = _mean_std([100 * r.label_agreement for r in runs])
         steps = sorted({f"{r.generator_steps} / {r.discriminator_steps}" for r in runs})
         raw = [r.fid_raw_generator for r in runs if r.fid_raw_generator is not None]
         raw_cell = "{:.1f} ± {:.1f}".format(*_mean_std(raw)) if raw else "not measured"
         lines.append(
-            f"| {name} | {fid:.1f} ± {fid_sd:.1f} | {kid:.2f} ± {kid_sd:.2f} | {agree:.1f} ± {agree_sd:.1f} % | "
-            f"{raw_cell} | {', '.join(steps)} | {', '.join(f'{r.fid:.1f}' for r in runs)} |"
+            f"| {name} | {fid:.1f} ± {fid_sd:.1f} | {kid:.1f} ± {kid_sd:.1f} | {kid_subset:.1f} | "
+            f"{agree:.1f} ± {agree_sd:.1f} % | {raw_cell} | {', '.join(steps)} | {', '.join(f'{r.fid:.1f}' for r in runs)} |"
         )
+    lines += [
+        "",
+        "FID and KID: mean ± std over seeds; KID subset std: the std of KID over its random subsets (one run's "
+        "own uncertainty), mean over seeds. FID is biased upward at finite sample size (roughly as 1/n; Chong & "
+        "Forsyth 2020): it is comparable only at equal numbers of real and fake images, and its zero is not "
+        "reachable. The real-vs-real floor below, through the same extractor, is what a perfect generator would "
+        "score at these sizes; KID is unbiased, so its floor is about 0.",
+    ]
+    if floors:
+        lines += ["", "| real vs real (same extractor) | images | FID | KID ×10³ ± subset std |", "|---|---|---|---|"]
+        lines += [
+            f"| {f.what} | {f.num_a:,} vs {f.num_b:,} | {f.fid:.2f} | {1e3 * f.kid_mean:.2f} ± {1e3 * f.kid_std:.2f} |"
+            for f in floors
+        ]
     counts = [
         "Generated samples per class as the extractor's classifier sees them (mean over seeds; class-matched "
         "sampling, so a perfect generator matches the real row):",
@@ -347,12 +431,16 @@ def main() -> None:
     parser.add_argument("--source", type=Path, help="a conditional source DCGAN checkpoint (skips step 2)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the profile's seeds")
     parser.add_argument("--steps", type=int, help="override the profile's generator steps per arm")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (fixed: FID depends on it; recorded in the results)"
+    )
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "gan_finetune")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     profile = dict(PROFILES[args.profile])
     seeds = args.seeds or profile["seeds"]
     steps = args.steps or profile["steps"]
+    torch.set_num_threads(args.threads)
     quiet_lightning()
     start = time.perf_counter()
 
@@ -378,9 +466,10 @@ def main() -> None:
         log=lambda s: print(s, flush=True), save_to=args.workdir / "results.pt",
     )  # fmt: skip
     real_counts = real_class_counts(extractor)
+    n_test = int(sum(results[ARMS[0].name][0].class_counts))  # one class-matched sample per real test image
+    floors = real_floor(extractor, n_test)
 
     minutes = (time.perf_counter() - start) / 60
-    n_test = int(sum(results[ARMS[0].name][0].class_counts))  # one class-matched sample per real test image
     arm_minutes = sum(r.fit_seconds + r.test_seconds for runs in results.values() for r in runs) / 60
     setup = (
         f"Profile `{args.profile}`. Fashion-MNIST: class-conditional DCGAN (latent 64, widths 32) pretrained on source "
@@ -390,10 +479,11 @@ def main() -> None:
         f"FID and KID (mean ± std over seeds) in the penultimate features of an in-project Fashion-MNIST classifier "
         f"({extractor_note}), so these FIDs are comparable only inside this project; label agreement is how often "
         f"that classifier assigns a sample the class it was generated for. Measured on {machine()}, "
-        f"{torch.get_num_threads()} torch thread(s); "
+        f"{torch.get_num_threads()} torch thread(s) (fixed with `--threads`: a rerun with the same threads and seed "
+        f"gives the same FID); "
         f"{minutes:.1f} min in all ({source_minutes:.1f} min extractor + source, {arm_minutes:.1f} min for the arms)."
     )
-    text = markdown(results, seeds, real_counts, setup)
+    text = markdown(results, seeds, real_counts, setup, floors)
     print("\n[4/4] results\n" + text)
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "gan_finetune.md").write_text(text)

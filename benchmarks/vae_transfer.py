@@ -2,9 +2,12 @@
 
 1. Pretrain the source VAE on Fashion-MNIST classes 0-4 (``configs/vae/pretrain.yaml``), unless ``--source``.
 2. For each N in {10, 100, 1000} target images per class (classes 5-9), each seed and each arm, fit
-   with the same number of optimizer steps and test the final model on the target test split:
-   ELBO, the importance-weighted bound on ``-log p(x)`` (``test/nll_iwae``), bits per dimension and
-   the reconstruction error (``test/recon_mse``).
+   with the same number of optimizer steps, validating the ELBO every ``val_every`` steps on
+   ``min(N, 100)`` validation images per class (never more than the training set), and test both the
+   final model and the checkpoint with the best validation ELBO (the config's ``best.ckpt``) on the target
+   test split: ELBO, the importance-weighted bound on ``-log p(x)`` (``test/nll_iwae``), bits per dimension
+   and the reconstruction error (``test/recon_mse``). Both are reported side by side: with few images the
+   final model measures how fast an arm overfits, the best-on-validation one what transfer is worth.
 3. Write ``benchmarks/results/vae_transfer.md`` (a table, mean ± std over seeds) and
    ``vae_transfer.png`` (the bound and the reconstruction error against N, one line per arm).
 
@@ -24,19 +27,23 @@ Recipe choices (fixed before looking at any result, never chosen on test):
 
 * Same budget: every arm runs the same number of optimizer steps (``--trainer.max_steps``,
   ``--trainer.max_epochs -1``), batch 50, Adam(1e-3), latent 16, widths 32, no KL warm-up (the configs').
-  The final model is tested; nothing is picked on validation, so validation is off to save time.
+  Selection is on validation only (the highest validation ELBO); the test split chooses nothing.
+* The frozen-decoder arm's plateau is built in: with the decoder and the prior fixed, its p(x) is the
+  source model's, so its bound cannot fall below the source model's −log p(x) on target images (the md says so).
 * Seed ``s`` seeds everything and picks the N images per class (``data.seed``); within a seed and N,
   all arms see the same images.
 
 Profiles:
 
-* ``quick`` (default): source 3 epochs, 300 steps per arm, seeds 0-2, the bound with 16 importance
+* ``quick`` (default): source 3 epochs, 300 steps per arm validated every 25, seeds 0-2, the bound with 16 importance
   samples on the first 2,000 target test images (40 batches of 50). Planned from measured times on a
   2-core AMD EPYC with 1 torch thread: ~30 ms per target step, ~80 ms per source batch of 128 (230 per
   epoch), testing 5,000 images with 64 samples ~45 s: about 1 + 36 x (10 + 5 s) = ~10-12 min. Measured:
   9.6 min (1.2 source, 7-22 s fit + 4-7 s test per arm run; N = 10 is slowest: one epoch, and a
-  checkpoint, per step).
-* ``full``: source 20 epochs, 2,000 steps per arm, seeds 0-4, the bound with 64 samples on the whole
+  checkpoint, per step) before validation: now 12 validations per arm (at most 500 images, ELBO only) and a
+  second test (the best checkpoint) add ~5-8 s per arm run, i.e. ~13-15 min, while ``last.ckpt`` is written
+  at each validation instead of each epoch (at N = 10, 12 writes instead of 300).
+* ``full``: source 20 epochs, 2,000 steps per arm validated every 100, seeds 0-4, the bound with 64 samples on the whole
   target test split (5,000 images): sized for a GPU, not run for the README table.
 * ``smoke``: a few batches of everything, one seed: checks the pipeline, its numbers mean nothing.
 
@@ -63,12 +70,13 @@ from transfer_vs_scratch import QUIET, machine, working_dir
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "vae"
 SIZES = (10, 100, 1000)
+VAL_PER_CLASS = 100  #: validation images per class, at most; never more than the N training images per class
 PROFILES = {
-    "quick": {"source_epochs": 3, "steps": 300, "seeds": [0, 1, 2], "iw_samples": 16, "test_batches": 40},
-    "full": {"source_epochs": 20, "steps": 2000, "seeds": [0, 1, 2, 3, 4], "iw_samples": 64, "test_batches": None},
+    "quick": {"source_epochs": 3, "steps": 300, "val_every": 25, "seeds": [0, 1, 2], "iw_samples": 16, "test_batches": 40},
+    "full": {"source_epochs": 20, "steps": 2000, "val_every": 100, "seeds": [0, 1, 2, 3, 4], "iw_samples": 64, "test_batches": None},
     # the pipeline end to end in a minute; its numbers mean nothing
     "smoke": {
-        "source_epochs": 1, "steps": 5, "seeds": [0], "iw_samples": 4, "test_batches": 2,
+        "source_epochs": 1, "steps": 5, "val_every": 5, "seeds": [0], "iw_samples": 4, "test_batches": 2,
         "source_args": ["--trainer.limit_train_batches", "5", "--trainer.limit_val_batches", "1"],
     },
 }  # fmt: skip
@@ -92,8 +100,8 @@ ARMS = [
 
 
 @dataclass
-class ArmResult:
-    """What one (N, arm, seed) run measured on the target test split (nats per image)."""
+class Scores:
+    """One model's test on the target test split (nats per image)."""
 
     elbo: float
     nll_iwae: float
@@ -101,11 +109,32 @@ class ArmResult:
     recon_mse: float
     rec: float
     kl: float
+
+
+@dataclass
+class ArmResult:
+    """What one (N, arm, seed) run measured: the final model and the best-on-validation one, both tested."""
+
+    final: Scores
+    best: Scores  #: the checkpoint with the highest validation ELBO
+    best_step: int
+    val_elbo_best: float
+    val_elbo_final: float
+    val_images: int
     steps: int
     encoder_equals_source: bool
     decoder_equals_source: bool
     fit_seconds: float
     test_seconds: float
+
+
+def val_images(n: int) -> int:
+    """Validation images for N training images per class: ``min(N, VAL_PER_CLASS)`` per class (5 classes)."""
+    return 5 * min(n, VAL_PER_CLASS)
+
+
+def _scores(metrics: dict[str, float]) -> Scores:
+    return Scores(*(metrics[f"test/{k}"] for k in ("elbo", "nll_iwae", "bits_per_dim", "recon_mse", "rec", "kl")))
 
 
 def pretrain_source(workdir: Path, epochs: int, extra: list[str] = ()) -> tuple[Path, float]:
@@ -126,19 +155,22 @@ def _equals(module: torch.nn.Module, source_state: dict[str, torch.Tensor], pref
 
 def run_arm(
     arm: Arm, n: int, seed: int, source: Path, steps: int, workdir: Path, iw_samples: int,
-    test_batches: int | None, extra: list[str] = (),
+    test_batches: int | None, extra: list[str] = (), val_every: int = 25,
 ) -> ArmResult:  # fmt: skip
-    """Fit ``arm`` for ``steps`` optimizer steps on ``n`` target images per class, then test the final model."""
+    """Fit ``arm`` for ``steps`` optimizer steps on ``n`` target images per class, validating every
+    ``val_every`` steps; test the final model and the config's best-on-validation checkpoint (``best.ckpt``,
+    highest ``val/elbo``)."""
     from lit_finetune.cli import cli_main
 
     args = [
         "--config", str(CONFIGS / arm.config), *QUIET,
         "--seed_everything", str(seed), "--data.init_args.seed", str(seed),
-        "--data.init_args.samples_per_class", str(n),
+        "--data.init_args.samples_per_class", str(n), "--data.init_args.val_split", str(val_images(n)),
         "--model.init_args.pretrained", str(source) if arm.pretrained else "null",
         "--model.init_args.iw_samples", str(iw_samples),
         "--trainer.max_steps", str(steps), "--trainer.max_epochs", "-1",
-        "--trainer.limit_val_batches", "0",  # nothing is selected on validation: the final model is tested
+        # validation every val_every optimizer steps, across epochs (at N = 10 an epoch is one step)
+        "--trainer.check_val_every_n_epoch", "null", "--trainer.val_check_interval", str(val_every),
         *(["--trainer.limit_test_batches", str(test_batches)] if test_batches else []),
         *extra,
     ]  # fmt: skip
@@ -147,16 +179,24 @@ def run_arm(
         cli = cli_main(["fit", *args])
         fit_seconds = time.perf_counter() - start
         model, trainer = cli.model, cli.trainer
+        best = trainer.checkpoint_callback
+        if best is None or best.monitor != "val/elbo" or best.mode != "max" or not best.best_model_path:
+            raise RuntimeError(f"{arm.config}: its first ModelCheckpoint must keep the best val/elbo")
         source_state = torch.load(source, map_location="cpu", weights_only=True)["state_dict"]
+        encoder_equals = _equals(model.encoder, source_state, "encoder")
+        decoder_equals = _equals(model.decoder, source_state, "decoder")
+        val_final = float(trainer.callback_metrics["val/elbo"])
         start = time.perf_counter()
-        metrics = trainer.test(model, datamodule=cli.datamodule, verbose=False)[0]
+        torch.manual_seed(seed)  # both tests draw the same sampling noise: their difference is the weights'
+        final = _scores(trainer.test(model, datamodule=cli.datamodule, verbose=False)[0])
+        torch.manual_seed(seed)
+        best_metrics = trainer.test(model, datamodule=cli.datamodule, ckpt_path=best.best_model_path, verbose=False)
         test_seconds = time.perf_counter() - start
+        best_step = int(torch.load(best.best_model_path, map_location="cpu", weights_only=True)["global_step"])
     return ArmResult(
-        elbo=metrics["test/elbo"], nll_iwae=metrics["test/nll_iwae"], bits_per_dim=metrics["test/bits_per_dim"],
-        recon_mse=metrics["test/recon_mse"], rec=metrics["test/rec"], kl=metrics["test/kl"],
-        steps=optimizer_steps(trainer.optimizers[0]),
-        encoder_equals_source=_equals(model.encoder, source_state, "encoder"),
-        decoder_equals_source=_equals(model.decoder, source_state, "decoder"),
+        final=final, best=_scores(best_metrics[0]), best_step=best_step, val_elbo_best=float(best.best_model_score),
+        val_elbo_final=val_final, val_images=val_images(n), steps=optimizer_steps(trainer.optimizers[0]),
+        encoder_equals_source=encoder_equals, decoder_equals_source=decoder_equals,
         fit_seconds=fit_seconds, test_seconds=test_seconds,
     )  # fmt: skip
 
@@ -164,6 +204,7 @@ def run_arm(
 def run_all(
     arms: list[Arm], sizes: tuple[int, ...], seeds: list[int], source: Path, steps: int, workdir: Path,
     iw_samples: int, test_batches: int | None, extra: list[str] = (), log=print, save_to: Path | None = None,
+    val_every: int = 25,
 ) -> dict[int, dict[str, list[ArmResult]]]:  # fmt: skip
     """Every N, arm and seed (seed-major, so a cut-off run has whole seeds): ``results[n][arm name]``."""
     results = {n: {arm.name: [] for arm in arms} for n in sizes}
@@ -171,15 +212,16 @@ def run_all(
         for n in sizes:
             for arm in arms:
                 where = workdir / f"seed{seed}" / f"n{n}" / arm.name.replace(" ", "_")
-                r = run_arm(arm, n, seed, source, steps, where, iw_samples, test_batches, extra)
+                r = run_arm(arm, n, seed, source, steps, where, iw_samples, test_batches, extra, val_every)
                 results[n][arm.name].append(r)
                 if save_to is not None:  # after every run: a cut-off benchmark keeps what it measured
                     torch.save(
                         {k: {a: [asdict(x) for x in v] for a, v in d.items()} for k, d in results.items()}, save_to
                     )
                 log(
-                    f"      seed {seed} N {n:>4} {arm.name:<15} ELBO {r.elbo:8.2f}  IWAE {r.nll_iwae:7.2f}  "
-                    f"MSE {r.recon_mse:.4f}  steps {r.steps}  fit {r.fit_seconds:.0f}s test {r.test_seconds:.0f}s"
+                    f"      seed {seed} N {n:>4} {arm.name:<15} IWAE final {r.final.nll_iwae:7.2f} best-on-val "
+                    f"{r.best.nll_iwae:7.2f} (step {r.best_step})  MSE {r.best.recon_mse:.4f}  steps {r.steps}  "
+                    f"fit {r.fit_seconds:.0f}s test {r.test_seconds:.0f}s"
                 )
     return results
 
@@ -194,24 +236,37 @@ def _cell(values: list[float], fmt: str) -> str:
     return f"{m:{fmt}} ± {s:{fmt}}"
 
 
+FROZEN_DECODER_NOTE = (
+    "The frozen-decoder arm's plateau is built in: with the decoder p(x|z) and the prior p(z) fixed, its model "
+    "p(x) = ∫ p(x|z) p(z) dz is the source model's, whatever N; training the encoder only tightens the bound "
+    "towards the source model's −log p(x) on target images, so its IWAE bound cannot fall below that."
+)
+
+
 def markdown(results: dict[int, dict[str, list[ArmResult]]], setup: str) -> str:
-    """The table (one row per N and arm), the setup paragraph and the frozen-part check."""
+    """The table (one row per N and arm; final and best-on-validation side by side), the setup paragraph,
+    the frozen-decoder note and the frozen-part check."""
     lines = [
         (
-            "| N / class | arm | ELBO (nats) ↑ | IWAE bound on −log p(x) (nats) ↓ | bits/dim ↓ | recon MSE ↓ | steps "
-            "| IWAE per seed |"
+            "| N / class | arm | val images | IWAE bound on −log p(x) (nats) ↓, best on val | IWAE, final | "
+            "ELBO (nats) ↑, best on val | ELBO, final | bits/dim ↓, best on val | recon MSE ↓, best on val | "
+            "recon MSE, final | best step (of steps) | IWAE best on val, per seed |"
         ),
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n, arms in results.items():
         for name, runs in arms.items():
             if not runs:
                 continue
             steps = ", ".join(str(s) for s in sorted({r.steps for r in runs}))
+            best_steps = ", ".join(str(r.best_step) for r in runs)
             lines.append(
-                f"| {n} | {name} | {_cell([r.elbo for r in runs], '.1f')} | {_cell([r.nll_iwae for r in runs], '.1f')} "
-                f"| {_cell([r.bits_per_dim for r in runs], '.3f')} | {_cell([r.recon_mse for r in runs], '.4f')} "
-                f"| {steps} | {', '.join(f'{r.nll_iwae:.1f}' for r in runs)} |"
+                f"| {n} | {name} | {', '.join(str(v) for v in sorted({r.val_images for r in runs}))} "
+                f"| {_cell([r.best.nll_iwae for r in runs], '.1f')} | {_cell([r.final.nll_iwae for r in runs], '.1f')} "
+                f"| {_cell([r.best.elbo for r in runs], '.1f')} | {_cell([r.final.elbo for r in runs], '.1f')} "
+                f"| {_cell([r.best.bits_per_dim for r in runs], '.3f')} "
+                f"| {_cell([r.best.recon_mse for r in runs], '.4f')} | {_cell([r.final.recon_mse for r in runs], '.4f')} "
+                f"| {best_steps} (of {steps}) | {', '.join(f'{r.best.nll_iwae:.1f}' for r in runs)} |"
             )
     flat = [(name, r) for arms in results.values() for name, runs in arms.items() for r in runs]
     enc = [r.encoder_equals_source for name, r in flat if name == "frozen encoder"]
@@ -222,7 +277,7 @@ def markdown(results: dict[int, dict[str, list[ArmResult]]], setup: str) -> str:
         f"decoder in {sum(dec)}/{len(dec)} frozen-decoder runs; a scratch part equals the source's in "
         f"{sum(scratch)}/{len(scratch)} scratch runs."
     )
-    return "\n".join(lines) + "\n\n" + setup + check + "\n"
+    return "\n".join(lines) + "\n\n" + setup + " " + FROZEN_DECODER_NOTE + check + "\n"
 
 
 def figure(results: dict[int, dict[str, list[ArmResult]]], path: Path, title: str) -> None:
@@ -239,15 +294,17 @@ def figure(results: dict[int, dict[str, list[ArmResult]]], path: Path, title: st
         (axes[0], "nll_iwae", "IWAE bound on −log p(x), nats/image (lower is better)"),
         (axes[1], "recon_mse", "reconstruction MSE in [−1, 1] (lower is better)"),
     ):
-        for name in names:
-            stats = [_mean_std([getattr(r, key) for r in results[n][name]]) for n in sizes]
-            ax.errorbar(sizes, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=4, label=name)
+        for i, name in enumerate(names):
+            for which, style in (("best", "-"), ("final", ":")):
+                stats = [_mean_std([getattr(getattr(r, which), key) for r in results[n][name]]) for n in sizes]
+                ax.errorbar(sizes, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=4,
+                            ls=style, color=f"C{i}", label=f"{name} ({'best on val' if which == 'best' else which})")
         ax.set_xscale("log")
         ax.set_xticks(sizes, [str(n) for n in sizes])
         ax.set_xlabel("target images per class (N)")
         ax.set_ylabel(label, fontsize=8)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -264,7 +321,7 @@ def main() -> None:
     args = parser.parse_args()
     profile = dict(PROFILES[args.profile])
     seeds, steps = args.seeds or profile["seeds"], args.steps or profile["steps"]
-    iw, test_batches = profile["iw_samples"], profile["test_batches"]
+    iw, test_batches, val_every = profile["iw_samples"], profile["test_batches"], profile["val_every"]
     quiet_lightning()
     start = time.perf_counter()
 
@@ -281,7 +338,7 @@ def main() -> None:
     print(f"[2/3] {len(ARMS)} arms x N {list(SIZES)} x seeds {seeds}, {steps} steps each", flush=True)
     results = run_all(
         ARMS, SIZES, seeds, source, steps, args.workdir, iw, test_batches,
-        log=lambda s: print(s, flush=True), save_to=args.workdir / "results.pt",
+        log=lambda s: print(s, flush=True), save_to=args.workdir / "results.pt", val_every=val_every,
     )  # fmt: skip
 
     minutes = (time.perf_counter() - start) / 60
@@ -289,8 +346,10 @@ def main() -> None:
     setup = (
         f"Profile `{args.profile}`. Fashion-MNIST: a convolutional VAE (latent 16, widths 32) pretrained on source "
         f"classes 0-4 ({source_note}); each arm then trains {steps} optimizer steps (batch 50, Adam 1e-3) on target "
-        f"classes 5-9 with N images per class, seeds {seeds} (a seed also picks the images). The final model is "
-        f"tested on {tested}: ELBO and the importance-weighted bound with {iw} samples (Burda et al. 2015), mean ± "
+        f"classes 5-9 with N images per class, seeds {seeds} (a seed also picks the images). Validation ELBO every "
+        f"{val_every} steps on min(N, {VAL_PER_CLASS}) validation images per class taken from the target training "
+        f"split (never more than the training set); both the final model and the checkpoint with the best "
+        f"validation ELBO are tested on {tested}, side by side (nothing is chosen on test): ELBO and the importance-weighted bound with {iw} samples (Burda et al. 2015), mean ± "
         f"std over seeds. Likelihood: Bernoulli on pixels binarised at half intensity, nats per 28×28 image "
         f"(bits/dim = nats / (784 ln 2)); reconstruction MSE of the decoded posterior mean against the input in "
         f"[−1, 1]. For scale only: a one-layer VAE on binarised MNIST scores about 85-87 nats (Burda et al. 2015), "

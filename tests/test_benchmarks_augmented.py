@@ -57,7 +57,7 @@ def test_arms_and_profiles_cover_the_protocol():
     assert set(bench.INITS) == {"finetuned", "scratch"}
     for name in ("quick", "full"):
         profile = bench.PROFILES[name]
-        assert profile.shots == (10, 50, 200) and len(profile.seeds) >= 3, name
+        assert profile.shots == (10, 50, 200) and len(profile.seeds) >= 5, name
         assert profile.val_per_class == 100 and profile.test_limit is None, name  # the full 5,000 test images
         assert profile.gan_steps % profile.snapshot_every == 0
 
@@ -105,7 +105,7 @@ def test_tiny_markdown_and_figure_list_every_arm(tiny_run):
             cells = f"| {bench.INITS[init]} | {bench.label(key)} | {mean_std([r.test_acc for r in arm_runs])} |"
             assert cells in text, cells
     needles = [f"τ = {bench.THRESHOLD}", "CAS gap", "2.03 %", "Ravuri & Vinyals", "val FID", "load average"]
-    needles += ["min wall", "min CPU time", "torch ", "lightning ", "profile `tiny`", "augmentation helped"]
+    needles += ["min wall", "min CPU time", "torch ", "lightning ", "profile `tiny`", "Holm-corrected"]
     for needle in needles:
         assert needle in text, needle
     assert (out / "gan_augmented.png").stat().st_size > 10_000
@@ -146,12 +146,23 @@ def test_cas_sees_no_real_image_and_ratios_add_what_they_say(source, fashion_roo
         assert 0 <= runs["r1f"].acceptance <= 1 and 0 <= runs["r1f"].filled <= 1
 
 
-def test_verdict_is_computed_from_the_differences():
-    def runs(values):
-        return [bench.Run(test_acc=v, val_acc=v, val_loss=0.0, steps=1, arm="r0.25") for v in values]
+def test_verdict_is_a_holm_corrected_paired_test_without_the_chosen_row():
+    def runs(values, arm="r0.25"):
+        return [bench.Run(test_acc=v, val_acc=v, val_loss=0.0, steps=1, arm=arm) for v in values]
 
-    results = {10: {"finetuned": {"real": runs([0.50, 0.52, 0.54]), "r0.25": runs([0.60, 0.61, 0.65]),
-                                  "r1": runs([0.40, 0.41, 0.42])}, "scratch": {}}}  # fmt: skip
+    real = [0.50, 0.52, 0.54]
+    results = {10: {"finetuned": {
+        "real": runs(real),
+        "r0.25": runs([0.60, 0.61, 0.65]),  # +10, +9, +11: t = 17.3, p = 0.0033
+        "r1": runs([0.40, 0.41, 0.42]),  # -10, -11, -12: p = 0.0027
+        "r0.5": runs([0.55, 0.47, 0.58]),  # +5, -5, +4: p = 0.72
+        bench.CHOSEN: runs([0.60, 0.61, 0.65]),  # a copy of r0.25: not a member of the family
+    }, "scratch": {}}}  # fmt: skip
+    assert [key for _, _, key, _ in bench.family(results)] == ["r0.25", "r1", "r0.5"]
     text = bench.verdict(results)
-    assert "+10.0 points vs real only" in text and "-11.0 to" in text
-    assert "helped by more than the std of the per-seed differences in 1, hurt by more than it in 1" in text
+    assert "family of 3 cells" in text
+    assert "helped significantly in 1, hurt significantly in 1, and was not distinguishable from real only in 1" in text
+    table = {line.split(" | ")[2]: line for line in text.splitlines() if line.startswith("| fine-tuned")}
+    assert "| -12.0 |" in table[bench.label("r1")]  # the worst seed is shown
+    assert table[bench.label("r0.25")].endswith("| 0.003 | 0.008 * |")  # Holm: max(3 x 0.0027, 2 x 0.0033)
+    assert not table[bench.label("r0.5")].endswith("* |")

@@ -21,6 +21,16 @@ TINY = dict(latent_dim=16, generator_width=8, discriminator_width=8)
 STEPS = 3
 
 
+def tiny_args(fashion_root) -> list[str]:
+    """The benchmark's arm arguments, shrunk: tiny nets, 4 images per class, 2 test batches."""
+    return [
+        "--model.init_args.latent_dim", "16", "--model.init_args.generator_width", "8",
+        "--model.init_args.discriminator_width", "8", "--data.init_args.root", str(fashion_root),
+        "--data.init_args.samples_per_class", "4", "--data.init_args.batch_size", "10",
+        "--trainer.limit_test_batches", "2",
+    ]  # fmt: skip
+
+
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +42,7 @@ def tiny_run(tmp_path_factory, fashion_root):
     # an untrained extractor: FID mechanics need features, not good ones
     extractor = _save(ImageClassifier(num_classes=10), tmp / "extractor.ckpt")
     source = _save(DCGAN(**TINY, num_classes=5, conditional=True), tmp / "source.ckpt")
-    extra = [
-        "--model.init_args.latent_dim", "16", "--model.init_args.generator_width", "8",
-        "--model.init_args.discriminator_width", "8", "--data.init_args.root", str(fashion_root),
-        "--data.init_args.samples_per_class", "4", "--data.init_args.batch_size", "10",
-        "--trainer.limit_test_batches", "2",
-    ]  # fmt: skip
+    extra = tiny_args(fashion_root)
     arms = [bench.ARMS[0], bench.ARMS[-1]]  # scratch (no DiffAugment), FreezeD + DiffAugment
     results = bench.run_arms(arms, [0], source, extractor, STEPS, tmp / "work", extra, log=lambda s: None)
     return arms, results, source, tmp
@@ -50,7 +55,7 @@ def test_arms_cover_the_protocol():
     ]  # fmt: skip
     assert [a.pretrained for a in bench.ARMS] == [False, False, True, True, True, True]
     assert len({a.key for a in bench.ARMS}) == len(bench.ARMS)
-    assert len(bench.PROFILES["quick"]["seeds"]) >= 3 and len(bench.PROFILES["full"]["seeds"]) >= 3
+    assert len(bench.PROFILES["quick"]["seeds"]) >= 5 and len(bench.PROFILES["full"]["seeds"]) >= 5
 
 
 def test_every_arm_has_metrics_and_equal_steps(tiny_run):
@@ -74,10 +79,14 @@ def test_freezed_keeps_the_source_block_and_scratch_does_not_load(tiny_run):
 
 def test_markdown_has_every_cell_and_the_figure_is_written(tiny_run):
     arms, results, _, tmp = tiny_run
-    text = bench.markdown(results, [0], [0, 0, 0, 0, 0, 1000, 1000, 1000, 1000, 1000], "Setup.")
+    floors = [bench.Floor("halves", 10, 10, 1.5, 0.002, 0.001)]
+    text = bench.markdown(results, [0], [0, 0, 0, 0, 0, 1000, 1000, 1000, 1000, 1000], "Setup.", floors)
     rows = [line for line in text.splitlines() if line.startswith("|") and "---" not in line]
     header_cells = {len(line.split("|")) for line in rows if line.startswith("| arm")}
     assert len(header_cells) == 2  # the metrics table and the class-count table
+    assert "| halves | 10 vs 10 | 1.50 | 2.00 ± 1.00 |" in text and "biased upward at finite sample size" in text
+    run = results[arms[0].name][0]
+    assert f"| {1e3 * run.kid_mean:.1f} ± 0.0 | {1e3 * run.kid_std:.1f} |" in text  # KID and its subset std
     for line in rows:
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert all(cells), f"empty cell in {line!r}"
@@ -86,3 +95,27 @@ def test_markdown_has_every_cell_and_the_figure_is_written(tiny_run):
     assert "equals the source's after training in 1/1 FreezeD runs and 0/1 other runs" in text
     bench.figure(results, tmp / "fig.png", "tiny")
     assert (tmp / "fig.png").stat().st_size > 10_000
+
+
+def test_a_rerun_with_the_same_threads_and_seed_gives_the_same_fid(tiny_run, fashion_root):
+    """The run of the fixture, again (DiffAugment on, so augmentation randomness is covered): identical metrics."""
+    arms, results, source, tmp = tiny_run
+    extra = tiny_args(fashion_root)
+    arm = arms[-1]
+    again = bench.run_arm(arm, 0, source, tmp / "extractor.ckpt", STEPS, tmp / "rerun", extra)
+    first = results[arm.name][0]
+    assert torch.get_num_threads() == 1  # OMP_NUM_THREADS=1, as the benchmark's default --threads
+    assert (again.fid, again.kid_mean, again.kid_std, again.fid_raw_generator) == (
+        first.fid, first.kid_mean, first.kid_std, first.fid_raw_generator
+    )  # fmt: skip
+
+
+def test_real_floor_pairs_disjoint_real_sets_at_the_given_size(tiny_run, fashion_root):
+    _, _, _, tmp = tiny_run
+    same_size, halves = bench.real_floor(tmp / "extractor.ckpt", num_test=40, root=str(fashion_root))
+    assert (same_size.num_a, same_size.num_b) == (40, 40)
+    assert halves.num_a + halves.num_b == 40 and abs(halves.num_a - halves.num_b) <= len(bench.TARGET_CLASSES)
+    for floor in (same_size, halves):
+        assert floor.fid > 0 and torch.isfinite(torch.tensor([floor.kid_mean, floor.kid_std])).all()
+    again = bench.real_floor(tmp / "extractor.ckpt", num_test=40, root=str(fashion_root))
+    assert [f.fid for f in again] == [same_size.fid, halves.fid]  # seeded draws

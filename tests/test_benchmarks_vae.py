@@ -17,7 +17,8 @@ from conftest import save_lightning_checkpoint as _save
 sys.path.insert(0, str(REPO / "benchmarks"))
 import vae_transfer as bench
 
-STEPS = 3
+STEPS = 4
+VAL_EVERY = 2  # validations after steps 2 and 4
 
 
 
@@ -34,7 +35,9 @@ def tiny_run(tmp_path_factory, fashion_root):
         "--data.init_args.root", str(fashion_root), "--data.init_args.batch_size", "10",
     ]  # fmt: skip
     arms = [bench.ARMS[0], bench.ARMS[2]]  # scratch, frozen encoder
-    results = bench.run_all(arms, (10,), [0], source, STEPS, tmp / "work", 4, 2, extra, log=lambda s: None)
+    results = bench.run_all(
+        arms, (10,), [0], source, STEPS, tmp / "work", 4, 2, extra, log=lambda s: None, val_every=VAL_EVERY
+    )
     return arms, results, tmp
 
 
@@ -50,12 +53,27 @@ def test_every_cell_is_finite_with_equal_steps(tiny_run):
     assert list(results) == [10] and list(results[10]) == [a.name for a in arms]
     for runs in results[10].values():
         (run,) = runs
-        values = [run.elbo, run.nll_iwae, run.bits_per_dim, run.recon_mse, run.rec, run.kl]
-        assert all(math.isfinite(v) for v in values)
-        assert run.nll_iwae > 0 and run.recon_mse > 0
-        assert run.elbo == pytest.approx(-(run.rec + run.kl), rel=1e-4)
-        assert run.bits_per_dim == pytest.approx(run.nll_iwae / (784 * math.log(2)), rel=1e-4)
+        for scores in (run.final, run.best):
+            values = [scores.elbo, scores.nll_iwae, scores.bits_per_dim, scores.recon_mse, scores.rec, scores.kl]
+            assert all(math.isfinite(v) for v in values)
+            assert scores.nll_iwae > 0 and scores.recon_mse > 0
+            assert scores.elbo == pytest.approx(-(scores.rec + scores.kl), rel=1e-4)
+            assert scores.bits_per_dim == pytest.approx(scores.nll_iwae / (784 * math.log(2)), rel=1e-4)
         assert run.steps == STEPS
+
+
+def test_best_checkpoint_is_chosen_on_validation_no_larger_than_training(tiny_run):
+    _, results, _ = tiny_run
+    for runs in results[10].values():
+        (run,) = runs
+        assert run.val_images == 50 == bench.val_images(10)  # = the 5 x 10 training images
+        assert bench.val_images(1000) == 500
+        assert run.best_step in (VAL_EVERY, STEPS)  # a validated step
+        assert run.val_elbo_best >= run.val_elbo_final  # the best of the validations, the final one included
+        if run.best_step == STEPS:  # the best is the final model: the same test
+            assert run.best == run.final
+        else:
+            assert run.best != run.final
 
 
 def test_frozen_encoder_keeps_the_source_and_scratch_does_not_load(tiny_run):
@@ -69,7 +87,9 @@ def test_frozen_encoder_keeps_the_source_and_scratch_does_not_load(tiny_run):
 def test_markdown_and_figure(tiny_run):
     _, results, tmp = tiny_run
     text = bench.markdown(results, "setup.")
-    assert "| 10 | scratch |" in text and "| 10 | frozen encoder |" in text
+    assert "| 10 | scratch | 50 |" in text and "| 10 | frozen encoder | 50 |" in text
+    assert "best on val" in text and "p(x) is the source model's" not in text  # (the note says it in words below)
+    assert "frozen-decoder arm's plateau is built in" in text
     assert "1/1 frozen-encoder runs" in text and "0/1 scratch runs" in text
     bench.figure(results, tmp / "fig.png", "tiny")
     assert (tmp / "fig.png").stat().st_size > 1000

@@ -115,6 +115,8 @@ from transfer_sweep import (
 from transfer_vs_scratch import machine
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
 TARGET_CLASSES = [5, 6, 7, 8, 9]
 NUM_CLASSES = len(TARGET_CLASSES)
 RATIOS = (0.25, 0.5, 1.0)
@@ -707,12 +709,14 @@ def source_generator(args, profile: Profile, device: str, log: Callable[[str], N
 def main(argv: Sequence[str] | None = None, keep_models: bool = False) -> tuple[Results, dict[int, list[Selection]]]:
     """Run the benchmark and write its results; returns them too (``keep_models``: with every
     classifier, for tests)."""
+    run = provenance.Run.start(__file__, argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--tiny", action="store_const", const="tiny", dest="profile", help="= --profile tiny")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--pretrained", type=Path, help="source classifier checkpoint (skips the pretraining)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the profile's seeds")
+    parser.add_argument("--shots", type=int, nargs="+", help="override the profile's N (images per class)")
     parser.add_argument("--fashion-root", help="folder with the Fashion-MNIST IDX files (default: Debian's copy)")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "gan_augmented")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
@@ -720,6 +724,8 @@ def main(argv: Sequence[str] | None = None, keep_models: bool = False) -> tuple[
     profile = PROFILES[args.profile]
     if args.seeds:
         profile = dataclasses.replace(profile, seeds=tuple(args.seeds))
+    if args.shots:
+        profile = dataclasses.replace(profile, shots=tuple(args.shots))
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no GPU is visible")
     quiet_lightning()
@@ -762,8 +768,9 @@ def main(argv: Sequence[str] | None = None, keep_models: bool = False) -> tuple[
         f"{' --device cuda' if args.device == 'cuda' else ''}`."
     )
     text = markdown(results, selections, profile, setup)
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "gan_augmented.md").write_text(text)
+    config = {"profile": args.profile, "device": args.device, **provenance.settings(profile, "seeds", "shots")}
+    run.write(args.results / "gan_augmented.md", text, {"source classifier": source, "source DCGAN": gan_source},
+              data={"results": results, "selections": selections}, config=config)
     figure(results, args.results / "gan_augmented.png")
     print("\n" + text + f"\nwrote {args.results / 'gan_augmented.md'} and gan_augmented.png", flush=True)
     return results, selections

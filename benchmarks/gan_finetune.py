@@ -66,6 +66,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transfer_vs_scratch import QUIET, machine, working_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
 CONFIGS = REPO / "configs"
 #: extractor class names, short (Fashion-MNIST ids 0-9)
 SHORT_NAMES = ("top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
@@ -340,7 +342,8 @@ def figure(results: dict[str, list[ArmResult]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    run = provenance.Run.start(__file__, argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--extractor", type=Path, help="a trained feature extractor checkpoint (skips step 1)")
@@ -349,7 +352,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="override the profile's generator steps per arm")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "gan_finetune")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     profile = dict(PROFILES[args.profile])
     seeds = args.seeds or profile["seeds"]
     steps = args.steps or profile["steps"]
@@ -395,8 +398,9 @@ def main() -> None:
     )
     text = markdown(results, seeds, real_counts, setup)
     print("\n[4/4] results\n" + text)
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "gan_finetune.md").write_text(text)
+    config = {"profile": args.profile, "steps": steps}
+    run.write(args.results / "gan_finetune.md", text, {"feature extractor": extractor, "source DCGAN": source},
+              data={"results": results, "seeds": seeds, "real_counts": real_counts}, config=config)
     title = f"Fashion-MNIST 5-9 from 100 images, {steps} G steps (seed {seeds[0]} samples)"
     figure(results, args.results / "gan_finetune.png", title)
     print(f"wrote {args.results / 'gan_finetune.md'} and gan_finetune.png")

@@ -55,6 +55,7 @@ difference isolates what the larger validation set buys.
 from __future__ import annotations
 
 import argparse
+import sys
 import dataclasses
 import logging
 import math
@@ -72,6 +73,8 @@ from lightning.pytorch.callbacks import Callback
 from transfer_vs_scratch import CONFIGS, QUIET, machine, run_cli, working_dir  # benchmarks/ is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
 GENEROUS_VAL = 100  #: validation images per class of the main configs (finetune_target.yaml: 500 for 5 classes)
 BATCH_SIZE = 50
 LR, WEIGHT_DECAY, LABEL_SMOOTHING, WARMUP_STEPS = 3e-3, 1e-4, 0.1, 10

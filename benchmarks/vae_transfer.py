@@ -61,6 +61,8 @@ from gan_finetune import optimizer_steps, quiet_lightning
 from transfer_vs_scratch import QUIET, machine, working_dir
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
 CONFIGS = REPO / "configs" / "vae"
 SIZES = (10, 100, 1000)
 PROFILES = {
@@ -253,17 +255,20 @@ def figure(results: dict[int, dict[str, list[ArmResult]]], path: Path, title: st
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    run = provenance.Run.start(__file__, argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--source", type=Path, help="a source VAE checkpoint (skips step 1)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the profile's seeds")
     parser.add_argument("--steps", type=int, help="override the profile's optimizer steps per arm")
+    parser.add_argument("--shots", type=int, nargs="+", choices=SIZES, help="run only these N (images per class)")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "vae_transfer")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     profile = dict(PROFILES[args.profile])
     seeds, steps = args.seeds or profile["seeds"], args.steps or profile["steps"]
+    sizes = tuple(n for n in SIZES if n in (args.shots or SIZES))
     iw, test_batches = profile["iw_samples"], profile["test_batches"]
     quiet_lightning()
     start = time.perf_counter()
@@ -278,9 +283,9 @@ def main() -> None:
         print(f"      {source_note} -> {source}", flush=True)
     source_minutes = (time.perf_counter() - start) / 60
 
-    print(f"[2/3] {len(ARMS)} arms x N {list(SIZES)} x seeds {seeds}, {steps} steps each", flush=True)
+    print(f"[2/3] {len(ARMS)} arms x N {list(sizes)} x seeds {seeds}, {steps} steps each", flush=True)
     results = run_all(
-        ARMS, SIZES, seeds, source, steps, args.workdir, iw, test_batches,
+        ARMS, sizes, seeds, source, steps, args.workdir, iw, test_batches,
         log=lambda s: print(s, flush=True), save_to=args.workdir / "results.pt",
     )  # fmt: skip
 
@@ -300,8 +305,9 @@ def main() -> None:
     )
     text = markdown(results, setup)
     print("\n[3/3] results\n" + text)
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "vae_transfer.md").write_text(text)
+    config = {"profile": args.profile, "steps": steps}
+    run.write(args.results / "vae_transfer.md", text, {"source VAE": source},
+              data={"results": results, "seeds": seeds, "shots": sizes}, config=config)
     title = f"VAE transfer to Fashion-MNIST 5-9, {steps} steps per arm, seeds {seeds}"
     figure(results, args.results / "vae_transfer.png", title)
     print(f"wrote {args.results / 'vae_transfer.md'} and vae_transfer.png")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, save_lightning_checkpoint
+from conftest import REPO, assert_provenance, save_lightning_checkpoint
 from torch import nn
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -93,6 +93,14 @@ def test_tiny_end_to_end_numbers_come_from_the_runs(tiny_run, fashion_root):
     assert len(selection.snapshots) == 2 * profile.gan_steps // profile.snapshot_every  # raw and EMA each time
     assert selection.chosen.fid == min(s.fid for s in selection.snapshots)
     assert selection.generator_steps == profile.gan_steps
+
+
+def test_tiny_run_records_provenance(tiny_run, source):
+    _, _, out = tiny_run
+    record = assert_provenance(out / "gan_augmented.md", "gan_augmented.py", {"source classifier": source})
+    assert record["command"].startswith("python benchmarks/gan_augmented.py --tiny --pretrained")
+    assert set(record["inputs"]) == {"source classifier", "source DCGAN"}  # the DCGAN was trained, then hashed
+    assert record["config"]["profile"] == "tiny" and "seeds" not in record["config"]
 
 
 def test_tiny_markdown_and_figure_list_every_arm(tiny_run):

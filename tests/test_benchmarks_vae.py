@@ -73,3 +73,23 @@ def test_markdown_and_figure(tiny_run):
     assert "1/1 frozen-encoder runs" in text and "0/1 scratch runs" in text
     bench.figure(results, tmp / "fig.png", "tiny")
     assert (tmp / "fig.png").stat().st_size > 1000
+
+
+def test_smoke_profile_piece_records_provenance(tmp_path, fashion_root):
+    """``--profile smoke --shots 10``: one N only (a piece), the results file ends with its provenance."""
+    import json
+
+    from conftest import assert_provenance
+    from lit_finetune import VAE
+
+    torch.manual_seed(0)
+    source = _save(VAE(latent_dim=16), tmp_path / "source.ckpt")  # the shipped configs' sizes
+    argv = ["--profile", "smoke", "--source", source, "--shots", "10", "--steps", "2",
+            "--workdir", str(tmp_path / "work"), "--results", str(tmp_path / "results")]  # fmt: skip
+    bench.main(argv)
+    record = assert_provenance(tmp_path / "results" / "vae_transfer.md", "vae_transfer.py", {"source VAE": source})
+    assert record["command"].endswith("--shots 10 --steps 2 --workdir " + str(tmp_path / "work") + " --results "
+                                      + str(tmp_path / "results"))
+    assert record["config"] == {"profile": "smoke", "steps": 2}
+    data = json.loads((tmp_path / "results" / "vae_transfer.json").read_text())["data"]
+    assert data["shots"] == [10] and list(data["results"]) == ["10"]

@@ -86,3 +86,24 @@ def test_markdown_has_every_cell_and_the_figure_is_written(tiny_run):
     assert "equals the source's after training in 1/1 FreezeD runs and 0/1 other runs" in text
     bench.figure(results, tmp / "fig.png", "tiny")
     assert (tmp / "fig.png").stat().st_size > 10_000
+
+
+def test_smoke_profile_piece_records_provenance(tmp_path):
+    """``--profile smoke --seeds 0``: a piece; the results file ends with its provenance, both inputs hashed."""
+    import json
+
+    from conftest import assert_provenance
+    from lit_finetune import DCGAN, ImageClassifier
+
+    torch.manual_seed(0)
+    extractor = _save(ImageClassifier(num_classes=10), tmp_path / "extractor.ckpt")
+    source = _save(DCGAN(latent_dim=64, generator_width=32, discriminator_width=32, num_classes=5, conditional=True),
+                   tmp_path / "source.ckpt")  # fmt: skip  (the shipped configs' sizes)
+    argv = ["--profile", "smoke", "--extractor", extractor, "--source", source, "--seeds", "0", "--steps", "2",
+            "--workdir", str(tmp_path / "work"), "--results", str(tmp_path / "results")]  # fmt: skip
+    bench.main(argv)
+    inputs = {"feature extractor": extractor, "source DCGAN": source}
+    record = assert_provenance(tmp_path / "results" / "gan_finetune.md", "gan_finetune.py", inputs)
+    assert "--seeds 0 --steps 2" in record["command"] and record["config"] == {"profile": "smoke", "steps": 2}
+    data = json.loads((tmp_path / "results" / "gan_finetune.json").read_text())["data"]
+    assert data["seeds"] == [0] and set(data["results"]) == {a.name for a in bench.ARMS}

@@ -717,10 +717,14 @@ def main(argv: Sequence[str] | None = None, keep_models: bool = False) -> tuple[
     parser.add_argument("--pretrained", type=Path, help="source classifier checkpoint (skips the pretraining)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the profile's seeds")
     parser.add_argument("--shots", type=int, nargs="+", help="override the profile's N (images per class)")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="PIECE_JSON",
+                        help="merge pieces' gan_augmented.json (same commit, profile, inputs) into one table")
     parser.add_argument("--fashion-root", help="folder with the Fashion-MNIST IDX files (default: Debian's copy)")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "gan_augmented")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge_main(args.merge, args.results, run)
     profile = PROFILES[args.profile]
     if args.seeds:
         profile = dataclasses.replace(profile, seeds=tuple(args.seeds))
@@ -770,9 +774,36 @@ def main(argv: Sequence[str] | None = None, keep_models: bool = False) -> tuple[
     text = markdown(results, selections, profile, setup)
     config = {"profile": args.profile, "device": args.device, **provenance.settings(profile, "seeds", "shots")}
     run.write(args.results / "gan_augmented.md", text, {"source classifier": source, "source DCGAN": gan_source},
-              data={"results": results, "selections": selections}, config=config)
+              data={"results": results, "selections": selections, "seeds": list(profile.seeds), "setup": setup},
+              config=config)  # fmt: skip
     figure(results, args.results / "gan_augmented.png")
     print("\n" + text + f"\nwrote {args.results / 'gan_augmented.md'} and gan_augmented.png", flush=True)
+    return results, selections
+
+
+def merge_main(paths: list[Path], out: Path, run: provenance.Run) -> tuple[Results, dict[int, list[Selection]]]:
+    """``--merge``: one table from pieces (other seeds or N) of one profile; where each ran goes into the text."""
+    pieces, summary = provenance.merge_pieces(paths)
+    trees = [{"results": p["results"], "selections": p["selections"]} for p in pieces]
+    tree, seeds = provenance.merge_seed_lists(trees, [p["seeds"] for p in pieces])
+    order = sorted(tree["results"], key=int)
+    results: Results = {
+        int(n): {init: {key: [Run(**{**r, "model": None}) for r in runs] for key, runs in arms.items()}
+                 for init, arms in tree["results"][n].items()}
+        for n in order
+    }  # fmt: skip
+    selections = {
+        int(n): [Selection(**{**s, "snapshots": [Snapshot(**x) for x in s["snapshots"]], "chosen": Snapshot(**s["chosen"])})
+                 for s in tree["selections"][n]]
+        for n in order
+    }  # fmt: skip
+    profile = dataclasses.replace(PROFILES[summary["config"]["profile"]], seeds=tuple(seeds), shots=tuple(results))
+    setup = f"{provenance.merged_note(summary, pieces)} Piece 1's setup (its seeds, timings, machine): {pieces[0]['setup']}"
+    text = markdown(results, selections, profile, setup)
+    run.write(out / "gan_augmented.md", text, data={"results": results, "selections": selections, "seeds": seeds,
+              "setup": setup}, config=summary["config"], pieces=summary["pieces"])  # fmt: skip
+    figure(results, out / "gan_augmented.png")
+    print("\n" + text + f"\nwrote {out / 'gan_augmented.md'} and gan_augmented.png", flush=True)
     return results, selections
 
 

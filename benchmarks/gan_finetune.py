@@ -350,12 +350,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--source", type=Path, help="a conditional source DCGAN checkpoint (skips step 2)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the profile's seeds")
     parser.add_argument("--steps", type=int, help="override the profile's generator steps per arm")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="PIECE_JSON",
+                        help="merge pieces' gan_finetune.json (same commit, profile, steps, inputs) into one table")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "gan_finetune")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
     profile = dict(PROFILES[args.profile])
     seeds = args.seeds or profile["seeds"]
     steps = args.steps or profile["steps"]
+    if args.merge:
+        return merge_main(args.merge, args.results, run)
     quiet_lightning()
     start = time.perf_counter()
 
@@ -398,12 +402,32 @@ def main(argv: list[str] | None = None) -> None:
     )
     text = markdown(results, seeds, real_counts, setup)
     print("\n[4/4] results\n" + text)
+    title = f"Fashion-MNIST 5-9 from 100 images, {steps} G steps (seed {seeds[0]} samples)"
     config = {"profile": args.profile, "steps": steps}
     run.write(args.results / "gan_finetune.md", text, {"feature extractor": extractor, "source DCGAN": source},
-              data={"results": results, "seeds": seeds, "real_counts": real_counts}, config=config)
-    title = f"Fashion-MNIST 5-9 from 100 images, {steps} G steps (seed {seeds[0]} samples)"
+              data={"results": results, "seeds": seeds, "real_counts": real_counts, "setup": setup, "title": title},
+              config=config)  # fmt: skip
     figure(results, args.results / "gan_finetune.png", title)
     print(f"wrote {args.results / 'gan_finetune.md'} and gan_finetune.png")
+
+
+def merge_main(paths: list[Path], out: Path, run: provenance.Run) -> None:
+    """``--merge``: one table from pieces (other seeds) of one profile; where each ran goes into the text."""
+    pieces, summary = provenance.merge_pieces(paths)
+    tree, seeds = provenance.merge_seed_lists([p["results"] for p in pieces], [p["seeds"] for p in pieces])
+
+    def arm_result(r: dict) -> ArmResult:
+        samples = None if r["samples"] is None else torch.tensor(r["samples"])
+        return ArmResult(**{**r, "samples": samples})
+
+    results = {arm: [arm_result(r) for r in runs] for arm, runs in tree.items()}
+    setup = f"{provenance.merged_note(summary, pieces)} Piece 1's setup (its seeds, timings, machine): {pieces[0]['setup']}"
+    text = markdown(results, seeds, pieces[0]["real_counts"], setup)
+    data = {"results": results, "seeds": seeds, "real_counts": pieces[0]["real_counts"], "setup": setup,
+            "title": pieces[0]["title"]}  # fmt: skip
+    run.write(out / "gan_finetune.md", text, data=data, config=summary["config"], pieces=summary["pieces"])
+    figure(results, out / "gan_finetune.png", pieces[0]["title"])
+    print(text + f"\nwrote {out / 'gan_finetune.md'}")
 
 
 if __name__ == "__main__":

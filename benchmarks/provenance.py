@@ -131,7 +131,7 @@ class Run:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(markdown.rstrip() + "\n\n" + block(record))
         piece = {"provenance": record, "data": data}
-        path.with_suffix(".json").write_text(json.dumps(piece, indent=1, default=jsonable) + "\n")
+        path.with_suffix(".json").write_text(json.dumps(piece, separators=(",", ":"), default=jsonable) + "\n")
         return record
 
 
@@ -141,11 +141,52 @@ def jsonable(value: Any) -> Any:
         return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     if isinstance(value, Path):
         return str(value)
+    if hasattr(value, "is_floating_point") and value.is_floating_point():
+        return value.detach().cpu().float().round(decimals=4).tolist()  # e.g. sample images: 4 decimals suffice
     if hasattr(value, "tolist"):
         return value.tolist()
     if isinstance(value, (set, frozenset)):
         return sorted(value)
     return repr(value)  # e.g. a trained model kept for tests: named, not serialised
+
+
+def merge_seed_lists(trees: Sequence[Any], seeds: Sequence[Sequence[int]]) -> tuple[Any, list[int]]:
+    """Merge pieces' nested dicts whose leaves are lists over that piece's ``seeds``; leaves come out in seed order.
+
+    Keys are united (pieces may hold other N); a seed in two pieces at one leaf, or leaves that end with
+    other seeds than the rest, raise :class:`PieceMismatch`. Returns the merged tree and its seeds.
+    """
+    leaves: list[list[int]] = []
+
+    def merge(nodes: list[tuple[Any, Sequence[int]]], where: str) -> Any:
+        if all(isinstance(node, dict) for node, _ in nodes):
+            keys = list(dict.fromkeys(k for node, _ in nodes for k in node))
+            return {k: merge([(node[k], s) for node, s in nodes if k in node], f"{where}/{k}") for k in keys}
+        by_seed: dict[int, Any] = {}
+        for node, node_seeds in nodes:
+            if len(node) != len(node_seeds):
+                raise PieceMismatch(f"{where}: {len(node)} runs for seeds {list(node_seeds)}")
+            for seed, item in zip(node_seeds, node):
+                if seed in by_seed:
+                    raise PieceMismatch(f"{where}: seed {seed} is in more than one piece")
+                by_seed[seed] = item
+        leaves.append(sorted(by_seed))
+        return [by_seed[seed] for seed in sorted(by_seed)]
+
+    tree = merge(list(zip(trees, seeds)), "")
+    if any(leaf != leaves[0] for leaf in leaves):
+        raise PieceMismatch(f"the pieces leave cells with other seeds: {leaves}")
+    return tree, leaves[0]
+
+
+def merged_note(summary: Mapping[str, Any], pieces: Sequence[Mapping[str, Any]]) -> str:
+    """One sentence for a merged table: how many pieces, what each ran, where (details in the Provenance block)."""
+    parts = [
+        f"piece {i}: {p['command'].split(' ', 2)[-1]} on {p['machine']['gpu'] or p['machine']['cpu']} "
+        f"({p['duration_s'] / 60:.1f} min)"
+        for i, p in enumerate(summary["pieces"], 1)
+    ]
+    return f"Merged from {len(pieces)} pieces at commit {summary['commit'][:10]} ({'; '.join(parts)})."
 
 
 def settings(profile: Any, *subset: str) -> dict[str, Any]:
@@ -201,6 +242,9 @@ def merge_pieces(paths: Sequence[Path], config_key: str = "config") -> tuple[lis
     configs = {json.dumps(r[config_key], sort_keys=True) for r in records}
     if len(configs) > 1:
         raise PieceMismatch(f"pieces ran with different configurations: {sorted(configs)}")
+    hashes = {json.dumps({k: v["sha256"] for k, v in r["inputs"].items()}, sort_keys=True) for r in records}
+    if len(hashes) > 1:
+        raise PieceMismatch(f"pieces used different inputs (sha256): {sorted(hashes)}")
     summary = {
         "commit": records[0]["commit"],
         config_key: records[0][config_key],

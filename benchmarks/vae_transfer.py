@@ -263,12 +263,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", help="override the profile's seeds")
     parser.add_argument("--steps", type=int, help="override the profile's optimizer steps per arm")
     parser.add_argument("--shots", type=int, nargs="+", choices=SIZES, help="run only these N (images per class)")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="PIECE_JSON",
+                        help="merge pieces' vae_transfer.json (same commit, profile, steps, source) into one table")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "vae_transfer")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
     profile = dict(PROFILES[args.profile])
     seeds, steps = args.seeds or profile["seeds"], args.steps or profile["steps"]
     sizes = tuple(n for n in SIZES if n in (args.shots or SIZES))
+    if args.merge:
+        return merge_main(args.merge, args.results, run)
     iw, test_batches = profile["iw_samples"], profile["test_batches"]
     quiet_lightning()
     start = time.perf_counter()
@@ -303,14 +307,28 @@ def main(argv: list[str] | None = None) -> None:
         f"Measured on {machine()}, {torch.get_num_threads()} torch thread(s); {minutes:.1f} min in all "
         f"({source_minutes:.1f} min source)."
     )
+    title = f"VAE transfer to Fashion-MNIST 5-9, {steps} steps per arm, seeds {seeds}"
     text = markdown(results, setup)
     print("\n[3/3] results\n" + text)
     config = {"profile": args.profile, "steps": steps}
     run.write(args.results / "vae_transfer.md", text, {"source VAE": source},
-              data={"results": results, "seeds": seeds, "shots": sizes}, config=config)
-    title = f"VAE transfer to Fashion-MNIST 5-9, {steps} steps per arm, seeds {seeds}"
+              data={"results": results, "seeds": seeds, "shots": sizes, "setup": setup, "title": title}, config=config)
     figure(results, args.results / "vae_transfer.png", title)
     print(f"wrote {args.results / 'vae_transfer.md'} and vae_transfer.png")
+
+
+def merge_main(paths: list[Path], out: Path, run: provenance.Run) -> None:
+    """``--merge``: one table from pieces (other seeds or N) of one profile; where each ran goes into the text."""
+    pieces, summary = provenance.merge_pieces(paths)
+    tree, seeds = provenance.merge_seed_lists([p["results"] for p in pieces], [p["seeds"] for p in pieces])
+    results = {int(n): {a: [ArmResult(**r) for r in runs] for a, runs in arms.items()} for n, arms in tree.items()}
+    results = dict(sorted(results.items()))
+    setup = f"{provenance.merged_note(summary, pieces)} Piece 1's setup (its seeds, timings, machine): {pieces[0]['setup']}"
+    text = markdown(results, setup)
+    run.write(out / "vae_transfer.md", text, data={"results": results, "seeds": seeds, "shots": list(results),
+              "setup": setup, "title": pieces[0]["title"]}, config=summary["config"], pieces=summary["pieces"])  # fmt: skip
+    figure(results, out / "vae_transfer.png", f"{pieces[0]['title']} (merged: seeds {seeds})")
+    print(text + f"\nwrote {out / 'vae_transfer.md'}")
 
 
 if __name__ == "__main__":

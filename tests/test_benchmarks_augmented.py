@@ -163,3 +163,31 @@ def test_verdict_is_computed_from_the_differences():
     text = bench.verdict(results)
     assert "+10.0 points vs real only" in text and "-11.0 to" in text
     assert "helped by more than the std of the per-seed differences in 1, hurt by more than it in 1" in text
+
+
+def test_a_second_piece_merges_with_the_first(tiny_run, source, fashion_root):
+    """``--seeds 1`` beside the tiny run (seed 0), same cached source DCGAN; ``--merge`` gives both seeds per cell."""
+    import json
+
+    import provenance
+
+    results, _, out = tiny_run
+    tmp = out.parent
+    argv = ["--tiny", "--seeds", "1", "--pretrained", source, "--fashion-root", str(fashion_root),
+            "--results", str(tmp / "piece1"), "--workdir", str(tmp / "work")]  # fmt: skip
+    bench.main(argv)
+    pieces = [out / "gan_augmented.json", tmp / "piece1" / "gan_augmented.json"]
+    merged, selections = bench.main(["--merge", *map(str, pieces), "--results", str(tmp / "merged")])
+    text = (tmp / "merged" / "gan_augmented.md").read_text()
+    record = provenance.read(text)
+    assert provenance.missing(text) == [] and [p["file"] for p in record["pieces"]] == list(map(str, pieces))
+    assert "Merged from 2 pieces" in text
+    second = json.loads(pieces[1].read_text())["data"]["results"]
+    (n,) = results
+    assert [len(s) for s in selections.values()] == [2]
+    for init, runs in merged[n].items():
+        for key, arm_runs in runs.items():
+            assert [r.test_acc for r in arm_runs] == [results[n][init][key][0].test_acc,
+                                                       second[str(n)][init][key][0]["test_acc"]]  # fmt: skip
+            cells = f"| {bench.INITS[init]} | {bench.label(key)} | {mean_std([r.test_acc for r in arm_runs])} |"
+            assert cells in text, cells

@@ -88,10 +88,12 @@ def test_markdown_has_every_cell_and_the_figure_is_written(tiny_run):
     assert (tmp / "fig.png").stat().st_size > 10_000
 
 
-def test_smoke_profile_piece_records_provenance(tmp_path):
-    """``--profile smoke --seeds 0``: a piece; the results file ends with its provenance, both inputs hashed."""
+def test_smoke_profile_pieces_record_provenance_and_merge(tmp_path):
+    """Two pieces of ``--profile smoke`` (seed 0, seed 1) write their provenance, both inputs hashed; ``--merge``
+    joins them into one table over both seeds."""
     import json
 
+    import provenance
     from conftest import assert_provenance
     from lit_finetune import DCGAN, ImageClassifier
 
@@ -99,11 +101,24 @@ def test_smoke_profile_piece_records_provenance(tmp_path):
     extractor = _save(ImageClassifier(num_classes=10), tmp_path / "extractor.ckpt")
     source = _save(DCGAN(latent_dim=64, generator_width=32, discriminator_width=32, num_classes=5, conditional=True),
                    tmp_path / "source.ckpt")  # fmt: skip  (the shipped configs' sizes)
-    argv = ["--profile", "smoke", "--extractor", extractor, "--source", source, "--seeds", "0", "--steps", "2",
-            "--workdir", str(tmp_path / "work"), "--results", str(tmp_path / "results")]  # fmt: skip
-    bench.main(argv)
-    inputs = {"feature extractor": extractor, "source DCGAN": source}
-    record = assert_provenance(tmp_path / "results" / "gan_finetune.md", "gan_finetune.py", inputs)
-    assert "--seeds 0 --steps 2" in record["command"] and record["config"] == {"profile": "smoke", "steps": 2}
-    data = json.loads((tmp_path / "results" / "gan_finetune.json").read_text())["data"]
-    assert data["seeds"] == [0] and set(data["results"]) == {a.name for a in bench.ARMS}
+    pieces = []
+    for seed in (0, 1):
+        out = tmp_path / f"piece{seed}"
+        argv = ["--profile", "smoke", "--extractor", extractor, "--source", source, "--seeds", str(seed),
+                "--steps", "2", "--workdir", str(tmp_path / "work"), "--results", str(out)]  # fmt: skip
+        bench.main(argv)
+        inputs = {"feature extractor": extractor, "source DCGAN": source}
+        record = assert_provenance(out / "gan_finetune.md", "gan_finetune.py", inputs)
+        assert f"--seeds {seed} --steps 2" in record["command"] and record["config"] == {"profile": "smoke", "steps": 2}
+        pieces.append(out / "gan_finetune.json")
+
+    bench.main(["--merge", *map(str, pieces), "--results", str(tmp_path / "merged")])
+    text = (tmp_path / "merged" / "gan_finetune.md").read_text()
+    record = provenance.read(text)
+    assert provenance.missing(text) == [] and [p["file"] for p in record["pieces"]] == list(map(str, pieces))
+    assert "Merged from 2 pieces" in text and (tmp_path / "merged" / "gan_finetune.png").stat().st_size > 1000
+    merged = json.loads((tmp_path / "merged" / "gan_finetune.json").read_text())["data"]
+    one = [json.loads(p.read_text())["data"]["results"] for p in pieces]
+    assert merged["seeds"] == [0, 1] and set(merged["results"]) == {a.name for a in bench.ARMS}
+    for arm, runs in merged["results"].items():
+        assert [r["fid"] for r in runs] == [one[0][arm][0]["fid"], one[1][arm][0]["fid"]]

@@ -793,12 +793,14 @@ def merge_main(paths: list[Path], out: Path, run: provenance.Run) -> tuple[Resul
         for n in order
     }  # fmt: skip
     selections = {
-        int(n): [Selection(**{**s, "snapshots": [Snapshot(**x) for x in s["snapshots"]], "chosen": Snapshot(**s["chosen"])})
-                 for s in tree["selections"][n]]
+        int(n): [
+            Selection(**{**s, "snapshots": [Snapshot(**x) for x in s["snapshots"]], "chosen": Snapshot(**s["chosen"])})
+            for s in tree["selections"][n]
+        ]
         for n in order
     }  # fmt: skip
     profile = dataclasses.replace(PROFILES[summary["config"]["profile"]], seeds=tuple(seeds), shots=tuple(results))
-    setup = f"{provenance.merged_note(summary, pieces)} Piece 1's setup (its seeds, timings, machine): {pieces[0]['setup']}"
+    setup = provenance.merged_setup(summary, pieces)
     text = markdown(results, selections, profile, setup)
     run.write(out / "gan_augmented.md", text, data={"results": results, "selections": selections, "seeds": seeds,
               "setup": setup}, config=summary["config"], pieces=summary["pieces"])  # fmt: skip

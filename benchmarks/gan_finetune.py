@@ -421,7 +421,7 @@ def merge_main(paths: list[Path], out: Path, run: provenance.Run) -> None:
         return ArmResult(**{**r, "samples": samples})
 
     results = {arm: [arm_result(r) for r in runs] for arm, runs in tree.items()}
-    setup = f"{provenance.merged_note(summary, pieces)} Piece 1's setup (its seeds, timings, machine): {pieces[0]['setup']}"
+    setup = provenance.merged_setup(summary, pieces)
     text = markdown(results, seeds, pieces[0]["real_counts"], setup)
     data = {"results": results, "seeds": seeds, "real_counts": pieces[0]["real_counts"], "setup": setup,
             "title": pieces[0]["title"]}  # fmt: skip

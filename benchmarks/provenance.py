@@ -5,6 +5,16 @@ results are written. The ``.md`` gets a "Provenance" block (a JSON object inside
 ``.json`` beside it holds the same provenance with the script's machine-readable results, so pieces of
 a profile run on different machines can be merged (:func:`merge_pieces`). ``update_readme.py`` refuses a
 results file whose block is missing or lacks any of :data:`REQUIRED`.
+
+A long profile in pieces (e.g. one device call each), then one table::
+
+    python benchmarks/vae_transfer.py --profile full --seeds 0 1 --results /tmp/p1   # machine A
+    python benchmarks/vae_transfer.py --profile full --seeds 2 3 4 --results /tmp/p2 # machine B
+    python benchmarks/vae_transfer.py --merge /tmp/p1/vae_transfer.json /tmp/p2/vae_transfer.json
+
+``--merge`` (``vae_transfer``, ``gan_finetune``, ``gan_augmented``, ``transfer_sweep``; ``--shots`` too except
+in ``gan_finetune``, which has one N) refuses pieces from other commits, configurations or inputs (sha256),
+a seed run twice or a grid left incomplete, and names each piece, its command, machine and duration.
 """
 
 from __future__ import annotations
@@ -54,8 +64,9 @@ def git_state(repo: Path = REPO) -> tuple[str, bool | None]:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True, check=True
-        )
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo, capture_output=True, text=True, check=True,
+        )  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return "unknown", None
     return commit.stdout.strip(), bool(status.stdout.strip())
@@ -93,8 +104,10 @@ class Run:
 
     @classmethod
     def start(cls, script: str, argv: Sequence[str] | None = None) -> Run:
-        """Start the clock; ``script`` is the benchmark's file (``__file__``), ``argv`` its arguments (default: sys.argv)."""
-        return cls(str(Path(script).resolve().relative_to(REPO)), list(sys.argv[1:] if argv is None else argv))
+        """Start the clock; ``script``: the benchmark's ``__file__``; ``argv``: its arguments (default sys.argv)."""
+        path = Path(script).resolve()
+        name = str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+        return cls(name, [str(a) for a in (sys.argv[1:] if argv is None else argv)])
 
     @property
     def command(self) -> str:
@@ -123,7 +136,7 @@ class Run:
         self, path: Path, markdown: str, inputs: Mapping[str, Path | str | None] | None = None,
         data: Any = None, record: dict[str, Any] | None = None, **extra: Any,
     ) -> dict[str, Any]:  # fmt: skip
-        """Write ``markdown`` + the provenance block to ``path`` and ``{provenance, data}`` to ``path.with_suffix('.json')``.
+        """Write ``markdown`` + the provenance block to ``path``, ``{provenance, data}`` to the ``.json`` beside it.
 
         ``record`` is a provenance taken earlier with :meth:`record` (default: taken now from ``inputs`` and ``extra``).
         """
@@ -179,14 +192,18 @@ def merge_seed_lists(trees: Sequence[Any], seeds: Sequence[Sequence[int]]) -> tu
     return tree, leaves[0]
 
 
-def merged_note(summary: Mapping[str, Any], pieces: Sequence[Mapping[str, Any]]) -> str:
-    """One sentence for a merged table: how many pieces, what each ran, where (details in the Provenance block)."""
+def merged_setup(summary: Mapping[str, Any], pieces: Sequence[Mapping[str, Any]]) -> str:
+    """A merged table's setup: how many pieces, what each ran and where (details in the Provenance block), then
+    the first piece's own setup paragraph (``setup`` in its data)."""
     parts = [
         f"piece {i}: {p['command'].split(' ', 2)[-1]} on {p['machine']['gpu'] or p['machine']['cpu']} "
         f"({p['duration_s'] / 60:.1f} min)"
         for i, p in enumerate(summary["pieces"], 1)
     ]
-    return f"Merged from {len(pieces)} pieces at commit {summary['commit'][:10]} ({'; '.join(parts)})."
+    return (
+        f"Merged from {len(pieces)} pieces at commit {summary['commit'][:10]} ({'; '.join(parts)}). "
+        f"Piece 1's setup (its own seeds, timings and machine): {pieces[0]['setup']}"
+    )
 
 
 def settings(profile: Any, *subset: str) -> dict[str, Any]:

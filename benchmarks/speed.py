@@ -18,7 +18,8 @@ The "Speed" protocol of docs/ARCHITECTURE.md, in one process, for three modules:
     arm runs ``DCGANGenerator`` / ``DCGANDiscriminator`` with the module's loss functions, two
     ``Adam(lr=2e-4, betas=(0.5, 0.999))`` and the same EMA update, as the PyTorch DCGAN tutorial
     writes it, except that it switches D's ``requires_grad`` off around the G step as the module's
-    ``toggle_optimizer`` does (the tutorial computes D's unused weight gradients there): the same work. Both arms seed the global RNG the same way when training starts, so they draw
+    ``toggle_optimizer`` does (the tutorial computes D's unused weight gradients there): the same work.
+    Both arms seed the global RNG the same way when training starts, so they draw
     the same noise.
   - VAE: ``VAE`` with the sizes of ``configs/vae/pretrain.yaml`` (latent 16, widths 32, KL
     warm-up over 500 steps), batch 128, no augmentation, automatic optimisation with the
@@ -35,10 +36,13 @@ The "Speed" protocol of docs/ARCHITECTURE.md, in one process, for three modules:
   loop at the end of its step. Warm-up steps are excluded; Trainer construction and ``fit``
   setup fall outside the window.
 * **Interleaved repeats.** Each repeat times the data path, then both arms, alternating which
-  arm goes first. The Trainer / hand-written figure is the median over repeats of the ratio
-  within a repeat (its two runs are back to back, under the same load), shown with its range,
-  with the same ratio from median step times (robust to bursts of other processes) and from the
-  CPU time the process spent (which leaves out waiting for a busy core). Both arms
+  arm goes first. The headline is Trainer / hand-written from the CPU time the process spent
+  (which leaves out waiting for a busy core on a shared machine): the median over repeats of the
+  ratio within a repeat (its two runs are back to back), with its range; the same ratio from wall
+  time, from median step times (robust to bursts of other processes) follows.
+* **Every run shown.** Each run written to ``--output`` is appended to the runs in the JSON beside
+  it (``speed.json``) and the report's "Every run" table lists them all (commit, load, ratios), so
+  no run made for the table is dropped. Both arms
   run with the same ``torch.set_num_threads`` (``--threads``, default 1: steadiest on a small
   or shared CPU).
 * **Same computation.** Both arms start from the same weights and see the same batches (and,
@@ -580,7 +584,8 @@ def trainer_rows(result: Comparison) -> list[str]:
         f"| Hand-written loop (steps/s) | {fmt(plain_sps)} | | |",
         f"| Trainer.fit (steps/s) | {fmt(trainer_sps)} | | |",
         f"| Trainer / hand-written, wall time | {r['wall_ratio']:.3f} | | |",
-        f"| Trainer / hand-written, wall time, range over repeats | {r['wall_range'][0]:.3f} to {r['wall_range'][1]:.3f} | | |",
+        f"| Trainer / hand-written, wall time, range over repeats | {r['wall_range'][0]:.3f} to "
+        f"{r['wall_range'][1]:.3f} | | |",
         f"| Trainer / hand-written, from median step times | {robust:.3f} | | |",
         f"| Trainer / hand-written, ratio of the steps/s above | {trainer_sps / plain_sps:.3f} | | |",
         f"| Trainer step time minus hand-written step time (ms, median step times) | {overhead_ms:+.1f} | | |",

@@ -538,7 +538,8 @@ def merge_results(pieces: Sequence[dict[str, Any]]) -> tuple[Results, list[int]]
             for n, cell in cells.items():
                 key, shared = (tname, n), dataclasses.replace(cell, runs={})
                 if facts.setdefault(key, shared) != shared:
-                    raise provenance.PieceMismatch(f"{tname} N={n}: pieces disagree on the cell: {facts[key]} vs {shared}")
+                    message = f"{tname} N={n}: pieces disagree on the cell: {facts[key]}, {shared}"
+                    raise provenance.PieceMismatch(message)
                 for i, seed in enumerate(piece["seeds"]):
                     if seed in by_cell.setdefault(key, {}):
                         raise provenance.PieceMismatch(f"{tname} N={n} seed {seed} is in more than one piece")
@@ -555,7 +556,7 @@ def merge_results(pieces: Sequence[dict[str, Any]]) -> tuple[Results, list[int]]
 
 
 def merge_main(args: argparse.Namespace, run: provenance.Run) -> Path:
-    """``--merge``: one table from piece JSON files (same commit, profile and source checkpoint), written to ``--results``."""
+    """``--merge``: one table from piece JSON files (same commit, profile, source), written to ``--results``."""
     pieces, summary = provenance.merge_pieces(args.merge)  # same commit, profile, source checkpoint
     if len({p["source"] for p in pieces}) > 1:
         raise provenance.PieceMismatch("pieces describe their source differently")

@@ -323,7 +323,7 @@ def merge_main(paths: list[Path], out: Path, run: provenance.Run) -> None:
     tree, seeds = provenance.merge_seed_lists([p["results"] for p in pieces], [p["seeds"] for p in pieces])
     results = {int(n): {a: [ArmResult(**r) for r in runs] for a, runs in arms.items()} for n, arms in tree.items()}
     results = dict(sorted(results.items()))
-    setup = f"{provenance.merged_note(summary, pieces)} Piece 1's setup (its seeds, timings, machine): {pieces[0]['setup']}"
+    setup = provenance.merged_setup(summary, pieces)
     text = markdown(results, setup)
     run.write(out / "vae_transfer.md", text, data={"results": results, "seeds": seeds, "shots": list(results),
               "setup": setup, "title": pieces[0]["title"]}, config=summary["config"], pieces=summary["pieces"])  # fmt: skip

@@ -526,12 +526,8 @@ def cells_from_json(data: dict[str, Any]) -> Results:
 
 
 def merge_results(pieces: Sequence[dict[str, Any]]) -> tuple[Results, list[int]]:
-    """One ``Results`` from pieces that ran other seeds or other N; runs ordered by seed.
-
-    Every (target, N) cell must end up with the same seeds, each from one piece only, and pieces that share
-    a cell must agree on its facts (steps, validation sizes).
-    """
-    by_cell: dict[tuple[str, int], dict[int, dict[str, Run]]] = {}
+    """One ``Results`` from pieces that ran other seeds or other N; runs ordered by seed
+    (:func:`provenance.merge_seed_lists`); pieces that share a cell must agree on its facts (steps, validation)."""
     facts: dict[tuple[str, int], Cell] = {}
     for piece in pieces:
         for tname, cells in cells_from_json(piece).items():
@@ -540,18 +536,12 @@ def merge_results(pieces: Sequence[dict[str, Any]]) -> tuple[Results, list[int]]
                 if facts.setdefault(key, shared) != shared:
                     message = f"{tname} N={n}: pieces disagree on the cell: {facts[key]}, {shared}"
                     raise provenance.PieceMismatch(message)
-                for i, seed in enumerate(piece["seeds"]):
-                    if seed in by_cell.setdefault(key, {}):
-                        raise provenance.PieceMismatch(f"{tname} N={n} seed {seed} is in more than one piece")
-                    by_cell[key][seed] = {arm: runs[i] for arm, runs in cell.runs.items()}
-    seed_sets = {key: sorted(seeds) for key, seeds in by_cell.items()}
-    seeds = next(iter(seed_sets.values()))
-    if any(s != seeds for s in seed_sets.values()):
-        raise provenance.PieceMismatch(f"the pieces leave cells with other seeds: {seed_sets}")
+    runs = [{t: {n: c["runs"] for n, c in cells.items()} for t, cells in p["results"].items()} for p in pieces]
+    tree, seeds = provenance.merge_seed_lists(runs, [p["seeds"] for p in pieces])
     results: Results = {}
     for (tname, n), shared in sorted(facts.items(), key=lambda item: item[0][1]):
-        runs = {arm: [by_cell[tname, n][seed][arm] for seed in seeds] for arm in by_cell[tname, n][seeds[0]]}
-        results.setdefault(tname, {})[n] = dataclasses.replace(shared, runs=runs)
+        cell_runs = {arm: [Run(**r) for r in arm_runs] for arm, arm_runs in tree[tname][str(n)].items()}
+        results.setdefault(tname, {})[n] = dataclasses.replace(shared, runs=cell_runs)
     return results, seeds
 
 

@@ -41,7 +41,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import Provenance  # noqa: E402
+import provenance  # noqa: E402
+from stats import holm, paired_t_test  # noqa: E402
 from transfer_vs_scratch import QUIET, working_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,27 +174,9 @@ def run_seed(seed: int, epochs: int, n_eval: int, extractor, extra: list[str], w
     return {"scores": scores, "fit_seconds": fit_seconds, "g_updates": int(model.ema_updates)}, grids
 
 
-def paired_verdict(results: list[dict], variant: str) -> tuple[float, float, float, float]:
-    """Paired FID difference (variant - default) over seeds: mean, std, worst (largest) and two-sided p (t-test)."""
-    diffs = [r["scores"][variant]["fid"] - r["scores"][DEFAULT]["fid"] for r in results]
-    mean = statistics.mean(diffs)
-    if len(diffs) < 2:
-        return mean, 0.0, max(diffs), float("nan")
-    sd = statistics.stdev(diffs)
-    from scipy import stats  # noqa: PLC0415
-
-    p = float(stats.ttest_1samp(diffs, 0.0).pvalue) if sd > 0 else 0.0
-    return mean, sd, max(diffs), p
-
-
-def holm(pvalues: dict[str, float]) -> dict[str, float]:
-    """Holm-adjusted p-values (step-down, monotone)."""
-    ordered = sorted(pvalues.items(), key=lambda kv: kv[1])
-    adjusted, running = {}, 0.0
-    for i, (name, p) in enumerate(ordered):
-        running = max(running, min(1.0, (len(ordered) - i) * p))
-        adjusted[name] = running
-    return adjusted
+def paired_verdict(results: list[dict], variant: str):
+    """Paired FID test over seeds of ``variant`` against the default (difference: variant minus default)."""
+    return paired_t_test([r["scores"][variant]["fid"] for r in results], [r["scores"][DEFAULT]["fid"] for r in results])
 
 
 def markdown(results: list[dict], floor: dict[str, float], seeds: list[int], setup: str) -> str:
@@ -202,8 +185,9 @@ def markdown(results: list[dict], floor: dict[str, float], seeds: list[int], set
         + " | ".join(SHORT_NAMES) + " | other |",
         "|---|---|---|---|---|---|---|" + "---|" * (len(SHORT_NAMES) + 1),
     ]
-    raw_p = {v: paired_verdict(results, v)[3] for v in VARIANTS if v != DEFAULT}
-    adjusted = holm({k: v for k, v in raw_p.items() if v == v})
+    others = [v for v in VARIANTS if v != DEFAULT]
+    tests = {v: paired_verdict(results, v) for v in others}
+    adjusted = dict(zip(others, holm([tests[v].p for v in others])))
     for v in VARIANTS:
         fids = [r["scores"][v]["fid"] for r in results]
         kids = [1000 * r["scores"][v]["kid_mean"] for r in results]
@@ -215,9 +199,9 @@ def markdown(results: list[dict], floor: dict[str, float], seeds: list[int], set
         if v == DEFAULT:
             diff_cell, p_cell = "—", "—"
         else:
-            mean, dsd, worst, _ = paired_verdict(results, v)
-            diff_cell = f"{mean:+.1f} ± {dsd:.1f} (worst seed {worst:+.1f})"
-            p_cell = f"{adjusted[v]:.3f}" if v in adjusted else "n/a"
+            test = tests[v]
+            diff_cell = f"{test.mean:+.1f} ± {test.std:.1f} (worst seed {max(test.diffs):+.1f})"
+            p_cell = "n/a" if adjusted[v] != adjusted[v] else f"{adjusted[v]:.3f}"
         lines.append(
             f"| {v} | {statistics.mean(fids):.1f} ± {sd:.1f} | {statistics.mean(kids):.1f} ± {ksd:.1f} | "
             f"{', '.join(f'{f:.1f}' for f in fids)} | {diff_cell} | {p_cell} | {gap:.3f} | "
@@ -263,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
 
     quiet_lightning()
     torch.set_num_threads(args.threads)
-    run = Provenance.start(threads=args.threads)
+    run = provenance.Run.start(__file__, argv)
     profile = PROFILES[args.profile]
     seeds = args.seeds if args.seeds is not None else profile["seeds"]
     from lit_finetune.metrics import FeatureExtractor
@@ -289,10 +273,10 @@ def main(argv: list[str] | None = None) -> None:
         f"positive = worse than the default), Holm-adjusted p of a two-sided paired t-test over the {len(VARIANTS) - 1} "
         f"comparisons. Class columns: the extractor's class of each sample (other: classes 5-9). {minutes:.1f} min in all."
     )
-    text = markdown(results, floor, seeds, setup) + run.block(inputs={"FID extractor": args.extractor})
+    text = markdown(results, floor, seeds, setup)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ema_variants.md").write_text(text)
+    run.write(out / "ema_variants.md", text, {"FID extractor": args.extractor},
+              data={"results": results, "floor": floor, "seeds": seeds}, config={"profile": args.profile})  # fmt: skip
     plot(first_grids, out / "ema_variants.png")
     print(text)
 

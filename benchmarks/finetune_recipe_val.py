@@ -23,6 +23,8 @@ from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "finetune_recipe_val.md"
 GRID = [(5, 0.1), (2, 0.3), (1, 1.0), (0, 1.0)]  # (unfreeze_at_epoch, backbone_lr_ratio)
 
@@ -82,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> str:
     """Run the grid, print the markdown table and write it to ``--output``; return it."""
+    run = provenance.Run.start(__file__, argv)
     args = parse_args(argv)
     warnings.filterwarnings("ignore")
     import lightning.pytorch  # noqa: F401
@@ -102,8 +105,7 @@ def main(argv: list[str] | None = None) -> str:
     ]
     markdown = "\n".join(lines) + "\n"
     print(lines[-1])
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(markdown)
+    run.write(args.output, markdown, {"source checkpoint": args.pretrained}, data={"lines": lines})
     print(f"wrote {args.output}")
     return markdown
 

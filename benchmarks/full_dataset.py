@@ -40,6 +40,7 @@ A GPU machine without the dataset or without LightningCLI's pure-Python dependen
 from __future__ import annotations
 
 import argparse
+import sys
 import importlib.metadata
 import importlib.util
 import logging
@@ -52,6 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
 CONFIG = REPO / "configs" / "classifier" / "fashion_mnist_full.yaml"
 RESULTS = REPO / "benchmarks" / "results"
 DEFAULT_DATA_ROOT = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
@@ -253,7 +256,7 @@ def report(
     return "\n".join(lines) + "\n\n" + " ".join(notes) + "\n"
 
 
-def search(args: argparse.Namespace, base: list[str]) -> None:
+def search(args: argparse.Namespace, base: list[str], run: provenance.Run) -> None:
     """Train each candidate recipe briefly and write its best validation accuracy (no test)."""
     rows = []
     for name, overrides in SEARCH.items():
@@ -269,12 +272,13 @@ def search(args: argparse.Namespace, base: list[str]) -> None:
         f"training images; the test set is not used. Measured on {machine('cpu')}; torch threads {args.threads}; "
         "wall times vary with other load on a shared machine.\n"
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fashion_mnist_full_recipe_val.md").write_text(text)
+    run.write(args.out / "fashion_mnist_full_recipe_val.md", text,
+              data={"best_val_acc": {n: r["best_val_acc"] for n, r in rows}})
     print(text)
 
 
 def main(argv: list[str] | None = None) -> Path | None:
+    run = provenance.Run.start(__file__, argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--data-root", default=os.environ.get("FASHION_MNIST_ROOT", DEFAULT_DATA_ROOT),
@@ -312,16 +316,15 @@ def main(argv: list[str] | None = None) -> Path | None:
     data_root = str(Path(args.data_root).resolve())
     base = ["--config", str(CONFIG), *profile.overrides, "--data.init_args.root", data_root, *QUIET]
     if args.search:
-        search(args, base)
+        search(args, base, run)
         return args.out / "fashion_mnist_full_recipe_val.md"
 
     load_start = os.getloadavg()[0]
     print(f"fitting {CONFIG.name} (profile {profile.name}, {args.threads} torch threads) in {args.workdir}", flush=True)
     result = fit_and_test([*base, *args.extra], args.workdir)
     text = report(profile, result, machine(profile.name), args.threads, args.extra, (load_start, os.getloadavg()[0]))
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{profile.result_name}.md"
-    path.write_text(text)
+    run.write(path, text, data=result)
     print(text + f"\nwrote {path}")
     return path
 

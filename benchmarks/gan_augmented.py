@@ -119,6 +119,8 @@ from stats import PairedTest, holm, paired_t_test
 from transfer_vs_scratch import machine
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
 TARGET_CLASSES = [5, 6, 7, 8, 9]
 NUM_CLASSES = len(TARGET_CLASSES)
 RATIOS = (0.25, 0.5, 1.0)
@@ -718,19 +720,27 @@ def source_generator(args, profile: Profile, device: str, log: Callable[[str], N
 def main(argv: Sequence[str] | None = None, keep_models: bool = False) -> tuple[Results, dict[int, list[Selection]]]:
     """Run the benchmark and write its results; returns them too (``keep_models``: with every
     classifier, for tests)."""
+    run = provenance.Run.start(__file__, argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--tiny", action="store_const", const="tiny", dest="profile", help="= --profile tiny")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--pretrained", type=Path, help="source classifier checkpoint (skips the pretraining)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the profile's seeds")
+    parser.add_argument("--shots", type=int, nargs="+", help="override the profile's N (images per class)")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="PIECE_JSON",
+                        help="merge pieces' gan_augmented.json (same commit, profile, inputs) into one table")
     parser.add_argument("--fashion-root", help="folder with the Fashion-MNIST IDX files (default: Debian's copy)")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "gan_augmented")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge_main(args.merge, args.results, run)
     profile = PROFILES[args.profile]
     if args.seeds:
         profile = dataclasses.replace(profile, seeds=tuple(args.seeds))
+    if args.shots:
+        profile = dataclasses.replace(profile, shots=tuple(args.shots))
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no GPU is visible")
     quiet_lightning()
@@ -773,10 +783,40 @@ def main(argv: Sequence[str] | None = None, keep_models: bool = False) -> tuple[
         f"{' --device cuda' if args.device == 'cuda' else ''}`."
     )
     text = markdown(results, selections, profile, setup)
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "gan_augmented.md").write_text(text)
+    config = {"profile": args.profile, "device": args.device, **provenance.settings(profile, "seeds", "shots")}
+    run.write(args.results / "gan_augmented.md", text, {"source classifier": source, "source DCGAN": gan_source},
+              data={"results": results, "selections": selections, "seeds": list(profile.seeds), "setup": setup},
+              config=config)  # fmt: skip
     figure(results, args.results / "gan_augmented.png")
     print("\n" + text + f"\nwrote {args.results / 'gan_augmented.md'} and gan_augmented.png", flush=True)
+    return results, selections
+
+
+def merge_main(paths: list[Path], out: Path, run: provenance.Run) -> tuple[Results, dict[int, list[Selection]]]:
+    """``--merge``: one table from pieces (other seeds or N) of one profile; where each ran goes into the text."""
+    pieces, summary = provenance.merge_pieces(paths)
+    trees = [{"results": p["results"], "selections": p["selections"]} for p in pieces]
+    tree, seeds = provenance.merge_seed_lists(trees, [p["seeds"] for p in pieces])
+    order = sorted(tree["results"], key=int)
+    results: Results = {
+        int(n): {init: {key: [Run(**{**r, "model": None}) for r in runs] for key, runs in arms.items()}
+                 for init, arms in tree["results"][n].items()}
+        for n in order
+    }  # fmt: skip
+    selections = {
+        int(n): [
+            Selection(**{**s, "snapshots": [Snapshot(**x) for x in s["snapshots"]], "chosen": Snapshot(**s["chosen"])})
+            for s in tree["selections"][n]
+        ]
+        for n in order
+    }  # fmt: skip
+    profile = dataclasses.replace(PROFILES[summary["config"]["profile"]], seeds=tuple(seeds), shots=tuple(results))
+    setup = provenance.merged_setup(summary, pieces)
+    text = markdown(results, selections, profile, setup)
+    run.write(out / "gan_augmented.md", text, data={"results": results, "selections": selections, "seeds": seeds,
+              "setup": setup}, config=summary["config"], pieces=summary["pieces"])  # fmt: skip
+    figure(results, out / "gan_augmented.png")
+    print("\n" + text + f"\nwrote {out / 'gan_augmented.md'} and gan_augmented.png", flush=True)
     return results, selections
 
 

@@ -77,6 +77,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transfer_vs_scratch import QUIET, machine, working_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
 CONFIGS = REPO / "configs"
 #: extractor class names, short (Fashion-MNIST ids 0-9)
 SHORT_NAMES = ("top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
@@ -424,7 +426,8 @@ def figure(results: dict[str, list[ArmResult]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    run = provenance.Run.start(__file__, argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--extractor", type=Path, help="a trained feature extractor checkpoint (skips step 1)")
@@ -434,12 +437,16 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (fixed: FID depends on it; recorded in the results)"
     )
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="PIECE_JSON",
+                        help="merge pieces' gan_finetune.json (same commit, profile, steps, inputs) into one table")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "gan_finetune")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     profile = dict(PROFILES[args.profile])
     seeds = args.seeds or profile["seeds"]
     steps = args.steps or profile["steps"]
+    if args.merge:
+        return merge_main(args.merge, args.results, run)
     torch.set_num_threads(args.threads)
     quiet_lightning()
     start = time.perf_counter()
@@ -485,11 +492,32 @@ def main() -> None:
     )
     text = markdown(results, seeds, real_counts, setup, floors)
     print("\n[4/4] results\n" + text)
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "gan_finetune.md").write_text(text)
     title = f"Fashion-MNIST 5-9 from 100 images, {steps} G steps (seed {seeds[0]} samples)"
+    config = {"profile": args.profile, "steps": steps}
+    run.write(args.results / "gan_finetune.md", text, {"feature extractor": extractor, "source DCGAN": source},
+              data={"results": results, "seeds": seeds, "real_counts": real_counts, "setup": setup, "title": title},
+              config=config)  # fmt: skip
     figure(results, args.results / "gan_finetune.png", title)
     print(f"wrote {args.results / 'gan_finetune.md'} and gan_finetune.png")
+
+
+def merge_main(paths: list[Path], out: Path, run: provenance.Run) -> None:
+    """``--merge``: one table from pieces (other seeds) of one profile; where each ran goes into the text."""
+    pieces, summary = provenance.merge_pieces(paths)
+    tree, seeds = provenance.merge_seed_lists([p["results"] for p in pieces], [p["seeds"] for p in pieces])
+
+    def arm_result(r: dict) -> ArmResult:
+        samples = None if r["samples"] is None else torch.tensor(r["samples"])
+        return ArmResult(**{**r, "samples": samples})
+
+    results = {arm: [arm_result(r) for r in runs] for arm, runs in tree.items()}
+    setup = provenance.merged_setup(summary, pieces)
+    text = markdown(results, seeds, pieces[0]["real_counts"], setup)
+    data = {"results": results, "seeds": seeds, "real_counts": pieces[0]["real_counts"], "setup": setup,
+            "title": pieces[0]["title"]}  # fmt: skip
+    run.write(out / "gan_finetune.md", text, data=data, config=summary["config"], pieces=summary["pieces"])
+    figure(results, out / "gan_finetune.png", pieces[0]["title"])
+    print(text + f"\nwrote {out / 'gan_finetune.md'}")
 
 
 if __name__ == "__main__":

@@ -16,11 +16,14 @@ Writes ``<out>/gpu_check.md`` (default ``benchmarks/results/gpu_check.md``).
 from __future__ import annotations
 
 import argparse
+import sys
 import math
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
 VARIANTS = {
     # name: (precision, channels_last, compile)
     "fp32": ("32-true", False, False),
@@ -96,7 +99,8 @@ def machine(device: str) -> str:
     return f"{where}; torch {torch.__version__}, lightning {lightning.__version__}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    run = provenance.Run.start(__file__, argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST IDX files")
@@ -106,7 +110,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps first (compilation, cuDNN autotune)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     start = time.perf_counter()
     rows: list[dict] = []
@@ -116,11 +120,11 @@ def main() -> None:
         except Exception as err:  # report a broken path instead of losing the others
             rows.append({"variant": name, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"})
         print(rows[-1], flush=True)
-        write_table(rows, args, time.perf_counter() - start)  # after each variant: a cut-off run keeps its rows
+        write_table(rows, args, time.perf_counter() - start, run)  # after each variant: a cut-off run keeps its rows
     print((Path(args.out) / "gpu_check.md").read_text())
 
 
-def write_table(rows: list[dict], args: argparse.Namespace, seconds: float) -> None:
+def write_table(rows: list[dict], args: argparse.Namespace, seconds: float, run: provenance.Run) -> None:
     bases = {r["variant"]: r["steps_per_s"] for r in rows if "error" not in r and r["variant"] in ("fp32", "dcgan fp32")}
     lines = [
         "| variant | steps/s | vs fp32 | loss first → last | finite | LR applied (head; G for the GAN) | conv weights channels_last |",
@@ -142,9 +146,7 @@ def write_table(rows: list[dict], args: argparse.Namespace, seconds: float) -> N
         f"{args.steps} timed steps after {args.warmup} warm-up steps per variant (`benchmarks/gpu_check.py`). "
         f"Measured on {machine(args.device)}; {seconds / 60:.1f} min in all."
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+    run.write(Path(args.out) / "gpu_check.md", "\n".join(lines), data={"rows": rows})
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ The "Speed" protocol of docs/ARCHITECTURE.md, in one process, for three modules:
     finite-loss checks, ``self.log_dict``, the EMA in ``on_train_batch_end``); the hand-written
     arm runs ``DCGANGenerator`` / ``DCGANDiscriminator`` with the module's loss functions, two
     ``Adam(lr=2e-4, betas=(0.5, 0.999))`` and the same EMA update, as the PyTorch DCGAN tutorial
-    writes it. Both arms seed the global RNG the same way when training starts, so they draw
+    writes it, except that it switches D's ``requires_grad`` off around the G step as the module's
+    ``toggle_optimizer`` does (the tutorial computes D's unused weight gradients there): the same work.
+    Both arms seed the global RNG the same way when training starts, so they draw
     the same noise.
   - VAE: ``VAE`` with the sizes of ``configs/vae/pretrain.yaml`` (latent 16, widths 32, KL
     warm-up over 500 steps), batch 128, no augmentation, automatic optimisation with the
@@ -34,10 +36,13 @@ The "Speed" protocol of docs/ARCHITECTURE.md, in one process, for three modules:
   loop at the end of its step. Warm-up steps are excluded; Trainer construction and ``fit``
   setup fall outside the window.
 * **Interleaved repeats.** Each repeat times the data path, then both arms, alternating which
-  arm goes first. The Trainer / hand-written figure is the median over repeats of the ratio
-  within a repeat (its two runs are back to back, under the same load), shown with its range,
-  with the same ratio from median step times (robust to bursts of other processes) and from the
-  CPU time the process spent (which leaves out waiting for a busy core). Both arms
+  arm goes first. The headline is Trainer / hand-written from the CPU time the process spent
+  (which leaves out waiting for a busy core on a shared machine): the median over repeats of the
+  ratio within a repeat (its two runs are back to back), with its range; the same ratio from wall
+  time, from median step times (robust to bursts of other processes) follows.
+* **Every run shown.** Each run written to ``--output`` is appended to the runs in the JSON beside
+  it (``speed.json``) and the report's "Every run" table lists them all (commit, load, ratios), so
+  no run made for the table is dropped. Both arms
   run with the same ``torch.set_num_threads`` (``--threads``, default 1: steadiest on a small
   or shared CPU).
 * **Same computation.** Both arms start from the same weights and see the same batches (and,
@@ -57,7 +62,9 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import logging
+import sys
 import os
 import platform
 import statistics
@@ -77,10 +84,13 @@ from lit_finetune import DCGAN, VAE, ImageClassifier
 from lit_finetune.data import FashionMNISTDataModule
 from lit_finetune.data.fashion_mnist import DEBIAN_ROOT
 from lit_finetune.modules.dcgan import discriminator_loss, generator_loss
+from lit_finetune.modules.base import NoiseStream
 from lit_finetune.modules.vae import binarize
 from lit_finetune.nets import ConvDecoder, ConvEncoder, DCGANDiscriminator, DCGANGenerator
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "speed.md"
 CLASSES = [0, 1, 2, 3, 4]
 MODELS = ("classifier", "dcgan", "vae")
@@ -279,10 +289,12 @@ def time_plain(dm: FashionMNISTDataModule, args: argparse.Namespace) -> ArmTimin
 def fresh_gan(args: argparse.Namespace) -> DCGAN:
     """The benchmarked ``DCGAN`` module (unconditional, 28x28x1), seeded like :func:`fresh_gan_nets`."""
     torch.manual_seed(args.seed)
-    return DCGAN(
+    model = DCGAN(
         latent_dim=args.gan_latent_dim, generator_width=args.gan_width, discriminator_width=args.gan_width,
         loss=GAN_LOSS, ema_decay=GAN_EMA_DECAY,
     )  # fmt: skip
+    model.noise_stream = NoiseStream(args.seed)  # the noise the hand-written loop draws too
+    return model
 
 
 def fresh_gan_nets(args: argparse.Namespace) -> tuple[DCGANGenerator, DCGANDiscriminator]:
@@ -328,7 +340,9 @@ def time_gan_plain(dm: FashionMNISTDataModule, args: argparse.Namespace) -> ArmT
     opt_g = torch.optim.Adam(generator.parameters(), lr=GAN_LR, betas=GAN_BETAS)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=GAN_LR, betas=GAN_BETAS)
     batches = endless(dm.train_dataloader())
-    torch.manual_seed(args.seed)  # the noise, as GANStepTimer seeds it for the Trainer arm
+    torch.manual_seed(args.seed)  # as GANStepTimer seeds it for the Trainer arm
+    noise_stream = NoiseStream(args.seed)  # the module's per-batch noise generators, drawn alike
+    noise_stream.start_fit()
     times, cpu_times, fetches, losses = [], [], [], []
     ema_updates = 0
     for _ in range(args.warmup + args.gan_steps):
@@ -336,20 +350,24 @@ def time_gan_plain(dm: FashionMNISTDataModule, args: argparse.Namespace) -> ArmT
         real, _ = next(batches)
         fetches.append(time.perf_counter() - start)
         n = real.shape[0]
+        noise = noise_stream.next(0, "cpu")
         # D step: the real batch and fresh fakes
-        z = torch.randn(n, args.gan_latent_dim)
+        z = torch.randn(n, args.gan_latent_dim, generator=noise)
         with torch.no_grad():
             fake = generator(z)
         d_loss = discriminator_loss(GAN_LOSS, discriminator(real), discriminator(fake))
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_d.step()
-        # G step: D's gradients from it are never used (cleared by the next D step's zero_grad)
-        z = torch.randn(n, args.gan_latent_dim)
+        # G step: D's parameters stop requiring gradients before the forward, as the module's
+        # toggle_optimizer does, so the backward computes no gradient for D's weights
+        discriminator.requires_grad_(False)
+        z = torch.randn(n, args.gan_latent_dim, generator=noise)
         g_loss = generator_loss(GAN_LOSS, discriminator(generator(z)))
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         opt_g.step()
+        discriminator.requires_grad_(True)
         # EMA of G with the decay warmed up; its BatchNorm statistics are recomputed only when the EMA is
         # used (the DCGAN's default ema_batchnorm="recompute"), which neither arm does while timed
         decay = min(GAN_EMA_DECAY, (1 + ema_updates) / (10 + ema_updates))
@@ -370,10 +388,12 @@ def time_gan_plain(dm: FashionMNISTDataModule, args: argparse.Namespace) -> ArmT
 def fresh_vae(args: argparse.Namespace) -> VAE:
     """The benchmarked ``VAE`` module (28x28x1), seeded like :func:`fresh_vae_nets`; default optimizer Adam(1e-3)."""
     torch.manual_seed(args.seed)
-    return VAE(
+    model = VAE(
         latent_dim=args.vae_latent_dim, encoder_width=args.vae_width, decoder_width=args.vae_width,
         kl_warmup_steps=args.vae_kl_warmup,
     )  # fmt: skip
+    model.noise_stream = NoiseStream(args.seed)  # the noise the hand-written loop draws too
+    return model
 
 
 def fresh_vae_nets(args: argparse.Namespace) -> tuple[ConvEncoder, ConvDecoder]:
@@ -421,14 +441,17 @@ def time_vae_plain(dm: FashionMNISTDataModule, args: argparse.Namespace) -> ArmT
     encoder, decoder = fresh_vae_nets(args)
     optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=VAE_LR)
     batches = endless(dm.train_dataloader())
-    torch.manual_seed(args.seed)  # the noise, as SeededStepTimer seeds it for the Trainer arm
+    torch.manual_seed(args.seed)  # as SeededStepTimer seeds it for the Trainer arm
+    noise_stream = NoiseStream(args.seed)  # the module's per-batch noise generators, drawn alike
+    noise_stream.start_fit()
     times, cpu_times, fetches, losses = [], [], [], []
     for step in range(args.warmup + args.vae_steps):
         start = time.perf_counter()
         x, _ = next(batches)
         fetches.append(time.perf_counter() - start)
         mu, logvar = encoder(x)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        eps = torch.randn(mu.shape, generator=noise_stream.next(0, "cpu"), dtype=mu.dtype)
+        z = mu + eps * (0.5 * logvar).exp()
         rec = F.binary_cross_entropy_with_logits(decoder(z), binarize(x), reduction="none").flatten(1).sum(1)
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)
         loss = (rec + vae_beta(step, args.vae_kl_warmup) * kl).mean()
@@ -543,28 +566,40 @@ def met(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
+def ratios(result: Comparison) -> dict[str, float | list[float]]:
+    """Trainer / hand-written per repeat, from CPU time and from wall time; their medians and ranges."""
+    cpu = [t.cpu_steps_per_s / p.cpu_steps_per_s for t, p in zip(result.trainer, result.plain)]
+    wall = [t.steps_per_s / p.steps_per_s for t, p in zip(result.trainer, result.plain)]
+    return {
+        "cpu_ratio": statistics.median(cpu), "cpu_range": [min(cpu), max(cpu)], "cpu_per_repeat": cpu,
+        "wall_ratio": statistics.median(wall), "wall_range": [min(wall), max(wall)], "wall_per_repeat": wall,
+    }  # fmt: skip
+
+
 def trainer_rows(result: Comparison) -> list[str]:
-    """The Trainer-vs-hand-written rows of a figures table."""
+    """The Trainer-vs-hand-written rows of a figures table; the CPU-time ratio and its range come first."""
     med = statistics.median
     trainer_sps = med(t.steps_per_s for t in result.trainer)
     plain_sps = med(p.steps_per_s for p in result.plain)
-    paired = [t.steps_per_s / p.steps_per_s for t, p in zip(result.trainer, result.plain)]
-    ratio = med(paired)
+    r = ratios(result)
+    cpu_ratio, (cpu_low, cpu_high) = r["cpu_ratio"], r["cpu_range"]
     robust = med(t.median_steps_per_s / p.median_steps_per_s for t, p in zip(result.trainer, result.plain))
-    cpu_ratio = med(t.cpu_steps_per_s / p.cpu_steps_per_s for t, p in zip(result.trainer, result.plain))
     overhead_ms = med(
         1000 * (statistics.median(t.step_s) - statistics.median(p.step_s)) for t, p in zip(result.trainer, result.plain)
     )
     return [
         "| Figure | Measured (median of repeats) | Target | Met |",
         "|---|---|---|---|",
+        f"| Trainer / hand-written, from CPU time (`time.process_time`) | {cpu_ratio:.3f} | "
+        f">= {TARGET_TRAINER_RATIO} | {met(cpu_ratio >= TARGET_TRAINER_RATIO)} |",
+        f"| Trainer / hand-written, from CPU time, range over repeats | {cpu_low:.3f} to {cpu_high:.3f} | | |",
         f"| Hand-written loop (steps/s) | {fmt(plain_sps)} | | |",
         f"| Trainer.fit (steps/s) | {fmt(trainer_sps)} | | |",
-        f"| Trainer / hand-written | {ratio:.3f} | >= {TARGET_TRAINER_RATIO} | {met(ratio >= TARGET_TRAINER_RATIO)} |",
-        f"| Trainer / hand-written, range over repeats | {min(paired):.3f} to {max(paired):.3f} | | |",
+        f"| Trainer / hand-written, wall time | {r['wall_ratio']:.3f} | | |",
+        f"| Trainer / hand-written, wall time, range over repeats | {r['wall_range'][0]:.3f} to "
+        f"{r['wall_range'][1]:.3f} | | |",
         f"| Trainer / hand-written, from median step times | {robust:.3f} | | |",
         f"| Trainer / hand-written, ratio of the steps/s above | {trainer_sps / plain_sps:.3f} | | |",
-        f"| Trainer / hand-written, from CPU time (`time.process_time`) | {cpu_ratio:.3f} | | |",
         f"| Trainer step time minus hand-written step time (ms, median step times) | {overhead_ms:+.1f} | | |",
         f"| Batch fetch share of a hand-written step | {100 * med(p.fetch_share for p in result.plain):.1f}% | | |",
     ]
@@ -645,9 +680,9 @@ def gan_section(args: argparse.Namespace, result: Comparison) -> list[str]:
         "(`toggle_optimizer`, `manual_backward`, finite-loss checks, `self.log_dict`, the EMA in "
         "`on_train_batch_end`); the hand-written arm runs `DCGANGenerator` and `DCGANDiscriminator` with "
         "`discriminator_loss` / `generator_loss` and two `torch.optim.Adam`, as the PyTorch DCGAN tutorial does. "
-        "In the G step both arms compute D's weight gradients and neither uses them (the module toggles the "
-        "optimizers after the forward, which only stops their accumulation; the hand-written loop's next "
-        "`zero_grad` drops them). "
+        "Both arms do the same work in the G step: D's parameters stop requiring gradients before the G forward "
+        "(the module's `toggle_optimizer`, the hand-written loop's `discriminator.requires_grad_(False)`), so "
+        "neither computes D's weight gradients there; in the D step G runs under `torch.no_grad()` in both. "
         "Both arms start from the same weights, see the same batches and seed the global RNG the same way when "
         "training starts (the noise), so they compute the same D and G losses and end with the same G, D and EMA "
         "weights (the 'Arms agree' rows).",
@@ -688,10 +723,61 @@ def vae_section(args: argparse.Namespace, result: Comparison) -> list[str]:
     ]
 
 
+def settings(args: argparse.Namespace) -> dict[str, object]:
+    """The run's settings that decide its figures (not where files are read or written)."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in ("output", "root")}
+
+
+def previous_runs(output: Path | None) -> list[dict]:
+    """The runs recorded in ``output``'s JSON (every run written there before), oldest first."""
+    if output is None or not output.with_suffix(".json").is_file():
+        return []
+    data = json.loads(output.with_suffix(".json").read_text()).get("data") or {}
+    return list(data.get("runs", []))
+
+
+def headline(results: dict[str, Comparison]) -> str:
+    """The headline: per module, Trainer / hand-written from CPU time, with its range over repeats."""
+    titles = {"classifier": "ImageClassifier", "dcgan": "DCGAN", "vae": "VAE"}
+    parts = []
+    for name, result in results.items():
+        r = ratios(result)
+        parts.append(
+            f"`{titles[name]}` {r['cpu_ratio']:.3f} ({r['cpu_range'][0]:.3f} to {r['cpu_range'][1]:.3f} over "
+            f"{len(result.trainer)} repeat(s))"
+        )
+    return "**Trainer / hand-written steps/s from CPU time, median (range over repeats):** " + "; ".join(parts) + "."
+
+
+def history_rows(runs: list[dict], current: dict[str, object]) -> list[str]:
+    """Every run recorded for this table (this one last), none dropped: when, commit, load, ratios per module."""
+    titles = {"classifier": "ImageClassifier", "dcgan": "DCGAN", "vae": "VAE"}
+    lines = [
+        f"All {len(runs)} run(s) written to this file (from its JSON; this run last; 'same settings' compares the "
+        "options with this run's). Trainer / hand-written from CPU time, median (range), then from wall time:",
+        "",
+        "| Run | Finished (UTC) | Commit | Load start / end | Same settings | Module | CPU time | Wall time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for i, run in enumerate(runs, 1):
+        record = run["provenance"]
+        commit = record["commit"][:10] + ("+dirty" if record["dirty"] else "")
+        load = f"{record['load_1min_start']} / {record['load_1min_end']}"
+        same = "yes" if record.get("config") == current else "**no**"
+        for name, r in run["ratios"].items():
+            lines.append(
+                f"| {i} | {record['finished_utc']} | {commit} | {load} | {same} | {titles[name]} | "
+                f"{r['cpu_ratio']:.3f} ({r['cpu_range'][0]:.3f} to {r['cpu_range'][1]:.3f}) | "
+                f"{r['wall_ratio']:.3f} ({r['wall_range'][0]:.3f} to {r['wall_range'][1]:.3f}) |"
+            )
+    return lines
+
+
 def report(
-    args: argparse.Namespace, results: dict[str, Comparison], loads: tuple[str, str], elapsed: float
-) -> str:
-    """The markdown report: machine and timing; per module its setup, figures against their targets, every repeat."""
+    args: argparse.Namespace, results: dict[str, Comparison], loads: tuple[str, str], elapsed: float,
+    runs: list[dict] | None = None,
+) -> str:  # fmt: skip
+    """The markdown report: headline; machine and timing; per module its setup, figures, every repeat; every run."""
     threads = ", ".join(
         map(str, sorted({a.threads for result in results.values() for a in result.trainer + result.plain}))
     )
@@ -699,6 +785,8 @@ def report(
     quoted = [f"`{titles[name]}`" for name in results]
     names = " and ".join(quoted) if len(quoted) < 3 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
     lines = [
+        headline(results),
+        "",
         f"{names} under `lightning.Trainer` against hand-written PyTorch loops of the same networks, data and batch. "
         f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch threads {threads}; torch {torch.__version__}, "
         f"lightning {L.__version__}, Python {platform.python_version()}; CPU, fp32. 1-minute load average {loads[0]} "
@@ -716,6 +804,8 @@ def report(
     sections = {"classifier": classifier_section, "dcgan": gan_section, "vae": vae_section}
     for name, result in results.items():
         lines += ["", *sections[name](args, result)]
+    if runs:
+        lines += ["", "#### Every run", "", *history_rows(runs, settings(args))]
     return "\n".join(lines) + "\n"
 
 
@@ -766,6 +856,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> str:
     """Run the benchmark, print the markdown and write it to ``--output``; return it."""
+    run = provenance.Run.start(__file__, argv)
     args = parse_args(argv)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*", FutureWarning)  # torch 2.14 vs lightning 2.6, once per fit
@@ -795,12 +886,14 @@ def main(argv: list[str] | None = None) -> str:
         for repeat in range(args.repeats):
             run_repeat("vae", result, dm, args, time_vae_trainer, time_vae_plain, repeat)
 
-    markdown = report(args, results, (load_start, load_average()), time.perf_counter() - started)
+    # every run written to the output is kept in its JSON and shown in the report (none dropped)
+    record = run.record(config=settings(args))
+    runs = [*previous_runs(args.output), {"provenance": record, "ratios": {n: ratios(r) for n, r in results.items()}}]
+    markdown = report(args, results, (load_start, load_average()), time.perf_counter() - started, runs)
     print(markdown)
     if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(markdown)
-        print(f"wrote {args.output}")
+        run.write(args.output, markdown, data={"runs": runs}, record=record)
+        print(f"wrote {args.output} and {args.output.with_suffix('.json').name}")
     return markdown
 
 

@@ -55,6 +55,7 @@ difference isolates what the larger validation set buys.
 from __future__ import annotations
 
 import argparse
+import sys
 import dataclasses
 import logging
 import math
@@ -72,6 +73,8 @@ from lightning.pytorch.callbacks import Callback
 from transfer_vs_scratch import CONFIGS, QUIET, machine, run_cli, working_dir  # benchmarks/ is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
 GENEROUS_VAL = 100  #: validation images per class of the main configs (finetune_target.yaml: 500 for 5 classes)
 BATCH_SIZE = 50
 LR, WEIGHT_DECAY, LABEL_SMOOTHING, WARMUP_STEPS = 3e-3, 1e-4, 0.1, 10
@@ -511,18 +514,84 @@ def pretrain(workdir: Path, epochs: int, accelerator: str, fashion_root: str | N
         return str((Path.cwd() / "runs/classifier/pretrain_source/checkpoints/best.ckpt").resolve())
 
 
-def main() -> None:
+def cells_from_json(data: dict[str, Any]) -> Results:
+    """The ``{target: {N: Cell}}`` of a piece's JSON data (JSON turned N into strings)."""
+    return {
+        tname: {
+            int(n): Cell(**{**cell, "runs": {a: [Run(**r) for r in runs] for a, runs in cell["runs"].items()}})
+            for n, cell in cells.items()
+        }
+        for tname, cells in data["results"].items()
+    }
+
+
+def merge_results(pieces: Sequence[dict[str, Any]]) -> tuple[Results, list[int]]:
+    """One ``Results`` from pieces that ran other seeds or other N; runs ordered by seed
+    (:func:`provenance.merge_seed_lists`); pieces that share a cell must agree on its facts (steps, validation)."""
+    facts: dict[tuple[str, int], Cell] = {}
+    for piece in pieces:
+        for tname, cells in cells_from_json(piece).items():
+            for n, cell in cells.items():
+                key, shared = (tname, n), dataclasses.replace(cell, runs={})
+                if facts.setdefault(key, shared) != shared:
+                    message = f"{tname} N={n}: pieces disagree on the cell: {facts[key]}, {shared}"
+                    raise provenance.PieceMismatch(message)
+    runs = [{t: {n: c["runs"] for n, c in cells.items()} for t, cells in p["results"].items()} for p in pieces]
+    tree, seeds = provenance.merge_seed_lists(runs, [p["seeds"] for p in pieces])
+    results: Results = {}
+    for (tname, n), shared in sorted(facts.items(), key=lambda item: item[0][1]):
+        cell_runs = {arm: [Run(**r) for r in arm_runs] for arm, arm_runs in tree[tname][str(n)].items()}
+        results.setdefault(tname, {})[n] = dataclasses.replace(shared, runs=cell_runs)
+    return results, seeds
+
+
+def merge_main(args: argparse.Namespace, run: provenance.Run) -> Path:
+    """``--merge``: one table from piece JSON files (same commit, profile, source), written to ``--results``."""
+    pieces, summary = provenance.merge_pieces(args.merge)  # same commit, profile, source checkpoint
+    if len({p["source"] for p in pieces}) > 1:
+        raise provenance.PieceMismatch("pieces describe their source differently")
+    results, seeds = merge_results(pieces)
+    name = summary["config"]["profile"]
+    shots = tuple(sorted({n for cells in results.values() for n in cells}))
+    profile = dataclasses.replace(PROFILES[name], seeds=tuple(seeds), shots=shots)
+    where = "; ".join(
+        f"piece {i} ({', '.join(map(str, p['seeds']))} x N {', '.join(map(str, sorted({n for c in p['results'].values() for n in map(int, c)})))}): "
+        f"{p['where']}"
+        for i, p in enumerate(pieces, 1)
+    )
+    minutes = f"{sum(p['duration_s'] for p in summary['pieces']) / 60:.1f} min over {len(pieces)} pieces (see Provenance)"
+    text = markdown(results, name, profile, where, minutes, pieces[0]["source"])
+    path = args.results / "transfer_sweep.md"
+    run.write(path, text, data={"results": results, "seeds": seeds, "source": pieces[0]["source"], "where": where},
+              config=summary["config"], pieces=summary["pieces"])  # fmt: skip
+    plot(results, args.results / "transfer_sweep.png")
+    print("\n" + text + f"\nwrote {path} and transfer_sweep.png")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    run = provenance.Run.start(__file__, argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--pretrained", help="source checkpoint to use instead of pretraining one")
-    parser.add_argument("--seeds", type=int, nargs="+", help="override the profile's seeds (a quick look)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="run only these seeds (a piece of the profile)")
+    parser.add_argument("--shots", type=int, nargs="+", help="run only these N of the profile (a piece)")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="PIECE_JSON",
+                        help="merge pieces' transfer_sweep.json (same commit and profile) into one table; runs nothing")
     parser.add_argument("--fashion-root", help="folder with the Fashion-MNIST IDX files (default: Debian's copy)")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "transfer_sweep")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.merge:
+        merge_main(args, run)
+        return
     profile = PROFILES[args.profile]
     if args.seeds:
         profile = dataclasses.replace(profile, seeds=tuple(args.seeds))
+    if args.shots:
+        if not set(args.shots) <= set(profile.shots):
+            parser.error(f"--shots must be among the profile's {list(profile.shots)}")
+        profile = dataclasses.replace(profile, shots=tuple(n for n in profile.shots if n in args.shots))
     warnings.filterwarnings("ignore")
     import lightning.pytorch  # noqa: F401  (sets its own log level on import; quiet it afterwards)
     import torch
@@ -552,8 +621,9 @@ def main() -> None:
     elif profile.threads:
         where = where.replace("CPU only", f"CPU only, {profile.threads} torch thread(s)")
     text = markdown(results, args.profile, profile, where, minutes, source)
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "transfer_sweep.md").write_text(text)
+    config = {"profile": args.profile, **provenance.settings(PROFILES[args.profile], "seeds", "shots")}
+    run.write(args.results / "transfer_sweep.md", text, {"source checkpoint": pretrained},
+              data={"results": results, "seeds": list(profile.seeds), "source": source, "where": where}, config=config)
     plot(results, args.results / "transfer_sweep.png")
     print("\n" + text + f"\nwrote {args.results / 'transfer_sweep.md'} and transfer_sweep.png")
 

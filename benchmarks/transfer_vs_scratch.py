@@ -23,11 +23,14 @@ import logging
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
 CONFIGS = REPO / "configs" / "classifier"
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
@@ -97,14 +100,15 @@ def bar_chart(results: dict[str, list[float]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    run = provenance.Run.start(__file__, argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--pretrain-epochs", type=int, default=3)
     parser.add_argument("--target-epochs", type=int, default=40)
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "main_job")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     import lightning.pytorch  # noqa: F401  (sets its own log level on import; quiet it afterwards)
 
@@ -152,8 +156,8 @@ def main() -> None:
     )
     table = "\n".join(lines)
     print("\n[3/3] results\n" + table + "\n\n" + setup)
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "transfer_vs_scratch.md").write_text(table + "\n\n" + setup + "\n")
+    run.write(args.results / "transfer_vs_scratch.md", table + "\n\n" + setup, {"source checkpoint": pretrained},
+              data={"test_accuracy": results})
     bar_chart(results, args.results / "transfer_vs_scratch.png", "Fashion-MNIST 5-9, 20 labels/class")
     print(f"wrote {args.results / 'transfer_vs_scratch.md'} and transfer_vs_scratch.png")
 

@@ -68,6 +68,8 @@ from gan_finetune import optimizer_steps, quiet_lightning
 from transfer_vs_scratch import QUIET, machine, working_dir
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
 CONFIGS = REPO / "configs" / "vae"
 SIZES = (10, 100, 1000)
 VAL_PER_CLASS = 100  #: validation images per class, at most; never more than the N training images per class
@@ -310,17 +312,24 @@ def figure(results: dict[int, dict[str, list[ArmResult]]], path: Path, title: st
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    run = provenance.Run.start(__file__, argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--source", type=Path, help="a source VAE checkpoint (skips step 1)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the profile's seeds")
     parser.add_argument("--steps", type=int, help="override the profile's optimizer steps per arm")
+    parser.add_argument("--shots", type=int, nargs="+", choices=SIZES, help="run only these N (images per class)")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="PIECE_JSON",
+                        help="merge pieces' vae_transfer.json (same commit, profile, steps, source) into one table")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "vae_transfer")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     profile = dict(PROFILES[args.profile])
     seeds, steps = args.seeds or profile["seeds"], args.steps or profile["steps"]
+    sizes = tuple(n for n in SIZES if n in (args.shots or SIZES))
+    if args.merge:
+        return merge_main(args.merge, args.results, run)
     iw, test_batches, val_every = profile["iw_samples"], profile["test_batches"], profile["val_every"]
     quiet_lightning()
     start = time.perf_counter()
@@ -335,9 +344,9 @@ def main() -> None:
         print(f"      {source_note} -> {source}", flush=True)
     source_minutes = (time.perf_counter() - start) / 60
 
-    print(f"[2/3] {len(ARMS)} arms x N {list(SIZES)} x seeds {seeds}, {steps} steps each", flush=True)
+    print(f"[2/3] {len(ARMS)} arms x N {list(sizes)} x seeds {seeds}, {steps} steps each", flush=True)
     results = run_all(
-        ARMS, SIZES, seeds, source, steps, args.workdir, iw, test_batches,
+        ARMS, sizes, seeds, source, steps, args.workdir, iw, test_batches,
         log=lambda s: print(s, flush=True), save_to=args.workdir / "results.pt", val_every=val_every,
     )  # fmt: skip
 
@@ -357,13 +366,28 @@ def main() -> None:
         f"Measured on {machine()}, {torch.get_num_threads()} torch thread(s); {minutes:.1f} min in all "
         f"({source_minutes:.1f} min source)."
     )
+    title = f"VAE transfer to Fashion-MNIST 5-9, {steps} steps per arm, seeds {seeds}"
     text = markdown(results, setup)
     print("\n[3/3] results\n" + text)
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "vae_transfer.md").write_text(text)
-    title = f"VAE transfer to Fashion-MNIST 5-9, {steps} steps per arm, seeds {seeds}"
+    config = {"profile": args.profile, "steps": steps}
+    run.write(args.results / "vae_transfer.md", text, {"source VAE": source},
+              data={"results": results, "seeds": seeds, "shots": sizes, "setup": setup, "title": title}, config=config)
     figure(results, args.results / "vae_transfer.png", title)
     print(f"wrote {args.results / 'vae_transfer.md'} and vae_transfer.png")
+
+
+def merge_main(paths: list[Path], out: Path, run: provenance.Run) -> None:
+    """``--merge``: one table from pieces (other seeds or N) of one profile; where each ran goes into the text."""
+    pieces, summary = provenance.merge_pieces(paths)
+    tree, seeds = provenance.merge_seed_lists([p["results"] for p in pieces], [p["seeds"] for p in pieces])
+    results = {int(n): {a: [ArmResult(**r) for r in runs] for a, runs in arms.items()} for n, arms in tree.items()}
+    results = dict(sorted(results.items()))
+    setup = provenance.merged_setup(summary, pieces)
+    text = markdown(results, setup)
+    run.write(out / "vae_transfer.md", text, data={"results": results, "seeds": seeds, "shots": list(results),
+              "setup": setup, "title": pieces[0]["title"]}, config=summary["config"], pieces=summary["pieces"])  # fmt: skip
+    figure(results, out / "vae_transfer.png", f"{pieces[0]['title']} (merged: seeds {seeds})")
+    print(text + f"\nwrote {out / 'vae_transfer.md'}")
 
 
 if __name__ == "__main__":

@@ -96,3 +96,26 @@ def save_lightning_checkpoint(module, path) -> str:
     trainer.strategy.connect(module)
     trainer.save_checkpoint(path)
     return str(path)
+
+
+def assert_provenance(results_md, script: str, inputs: dict | None = None) -> dict:
+    """``results_md`` ends with a complete provenance block from ``benchmarks/<script>`` and a JSON beside it;
+    ``inputs`` (name -> file) are recorded with their sha256. Returns the block."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import provenance
+
+    results_md = Path(results_md)
+    text = results_md.read_text()
+    assert provenance.missing(text) == [], provenance.read(text)
+    record = provenance.read(text)
+    assert record["command"].startswith(f"python benchmarks/{script}")
+    assert len(record["commit"]) == 40 and isinstance(record["dirty"], bool)
+    assert record["torch_threads"] >= 1 and record["duration_s"] >= 0 and record["machine"]["cores"] >= 1
+    for name, path in (inputs or {}).items():
+        assert record["inputs"][name]["sha256"] == provenance.sha256(path), name
+    assert json.loads(results_md.with_suffix(".json").read_text())["provenance"] == record
+    return record

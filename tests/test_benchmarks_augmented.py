@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, save_lightning_checkpoint
+from conftest import REPO, assert_provenance, save_lightning_checkpoint
 from torch import nn
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -95,6 +95,14 @@ def test_tiny_end_to_end_numbers_come_from_the_runs(tiny_run, fashion_root):
     assert selection.generator_steps == profile.gan_steps
 
 
+def test_tiny_run_records_provenance(tiny_run, source):
+    _, _, out = tiny_run
+    record = assert_provenance(out / "gan_augmented.md", "gan_augmented.py", {"source classifier": source})
+    assert record["command"].startswith("python benchmarks/gan_augmented.py --tiny --pretrained")
+    assert set(record["inputs"]) == {"source classifier", "source DCGAN"}  # the DCGAN was trained, then hashed
+    assert record["config"]["profile"] == "tiny" and "seeds" not in record["config"]
+
+
 def test_tiny_markdown_and_figure_list_every_arm(tiny_run):
     results, _, out = tiny_run
     text = (out / "gan_augmented.md").read_text()
@@ -166,3 +174,31 @@ def test_verdict_is_a_holm_corrected_paired_test_without_the_chosen_row():
     assert "| -12.0 |" in table[bench.label("r1")]  # the worst seed is shown
     assert table[bench.label("r0.25")].endswith("| 0.003 | 0.008 * |")  # Holm: max(3 x 0.0027, 2 x 0.0033)
     assert not table[bench.label("r0.5")].endswith("* |")
+
+
+def test_a_second_piece_merges_with_the_first(tiny_run, source, fashion_root):
+    """``--seeds 1`` beside the tiny run (seed 0), same cached source DCGAN; ``--merge`` gives both seeds per cell."""
+    import json
+
+    import provenance
+
+    results, _, out = tiny_run
+    tmp = out.parent
+    argv = ["--tiny", "--seeds", "1", "--pretrained", source, "--fashion-root", str(fashion_root),
+            "--results", str(tmp / "piece1"), "--workdir", str(tmp / "work")]  # fmt: skip
+    bench.main(argv)
+    pieces = [out / "gan_augmented.json", tmp / "piece1" / "gan_augmented.json"]
+    merged, selections = bench.main(["--merge", *map(str, pieces), "--results", str(tmp / "merged")])
+    text = (tmp / "merged" / "gan_augmented.md").read_text()
+    record = provenance.read(text)
+    assert provenance.missing(text) == [] and [p["file"] for p in record["pieces"]] == list(map(str, pieces))
+    assert "Merged from 2 pieces" in text
+    second = json.loads(pieces[1].read_text())["data"]["results"]
+    (n,) = results
+    assert [len(s) for s in selections.values()] == [2]
+    for init, runs in merged[n].items():
+        for key, arm_runs in runs.items():
+            assert [r.test_acc for r in arm_runs] == [results[n][init][key][0].test_acc,
+                                                       second[str(n)][init][key][0]["test_acc"]]  # fmt: skip
+            cells = f"| {bench.INITS[init]} | {bench.label(key)} | {mean_std([r.test_acc for r in arm_runs])} |"
+            assert cells in text, cells

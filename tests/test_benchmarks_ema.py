@@ -20,13 +20,14 @@ def test_ema_variants_smoke_writes_every_variant_and_the_floor(tmp_path, fashion
     bench.main(["--profile", "smoke", "--extractor", extractor, "--threads", "1",
                 "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out")])  # fmt: skip
     text = (tmp_path / "out/ema_variants.md").read_text()
-    table = text.split("<!-- provenance -->")[0]
+    table = text.split("<details><summary>Provenance")[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert [r.split(" | ")[0][2:] for r in rows[1:-1]] == list(bench.VARIANTS)
     assert rows[-1].startswith("| *real vs real floor")
-    from provenance import missing_fields
+    import provenance
 
-    assert missing_fields(text) == [] and "| torch threads | 1 |" in text and "sha256 of FID extractor" in text
+    record = provenance.read(text)
+    assert provenance.missing(text) == [] and record["torch_threads"] == 1 and "FID extractor" in record["inputs"]
     assert (tmp_path / "out/ema_variants.png").stat().st_size > 1000
 
 

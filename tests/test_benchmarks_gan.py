@@ -119,3 +119,37 @@ def test_real_floor_pairs_disjoint_real_sets_at_the_given_size(tiny_run, fashion
         assert floor.fid > 0 and torch.isfinite(torch.tensor([floor.kid_mean, floor.kid_std])).all()
     again = bench.real_floor(tmp / "extractor.ckpt", num_test=40, root=str(fashion_root))
     assert [f.fid for f in again] == [same_size.fid, halves.fid]  # seeded draws
+def test_smoke_profile_pieces_record_provenance_and_merge(tmp_path):
+    """Two pieces of ``--profile smoke`` (seed 0, seed 1) write their provenance, both inputs hashed; ``--merge``
+    joins them into one table over both seeds."""
+    import json
+
+    import provenance
+    from conftest import assert_provenance
+    from lit_finetune import DCGAN, ImageClassifier
+
+    torch.manual_seed(0)
+    extractor = _save(ImageClassifier(num_classes=10), tmp_path / "extractor.ckpt")
+    source = _save(DCGAN(latent_dim=64, generator_width=32, discriminator_width=32, num_classes=5, conditional=True),
+                   tmp_path / "source.ckpt")  # fmt: skip  (the shipped configs' sizes)
+    pieces = []
+    for seed in (0, 1):
+        out = tmp_path / f"piece{seed}"
+        argv = ["--profile", "smoke", "--extractor", extractor, "--source", source, "--seeds", str(seed),
+                "--steps", "2", "--workdir", str(tmp_path / "work"), "--results", str(out)]  # fmt: skip
+        bench.main(argv)
+        inputs = {"feature extractor": extractor, "source DCGAN": source}
+        record = assert_provenance(out / "gan_finetune.md", "gan_finetune.py", inputs)
+        assert f"--seeds {seed} --steps 2" in record["command"] and record["config"] == {"profile": "smoke", "steps": 2}
+        pieces.append(out / "gan_finetune.json")
+
+    bench.main(["--merge", *map(str, pieces), "--results", str(tmp_path / "merged")])
+    text = (tmp_path / "merged" / "gan_finetune.md").read_text()
+    record = provenance.read(text)
+    assert provenance.missing(text) == [] and [p["file"] for p in record["pieces"]] == list(map(str, pieces))
+    assert "Merged from 2 pieces" in text and (tmp_path / "merged" / "gan_finetune.png").stat().st_size > 1000
+    merged = json.loads((tmp_path / "merged" / "gan_finetune.json").read_text())["data"]
+    one = [json.loads(p.read_text())["data"]["results"] for p in pieces]
+    assert merged["seeds"] == [0, 1] and set(merged["results"]) == {a.name for a in bench.ARMS}
+    for arm, runs in merged["results"].items():
+        assert [r["fid"] for r in runs] == [one[0][arm][0]["fid"], one[1][arm][0]["fid"]]

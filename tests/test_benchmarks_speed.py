@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import json
 import math
 import re
 import sys
@@ -22,19 +23,23 @@ from types import ModuleType
 
 import pytest
 import torch
+
+from lit_finetune.modules.base import NoiseStream
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, WARMUP = 2, 2  # 4 optimizer steps per arm: a few seconds in all
+CPU_RATIO = "Trainer / hand-written, from CPU time (`time.process_time`)"
 ROWS = (
+    CPU_RATIO,
+    "Trainer / hand-written, from CPU time, range over repeats",
     "Hand-written loop (steps/s)",
     "Trainer.fit (steps/s)",
-    "Trainer / hand-written",
-    "Trainer / hand-written, from CPU time (`time.process_time`)",
+    "Trainer / hand-written, wall time",
     "Data path (batches/s)",
     "Data path / model step",
 )
-GAN_ROWS = ROWS[:4]
+GAN_ROWS = ROWS[:5]
 AGREEMENT_ROWS = ("Arms agree: largest per-step loss difference", "Arms agree: largest final weight difference")
 
 
@@ -214,6 +219,13 @@ def test_speed_benchmark_quick(speed, tmp_path: Path, fashion_root: Path) -> Non
             assert row_value(text, label) <= 1e-4
             assert re.search(rf"^\| {re.escape(label)} \|[^\n]*\| yes \|$", text, re.MULTILINE), label
     assert "Data path" not in gan and "Data path" not in vae  # the data path is timed once, with the classifier
+    # the headline is the CPU-time ratio with its range, per module, and the first row of each table is that ratio
+    first_line = markdown.splitlines()[0]
+    assert first_line.startswith("**Trainer / hand-written steps/s from CPU time")
+    for text in (classifier, gan, vae):
+        ratio = row_value(text, CPU_RATIO)
+        assert f"{ratio:.3f} ({ratio:.3f} to {ratio:.3f} over 1 repeat(s))" in first_line  # one repeat: range = value
+        assert text.split("|---|---|---|---|\n", 1)[1].startswith(f"| {CPU_RATIO} |")
 
 
 def test_models_option_runs_one_module(speed, tmp_path: Path, fashion_root: Path) -> None:
@@ -226,7 +238,60 @@ def test_models_option_runs_one_module(speed, tmp_path: Path, fashion_root: Path
         torch.set_num_threads(threads)
     markdown = output.read_text()
     assert "#### `DCGAN`" in markdown and "#### `ImageClassifier`" not in markdown
-    assert row_value(section(markdown, "#### `DCGAN`"), "Trainer / hand-written") > 0
+    assert row_value(section(markdown, "#### `DCGAN`"), CPU_RATIO) > 0
+
+
+def test_every_run_written_to_a_file_is_kept_and_shown(speed, tmp_path: Path, fashion_root: Path) -> None:
+    """A second run to the same output appends to the runs (JSON) and the report shows both; settings compared."""
+    import provenance
+
+    output = tmp_path / "gan.md"
+    base = ["--quick", "--models", "dcgan", "--gan-width", "4", "--gan-latent-dim", "8", "--root", str(fashion_root),
+            "--output", str(output)]  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        speed.main(base)
+        first = json.loads(output.with_suffix(".json").read_text())["data"]["runs"]
+        speed.main([*base, "--seed", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    runs = json.loads(output.with_suffix(".json").read_text())["data"]["runs"]
+    assert len(first) == 1 and len(runs) == 2 and runs[0] == first[0]
+    markdown = output.read_text()
+    table = section(markdown, "#### Every run")
+    rows = [line for line in table.splitlines() if re.match(r"^\| [12] \|", line)]
+    assert len(rows) == 2, table
+    assert "| **no** | DCGAN |" in rows[0] and "| yes | DCGAN |" in rows[1]  # run 1 used another seed
+    for row, run in zip(rows, runs):
+        assert f"{run['ratios']['dcgan']['cpu_ratio']:.3f}" in row
+    # the provenance block: every required field, the command line as given
+    record = provenance.read(markdown)
+    assert provenance.missing(markdown) == []
+    assert record["command"].endswith("--seed 1") and "benchmarks/speed.py" in record["command"]
+    assert record == runs[1]["provenance"]
+
+
+def test_gan_arms_compute_no_d_gradients_in_the_g_step(speed, gan_setup, monkeypatch):
+    """Same work: in both arms D's weight gradients are computed once per batch (the D step), never in the G step."""
+    args, dm = gan_setup
+    counts: dict[str, list[int]] = {}
+
+    def counting(nets, name):
+        counts[name] = calls = [0]
+        for p in nets.discriminator.parameters() if name == "trainer" else nets[1].parameters():
+            p.register_hook(lambda grad: calls.__setitem__(0, calls[0] + 1))
+        return nets
+
+    fresh_gan, fresh_gan_nets = speed.fresh_gan, speed.fresh_gan_nets
+    monkeypatch.setattr(speed, "fresh_gan", lambda a: counting(fresh_gan(a), "trainer"))
+    monkeypatch.setattr(speed, "fresh_gan_nets", lambda a: counting(fresh_gan_nets(a), "plain"))
+    threads = torch.get_num_threads()
+    try:
+        speed.time_gan_trainer(dm, args), speed.time_gan_plain(dm, args)
+    finally:
+        torch.set_num_threads(threads)
+    n_params = len(list(fresh_gan_nets(args)[1].parameters()))
+    assert counts == {"trainer": [n_params * (WARMUP + STEPS)], "plain": [n_params * (WARMUP + STEPS)]}
 
 
 # -- DCGAN ------------------------------------------------------------------------------------------
@@ -245,15 +310,16 @@ def test_gan_arms_start_from_the_same_weights(speed, gan_setup):
 
 
 def test_gan_first_losses_are_those_of_the_first_batch_and_the_seeded_noise(speed, gan_setup, gan_arms):
-    """Step 1's D loss, by hand: the first batch, noise from the global RNG seeded with ``--seed``, initial nets."""
+    """Step 1's D loss, by hand: the first batch, noise from the module's noise stream seeded with ``--seed``, initial nets."""
     from lit_finetune.modules.dcgan import discriminator_loss
 
     args, dm = gan_setup
     real, _ = next(speed.endless(dm.train_dataloader()))
     generator, discriminator = speed.fresh_gan_nets(args)
-    torch.manual_seed(args.seed)
+    stream = NoiseStream(args.seed)
+    stream.start_fit()
     with torch.no_grad():
-        fake = generator(torch.randn(len(real), args.gan_latent_dim))
+        fake = generator(torch.randn(len(real), args.gan_latent_dim, generator=stream.next(0, "cpu")))
         expected = discriminator_loss(speed.GAN_LOSS, discriminator(real), discriminator(fake)).item()
     for arm in gan_arms:
         assert arm.losses[0] == pytest.approx(expected, rel=1e-6)
@@ -285,9 +351,7 @@ def test_gan_arms_take_one_d_and_one_g_step_per_batch_on_every_parameter(speed, 
 
 
 def test_gan_arms_compute_the_same_losses_and_weights(speed, gan_arms):
-    """Bit for bit: the same ops in the same order on the CPU. Lightning's toggle_optimizer in the G step only
-    stops D's gradients from accumulating; the hand-written loop accumulates them and its next D step's
-    ``zero_grad(set_to_none=True)`` drops them before D's update, so no weight can differ."""
+    """Bit for bit: the same ops in the same order on the CPU (both arms switch D's gradients off for the G step)."""
     trainer_arm, plain_arm = gan_arms
     assert all(math.isfinite(loss) for loss in trainer_arm.losses)
     assert trainer_arm.losses == plain_arm.losses
@@ -336,15 +400,16 @@ def test_vae_beta_follows_the_modules_kl_warmup(speed, monkeypatch):
 
 
 def test_vae_first_loss_is_that_of_the_first_batch_and_the_seeded_noise(speed, vae_setup, vae_arms):
-    """Step 1's loss, by hand: the first batch, noise from the global RNG seeded with ``--seed``, initial nets,
+    """Step 1's loss, by hand: the first batch, noise from the module's noise stream seeded with ``--seed``, initial nets,
     Bernoulli -log p(x|z) of the binarised batch plus beta (0 at step 1 of the warm-up) times the Gaussian KL."""
     args, dm = vae_setup
     x, _ = next(speed.endless(dm.train_dataloader()))
     encoder, decoder = speed.fresh_vae_nets(args)
-    torch.manual_seed(args.seed)
+    stream = NoiseStream(args.seed)
+    stream.start_fit()
     with torch.no_grad():
         mu, logvar = encoder(x)
-        z = mu + torch.randn(mu.shape) * torch.exp(logvar / 2)
+        z = mu + torch.randn(mu.shape, generator=stream.next(0, "cpu")) * torch.exp(logvar / 2)
         probs = torch.sigmoid(decoder(z))
         target = (x > 0).float()  # pixels above half intensity
         rec = -(target * torch.log(probs) + (1 - target) * torch.log1p(-probs)).sum(dim=(1, 2, 3))

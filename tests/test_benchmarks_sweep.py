@@ -84,3 +84,46 @@ def test_arms_differ_only_in_their_treatment(sweep) -> None:
     for name, arm in arms.items():
         changed = {f for f in fields if getattr(arm, f) != getattr(base, f)}
         assert len(changed) == (0 if name == "finetune" else 1), (name, changed)
+
+
+def test_pieces_write_provenance_and_merge_into_one_table(sweep, source, fashion_root, tmp_path, monkeypatch):
+    """Two pieces (seed 0, seed 1) of a tiny profile through main(); --merge gives one table over both seeds."""
+    import functools
+    import json
+
+    import provenance
+
+    tiny = sweep.Profile(seeds=(0, 1), shots=(5,), steps={5: 2}, evals=1, generous_shots=(), pretrain_epochs=0)
+    monkeypatch.setitem(sweep.PROFILES, "tiny", tiny)
+    monkeypatch.setattr(sweep, "run_sweep", functools.partial(sweep.run_sweep, target_names=("fashion",), test_limit=50))
+    common = ["--profile", "tiny", "--pretrained", source, "--fashion-root", str(fashion_root)]
+    for seed in (0, 1):
+        sweep.main([*common, "--seeds", str(seed), "--results", str(tmp_path / f"piece{seed}")])
+    pieces = [tmp_path / f"piece{seed}" / "transfer_sweep.json" for seed in (0, 1)]
+    for seed, piece in zip((0, 1), pieces):
+        text = piece.with_suffix(".md").read_text()
+        assert provenance.missing(text) == []
+        record = provenance.read(text)
+        assert record["command"].endswith(f"--seeds {seed} --results {tmp_path / f'piece{seed}'}")
+        assert record["inputs"]["source checkpoint"]["sha256"] == provenance.sha256(source)
+        assert record["config"]["profile"] == "tiny" and "seeds" not in record["config"]
+
+    sweep.main(["--merge", *map(str, pieces), "--results", str(tmp_path / "merged")])
+    merged = tmp_path / "merged" / "transfer_sweep.md"
+    text = merged.read_text()
+    record = provenance.read(text)
+    assert provenance.missing(text) == [] and [p["file"] for p in record["pieces"]] == list(map(str, pieces))
+    assert "seeds [0, 1]" in text and "piece 1 (0 x N 5)" in text and "piece 2 (1 x N 5)" in text
+    data = json.loads(merged.with_suffix(".json").read_text())["data"]
+    one = [json.loads(p.read_text())["data"]["results"]["fashion"]["5"]["runs"] for p in pieces]
+    for arm, runs in data["results"]["fashion"]["5"]["runs"].items():
+        assert runs == [one[0][arm][0], one[1][arm][0]]  # every run kept, in seed order
+
+    # pieces from another commit (or the same seed twice) are refused
+    other = json.loads(pieces[1].read_text())
+    other["provenance"]["commit"] = "0" * 40
+    pieces[1].write_text(json.dumps(other))
+    with pytest.raises(provenance.PieceMismatch, match="different or unknown commits"):
+        sweep.main(["--merge", *map(str, pieces), "--results", str(tmp_path / "refused")])
+    with pytest.raises(provenance.PieceMismatch, match="seed 0 is in more than one piece"):
+        sweep.main(["--merge", str(pieces[0]), str(pieces[0]), "--results", str(tmp_path / "refused")])

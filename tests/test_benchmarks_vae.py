@@ -93,3 +93,39 @@ def test_markdown_and_figure(tiny_run):
     assert "1/1 frozen-encoder runs" in text and "0/1 scratch runs" in text
     bench.figure(results, tmp / "fig.png", "tiny")
     assert (tmp / "fig.png").stat().st_size > 1000
+
+
+def test_smoke_profile_pieces_record_provenance_and_merge(tmp_path):
+    """Two pieces of ``--profile smoke --shots 10`` (seed 0, seed 1) write their provenance; ``--merge`` joins them."""
+    import json
+
+    import provenance
+    from conftest import assert_provenance
+    from lit_finetune import VAE
+
+    torch.manual_seed(0)
+    source = _save(VAE(latent_dim=16), tmp_path / "source.ckpt")  # the shipped configs' sizes
+    pieces = []
+    for seed in (0, 1):
+        out = tmp_path / f"piece{seed}"
+        argv = ["--profile", "smoke", "--source", source, "--shots", "10", "--steps", "2", "--seeds", str(seed),
+                "--workdir", str(tmp_path / "work"), "--results", str(out)]  # fmt: skip
+        bench.main(argv)
+        record = assert_provenance(out / "vae_transfer.md", "vae_transfer.py", {"source VAE": source})
+        assert record["command"].endswith(f"--seeds {seed} --workdir {tmp_path / 'work'} --results {out}")
+        assert record["config"] == {"profile": "smoke", "steps": 2}
+        data = json.loads((out / "vae_transfer.json").read_text())["data"]
+        assert data["shots"] == [10] and list(data["results"]) == ["10"] and data["seeds"] == [seed]
+        pieces.append(out / "vae_transfer.json")
+
+    bench.main(["--merge", *map(str, pieces), "--results", str(tmp_path / "merged")])
+    text = (tmp_path / "merged" / "vae_transfer.md").read_text()
+    record = provenance.read(text)
+    assert provenance.missing(text) == [] and [p["file"] for p in record["pieces"]] == list(map(str, pieces))
+    assert "Merged from 2 pieces" in text
+    merged = json.loads((tmp_path / "merged" / "vae_transfer.json").read_text())["data"]
+    one = [json.loads(p.read_text())["data"]["results"]["10"] for p in pieces]
+    assert merged["seeds"] == [0, 1]
+    for arm, runs in merged["results"]["10"].items():
+        assert runs == [one[0][arm][0], one[1][arm][0]]
+        assert f"| 10 | {arm} |" in text and ", ".join(f"{r['nll_iwae']:.1f}" for r in runs) + " |" in text

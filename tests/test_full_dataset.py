@@ -14,7 +14,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import REPO, quiet_trainer
+from conftest import REPO, assert_provenance, quiet_trainer
 from lit_finetune import ImageClassifier
 from lit_finetune.callbacks.channels_last import ChannelsLast
 from lit_finetune.cli import cli_main
@@ -177,6 +177,9 @@ def test_script_writes_result_of_the_best_checkpoint(tmp_path, fashion_root, mon
     reported_val = float(read_row(text, "best validation").split()[0])
     assert 100 * captured["best_val_acc"] == pytest.approx(reported_val, abs=0.01)
     assert "Profile `cpu`" in text and "torch threads 1" in text and "--trainer.limit_test_batches 2" in text
+    record = assert_provenance(path, "full_dataset.py")
+    assert record["torch_threads"] == 1 and record["command"].endswith("--trainer.limit_test_batches 2 "
+                                                                        "--data.init_args.samples_per_class 20")
 
 
 def test_script_gpu_profile_parses_and_writes_its_own_file(tmp_path, fashion_root):

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, assert_provenance
 
 
 def test_gpu_check_runs_variants_and_reports_channels_last(tmp_path, fashion_root):
@@ -17,3 +17,5 @@ def test_gpu_check_runs_variants_and_reports_channels_last(tmp_path, fashion_roo
     for cells in rows.values():
         assert "failed" not in cells[2] and cells[5].strip() == "yes"  # ran, finite losses
     assert rows["fp32"][7].strip() == "no" and rows["bf16-mixed+channels_last"][7].strip() == "yes"
+    record = assert_provenance(tmp_path / "gpu_check.md", "gpu_check.py")
+    assert record["command"].endswith("--variants fp32 bf16-mixed+channels_last")

@@ -304,16 +304,9 @@ def _locked(entry: ZooEntry) -> Iterator[None]:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from lit_finetune.checkpoint_io import atomic_write  # (imports Lightning: not at the zoo's import)
+
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _publish(entry: ZooEntry, checkpoint: Path, manifest: dict[str, Any]) -> Path:

@@ -236,7 +236,7 @@ def run_arm(
         label_agreement=metrics["test/label_agreement"], class_counts=counts,
         generator_steps=optimizer_steps(opt_g), discriminator_steps=optimizer_steps(opt_d),
         block0_equals_source=block0_equals_source, fit_seconds=fit_seconds, test_seconds=test_seconds,
-        diffaugment_on=not isinstance(model.augment, torch.nn.Identity), samples=samples, fid_raw_generator=fid_raw,
+        diffaugment_on=bool(getattr(model.augment, "policy", ())), samples=samples, fid_raw_generator=fid_raw,
     )  # fmt: skip
 
 
@@ -512,10 +512,16 @@ def merge_main(paths: list[Path], out: Path, run: provenance.Run) -> None:
 
     results = {arm: [arm_result(r) for r in runs] for arm, runs in tree.items()}
     setup = provenance.merged_setup(summary, pieces)
-    text = markdown(results, seeds, pieces[0]["real_counts"], setup)
+    # the real-vs-real floor depends only on the extractor (the same file in every piece: merge_pieces checked
+    # its sha256) and the test size: recomputed here, as each piece computed it
+    extractor = Path(summary["pieces"][0]["inputs"]["feature extractor"]["path"])
+    n_test = int(sum(next(iter(results.values()))[0].class_counts))
+    floors = real_floor(extractor, n_test) if extractor.is_file() else []
+    text = markdown(results, seeds, pieces[0]["real_counts"], setup, floors)
     data = {"results": results, "seeds": seeds, "real_counts": pieces[0]["real_counts"], "setup": setup,
             "title": pieces[0]["title"]}  # fmt: skip
-    run.write(out / "gan_finetune.md", text, data=data, config=summary["config"], pieces=summary["pieces"])
+    run.write(out / "gan_finetune.md", text, {"feature extractor": extractor}, data=data, config=summary["config"],
+              pieces=summary["pieces"])  # fmt: skip
     figure(results, out / "gan_finetune.png", pieces[0]["title"])
     print(text + f"\nwrote {out / 'gan_finetune.md'}")
 

@@ -101,6 +101,8 @@ class Run:
     argv: list[str]
     started: float = field(default_factory=time.perf_counter)
     load_start: float | None = field(default_factory=load_1min)
+    #: the code that runs: commit and dirty flag when the run starts (a commit made while it runs is not its code)
+    git_at_start: tuple[str, bool | None] = field(default_factory=lambda: git_state())
 
     @classmethod
     def start(cls, script: str, argv: Sequence[str] | None = None) -> Run:
@@ -118,7 +120,7 @@ class Run:
         import lightning
         import torch
 
-        commit, dirty = git_state()
+        commit, dirty = self.git_at_start
         hashed = {
             name: {"path": str(path), "sha256": sha256(path)}
             for name, path in (inputs or {}).items()

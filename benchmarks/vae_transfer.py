@@ -380,7 +380,10 @@ def merge_main(paths: list[Path], out: Path, run: provenance.Run) -> None:
     """``--merge``: one table from pieces (other seeds or N) of one profile; where each ran goes into the text."""
     pieces, summary = provenance.merge_pieces(paths)
     tree, seeds = provenance.merge_seed_lists([p["results"] for p in pieces], [p["seeds"] for p in pieces])
-    results = {int(n): {a: [ArmResult(**r) for r in runs] for a, runs in arms.items()} for n, arms in tree.items()}
+    def arm_result(r: dict) -> ArmResult:  # the JSON form back to the dataclasses (scores are nested)
+        return ArmResult(**{k: Scores(**v) if k in ("final", "best") else v for k, v in r.items()})
+
+    results = {int(n): {a: [arm_result(r) for r in runs] for a, runs in arms.items()} for n, arms in tree.items()}
     results = dict(sorted(results.items()))
     setup = provenance.merged_setup(summary, pieces)
     text = markdown(results, setup)

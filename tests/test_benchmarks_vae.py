@@ -108,12 +108,12 @@ def test_smoke_profile_pieces_record_provenance_and_merge(tmp_path):
     pieces = []
     for seed in (0, 1):
         out = tmp_path / f"piece{seed}"
-        argv = ["--profile", "smoke", "--source", source, "--shots", "10", "--steps", "2", "--seeds", str(seed),
+        argv = ["--profile", "smoke", "--source", source, "--shots", "10", "--steps", "5", "--seeds", str(seed),
                 "--workdir", str(tmp_path / "work"), "--results", str(out)]  # fmt: skip
         bench.main(argv)
         record = assert_provenance(out / "vae_transfer.md", "vae_transfer.py", {"source VAE": source})
         assert record["command"].endswith(f"--seeds {seed} --workdir {tmp_path / 'work'} --results {out}")
-        assert record["config"] == {"profile": "smoke", "steps": 2}
+        assert record["config"] == {"profile": "smoke", "steps": 5}
         data = json.loads((out / "vae_transfer.json").read_text())["data"]
         assert data["shots"] == [10] and list(data["results"]) == ["10"] and data["seeds"] == [seed]
         pieces.append(out / "vae_transfer.json")
@@ -128,4 +128,4 @@ def test_smoke_profile_pieces_record_provenance_and_merge(tmp_path):
     assert merged["seeds"] == [0, 1]
     for arm, runs in merged["results"]["10"].items():
         assert runs == [one[0][arm][0], one[1][arm][0]]
-        assert f"| 10 | {arm} |" in text and ", ".join(f"{r['nll_iwae']:.1f}" for r in runs) + " |" in text
+        assert f"| 10 | {arm} |" in text and ", ".join(f"{r['best']['nll_iwae']:.1f}" for r in runs) + " |" in text

@@ -220,12 +220,13 @@ def plot(grids: dict[str, torch.Tensor], path: Path, upscale: int = 3) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from torchvision.utils import make_grid
+    from lit_finetune.callbacks import SampleImages
+
+    gridder = SampleImages(nrow=10, upscale=upscale)  # the callback's grid: [-1, 1] to [0, 1], pixels enlarged
 
     fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids), 2.2))
     for ax, (name, images) in zip(axes, grids.items()):
-        grid = make_grid(images, nrow=10, normalize=True, value_range=(-1, 1))
-        grid = grid.repeat_interleave(upscale, 1).repeat_interleave(upscale, 2)
+        grid = gridder.make_grid(name, images)
         ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
         ax.set_title(name.replace(" (default)", "\n(default)").replace(" (before the fix)", "\n(before the fix)"), fontsize=9)
         ax.axis("off")

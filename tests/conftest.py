@@ -119,3 +119,15 @@ def assert_provenance(results_md, script: str, inputs: dict | None = None) -> di
         assert record["inputs"][name]["sha256"] == provenance.sha256(path), name
     assert json.loads(results_md.with_suffix(".json").read_text())["provenance"] == record
     return record
+
+
+def shift_generator(generator, by: float) -> None:
+    """Move every weight and BatchNorm running mean of a generator by ``by`` (an update the EMA must follow)."""
+    import torch
+
+    with torch.no_grad():
+        for p in generator.parameters():
+            p.add_(by)
+        for m in generator.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.add_(by)

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from conftest import REPO, save_lightning_checkpoint
+from conftest import REPO, save_lightning_checkpoint, shift_generator
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import ema_variants as bench  # noqa: E402
@@ -38,12 +38,7 @@ def test_shadows_follow_the_module_decay_and_the_constant_one():
     shadows = bench.EMAShadows()
     shadows.on_train_start(None, model)
     for _ in range(5):
-        with torch.no_grad():
-            for p in model.generator.parameters():
-                p.add_(0.1)
-            for m in model.generator.modules():
-                if isinstance(m, torch.nn.BatchNorm2d):
-                    m.running_mean.add_(0.1)
+        shift_generator(model.generator, 0.1)
         model.update_ema()
         shadows.on_train_batch_end(None, model, None, None, 0)
     # the averaged-buffer shadow is exactly what the module's own "average" mode computed

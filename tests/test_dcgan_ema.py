@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.amp import GradScaler
 
-from conftest import quiet_trainer
+from conftest import quiet_trainer, shift_generator
 from lit_finetune import DCGAN
 from lit_finetune.callbacks import LayerFreezing
 from lit_finetune.checkpoint_io import AtomicCheckpointIO
@@ -50,12 +50,7 @@ def test_ema_decay_warms_up_and_reaches_the_configured_decay():
 def test_first_ema_update_weighs_the_trained_generator_by_0_9():
     model = DCGAN(**TINY, ema_batchnorm="average")
     start = {k: v.clone() for k, v in model.generator_ema.state_dict().items()}
-    with torch.no_grad():
-        for p in model.generator.parameters():
-            p.add_(1.0)
-        for m in model.generator.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.add_(1.0)
+    shift_generator(model.generator, 1.0)
     model.update_ema()
     after, raw = model.generator_ema.state_dict(), model.generator.state_dict()
     for k, v in after.items():

@@ -501,7 +501,7 @@ class DCGAN(TransferModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        if self.hparams.ema_batchnorm == "recompute" and self._ema_bn_stale:
+        if self._ema_bn_stale:  # only ever set with ema_batchnorm="recompute"
             # the state dict was taken before this hook: put the EMA's own statistics into it, so the
             # checkpoint's generator_ema is usable as it is, by anyone
             self.refresh_ema_batchnorm()

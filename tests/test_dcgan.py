@@ -288,3 +288,25 @@ def test_sample_cli_labels_out_of_range_is_a_one_line_error(tmp_path):
         "lit-finetune-sample: error: --labels 5 9: the generator has 5 classes, labels 0 to 4."
     ]
     assert subprocess.run([*run, "--labels", "0", "4"], capture_output=True, timeout=120).returncode == 0
+
+
+def test_evaluation_noise_is_fixed_per_batch_differs_per_rank_and_leaves_the_global_rng(tmp_path, gan_data):
+    model = DCGAN(**TINY)
+    first = model.evaluation_noise(4, batch_idx=0)
+    assert torch.equal(first, model.evaluation_noise(4, batch_idx=0))  # every validation sees the same z
+    assert not torch.equal(first, model.evaluation_noise(4, batch_idx=1))
+
+    class _Rank1:
+        global_rank = 1
+
+    model._trainer = _Rank1()
+    assert not torch.equal(first, model.evaluation_noise(4, batch_idx=0))  # rank 1 draws other fakes than rank 0
+    model._trainer = None
+
+    # two validations of the same weights give the same loss, and validation draws nothing from the global RNG
+    trainer = quiet_trainer(tmp_path, max_steps=1, limit_val_batches=2)
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    losses = [trainer.validate(model, datamodule=gan_data, verbose=False)[0]["val/d_loss"] for _ in range(2)]
+    assert losses[0] == losses[1]
+    assert torch.equal(state, torch.get_rng_state())

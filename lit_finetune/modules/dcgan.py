@@ -32,6 +32,9 @@ EMA_BATCHNORM = ("recompute", "average", "copy")
 DCGAN_ADAM = partial(torch.optim.Adam, lr=2e-4, betas=(0.5, 0.999))
 
 
+#: seed of the evaluation noise (ints only: Python salts the hash of strings per process)
+EVALUATION_NOISE_SEED = 20_201_005
+
 class TrainingDiverged(RuntimeError):
     """A loss became NaN or infinite; training stopped before the update that would spread it."""
 
@@ -555,12 +558,20 @@ class DCGAN(TransferModule):
             return 0
         return (self.trainer.fit_loop.epoch_loop.total_batch_idx + 1) // self.trainer.val_check_batch - 1
 
-    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str) -> None:
+    def evaluation_noise(self, n: int, batch_idx: int) -> torch.Tensor:
+        """The ``z`` of validation/test batch ``batch_idx``: the same at every validation (so checkpoints chosen
+        by FID are compared on the same noise) and different on every DDP rank (the global RNG, seeded alike
+        by ``seed_everything``, would give every rank the same fakes and shrink FID's sample)."""
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        noise = torch.Generator(device=self.device).manual_seed(hash((EVALUATION_NOISE_SEED, rank, batch_idx)) % (2**63))
+        return torch.randn(n, self.hparams.latent_dim, device=self.device, generator=noise)
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, prefix: str) -> None:
         real, labels = batch
         self.check_input(real)
         y = labels if self.hparams.conditional else None
         generator = self.generator_network()
-        fake = generator(torch.randn(real.shape[0], self.hparams.latent_dim, device=self.device), y)
+        fake = generator(self.evaluation_noise(real.shape[0], batch_idx), y)
         d_loss = discriminator_loss(self.hparams.loss, self.discriminator(real, y), self.discriminator(fake, y))
         self.log(f"{prefix}/d_loss", d_loss, sync_dist=True, batch_size=real.shape[0])
         if self._metrics_on():
@@ -577,13 +588,13 @@ class DCGAN(TransferModule):
         self.generative_metrics.reset()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+        self._evaluate(batch, batch_idx, "val")
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+        self._evaluate(batch, batch_idx, "test")
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")

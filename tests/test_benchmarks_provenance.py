@@ -70,13 +70,16 @@ def test_transfer_vs_scratch_tiny_run_records_provenance(tmp_path, fashion_root,
     limits = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches",
               "1", "--data.init_args.root", str(fashion_root)]  # fmt: skip
     monkeypatch.setattr(script, "run_cli", lambda args: real([*args, *limits]))
-    argv = ["--seeds", "0", "--pretrain-epochs", "1", "--target-epochs", "1", "--workdir", str(tmp_path / "w"),
+    argv = ["--seeds", "0", "1", "--pretrain-epochs", "1", "--target-epochs", "1", "--workdir", str(tmp_path / "w"),
             "--results", str(tmp_path / "out")]  # fmt: skip
     script.main(argv)
     checkpoint = tmp_path / "w" / "source/runs/classifier/pretrain_source/checkpoints/best.ckpt"
     record = assert_provenance(tmp_path / "out" / "transfer_vs_scratch.md", "transfer_vs_scratch.py",
                                {"source checkpoint": checkpoint})  # fmt: skip
     assert record["command"].endswith(" ".join(argv))
+    # two seeds: the paired difference with its test and worst seed is in the table
+    assert "fine-tuned − scratch, paired by seed" in (tmp_path / "out" / "transfer_vs_scratch.md").read_text()
+    assert "paired t-test p = " in (tmp_path / "out" / "transfer_vs_scratch.md").read_text()
 
 
 def test_finetune_recipe_val_tiny_run_records_provenance(tmp_path, fashion_root, monkeypatch):

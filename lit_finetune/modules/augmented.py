@@ -284,7 +284,7 @@ class GANAugmentedClassifier(ImageClassifier):
         x_syn, y_syn, stats = self.draw_synthetic(n)
         x_syn = x_syn.to(x.dtype)
         if stats:
-            self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=n)
+            self.log_train_step(lambda: {f"train/{k}": v for k, v in stats.items()}, batch_idx, batch_size=n)
         if self.hparams.synthetic_only:
             return super().training_step((x_syn, y_syn), batch_idx)
         return super().training_step((torch.cat([x, x_syn]), torch.cat([y, y_syn])), batch_idx)

@@ -3,6 +3,7 @@ per network over named groups, data checks."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
 
+from lit_finetune.log_steps import train_step_values_read
 from lit_finetune.transfer.lr_factors import install_lr_scale
 from lit_finetune.transfer.param_groups import check_groups_cover
 from lit_finetune.transfer.pretrained import LoadReport
@@ -171,6 +173,9 @@ class TransferModule(L.LightningModule):
         # manual optimisation: (scheduler, monitored metric) of each scheduler; Lightning drops `monitor` there
         self._scheduler_monitors: list[tuple[Any, str]] = []
         self._validated = False  # a validation (not the sanity check) has run in this process
+        #: training-step values not logged yet (see :meth:`log_train_step`) and whether they go out at batch end
+        self._train_logs: list[tuple[Callable[[], Mapping[str, Any]], dict[str, Any]]] = []
+        self._train_log_at_batch_end = False
 
     # -- what subclasses provide ----------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
@@ -225,7 +230,43 @@ class TransferModule(L.LightningModule):
         if self.noise_stream is not None:
             self.noise_stream.load_state_dict(checkpoint.get(self.noise_stream_key), resume=resuming)
 
+    # -- training-step values, logged where they are read ----------------------------------------
+    def log_train_step(self, values: Callable[[], Mapping[str, Any]], batch_idx: int, **log_kwargs: Any) -> None:
+        """``self.log_dict(values(), **log_kwargs)`` from ``training_step``, on the steps whose values are read.
+
+        Lightning writes step values to the loggers only every ``log_every_n_steps`` steps, yet each
+        ``self.log`` key costs it about 0.3 ms on a CPU (a tenth of a one-layer classifier's step,
+        ``benchmarks/speed.py --models overhead``). So the values (``values`` is called only then) are
+        logged on the steps :func:`~lit_finetune.log_steps.train_step_values_read` names: those written,
+        an epoch's last batch, the last of ``max_steps``, every step of ``fast_dev_run`` and, for a
+        ``prog_bar`` value, every step while a progress bar draws it. The loggers record the same values
+        at the same steps as logging every step would; ``trainer.callback_metrics`` holds the last logged
+        step's values in between (for a callback that reads ``train/*`` at every step, set
+        ``log_every_n_steps=1``).
+
+        A callback that stops the fit after ``training_step`` (e.g. ``Timer``) makes Lightning write that
+        step too: its values are logged from ``on_train_batch_end`` then, and, should the fit go on
+        (``min_steps`` / ``min_epochs``), from there on, so that those entries, which Lightning reads after
+        ``training_step``'s, are never the older ones.
+        """
+        if not self._train_log_at_batch_end and self._train_values_read(batch_idx, log_kwargs):
+            self.log_dict(dict(values()), **log_kwargs)
+        else:
+            self._train_logs.append((values, log_kwargs))
+
+    def _train_values_read(self, batch_idx: int, log_kwargs: Mapping[str, Any]) -> bool:
+        return train_step_values_read(self._trainer, batch_idx, self.global_step, bool(log_kwargs.get("prog_bar")))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        pending, self._train_logs = self._train_logs, []
+        if pending and (self._train_log_at_batch_end or self.trainer.should_stop):
+            self._train_log_at_batch_end = True
+            for values, log_kwargs in pending:
+                if self._train_values_read(batch_idx, log_kwargs):
+                    self.log_dict(dict(values()), **log_kwargs)
+
     def on_train_start(self) -> None:
+        self._train_logs, self._train_log_at_batch_end = [], False
         # restored here, after the sanity-check validation, right before the first resumed batch
         states, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
         if states:

@@ -201,10 +201,13 @@ class ImageClassifier(TransferModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = self._shared_step(batch, self.train_metrics)
-        self.log("train/loss", loss, prog_bar=True)
+        # logged on the steps that are read (log_train_step)
+        data_loss = loss.detach()
+        self.log_train_step(lambda: {"train/loss": data_loss}, batch_idx, prog_bar=True)
         if self.l2sp is not None:
             penalty = self.l2sp()
-            self.log("train/l2sp", penalty)
+            l2sp = penalty.detach()
+            self.log_train_step(lambda: {"train/l2sp": l2sp}, batch_idx)
             loss = loss + penalty
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss

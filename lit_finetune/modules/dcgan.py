@@ -500,7 +500,8 @@ class DCGAN(TransferModule):
                 self._average_batchnorm_statistics()
             self.update_ema()
             self.step_schedulers("step")
-        self.log_dict({"train/d_loss": d_loss.detach(), "train/g_loss": g_loss.detach()}, prog_bar=True, batch_size=n)
+        losses = {"train/d_loss": d_loss.detach(), "train/g_loss": g_loss.detach()}
+        self.log_train_step(lambda: losses, batch_idx, prog_bar=True, batch_size=n)  # on the steps that are read
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -145,3 +145,22 @@ def test_a_fit_stopped_by_max_steps_mid_epoch_still_logs_the_training_metrics(tm
     trainer = quiet_trainer(tmp_path, max_steps=3, limit_val_batches=0)
     trainer.fit(model, datamodule=small_data)
     assert {"train/loss", "train/acc", "train/f1_macro"} <= trainer.callback_metrics.keys()
+
+
+def test_training_metrics_skip_the_argument_check_that_waits_for_the_gpu(monkeypatch):
+    """torchmetrics' argument check runs torch.unique on the labels (a device sync per step); the training
+    metrics skip it, evaluation keeps it."""
+    import importlib
+
+    stat_scores = importlib.import_module("torchmetrics.classification.stat_scores")  # where the metrics call it
+
+    calls = []
+    check = stat_scores._multiclass_stat_scores_tensor_validation
+    monkeypatch.setattr(stat_scores, "_multiclass_stat_scores_tensor_validation",
+                        lambda *a, **k: calls.append(1) or check(*a, **k))  # fmt: skip
+    model = ImageClassifier(num_classes=3)
+    logits, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
+    model.train_metrics.update(logits, y)
+    assert not calls
+    model.val_metrics.update(logits, y)
+    assert calls

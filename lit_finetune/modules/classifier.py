@@ -137,6 +137,10 @@ class ImageClassifier(TransferModule):
             }
         )
         self.train_metrics = metrics.clone(prefix="train/")
+        for metric in self.train_metrics.values():
+            # training labels come from the datamodule (0..k-1 by construction); the argument check's
+            # torch.unique would make every training step wait for the GPU
+            metric.validate_args = False
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         self.test_per_class = MulticlassAccuracy(num_classes, average=None)

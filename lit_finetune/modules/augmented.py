@@ -99,7 +99,7 @@ class GANAugmentedClassifier(ImageClassifier):
 
     hparams_ignore = (*ImageClassifier.hparams_ignore, "generator", "teacher")
     noise_stream_key = SYNTHETIC_STATE_KEY
-    runtime_options = ("generator", "teacher", "generator_ema", "latent_dim")
+    runtime_options = ("generator", "teacher", "generator_ema", "latent_dim", "compile_mode")
 
     def __init__(
         self,

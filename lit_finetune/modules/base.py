@@ -21,6 +21,10 @@ from lit_finetune.transfer.pretrained import LoadReport
 RNG_KEY = "lit_finetune_rng_states"
 #: checkpoint key of a module's :class:`NoiseStream` (its seed and how many batches it has drawn)
 NOISE_STREAM_KEY = "lit_finetune_noise_stream"
+#: the ``torch.compile`` modes a module's ``compile_mode`` takes
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: the modes that replay CUDA graphs on a CUDA device
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 class NoiseStream:
@@ -132,7 +136,13 @@ class TransferModule(L.LightningModule):
         scheduler_interval: ``"epoch"`` or ``"step"``.
         scheduler_monitor: metric for ``ReduceLROnPlateau``.
         pretrained: where the weights come from (read by :meth:`read_pretrained`).
+        compile_mode: ``torch.compile`` the module's networks (:attr:`compiled_networks`) with this mode
+            (``"default"``; ``"reduce-overhead"`` adds CUDA graphs on a GPU, for static shapes); ``None``
+            runs them eagerly. See :meth:`compile_networks`.
     """
+
+    #: the submodules ``compile_mode`` compiles (the heavy networks; losses, augmentation and logging stay eager)
+    compiled_networks: tuple[str, ...] = ()
 
     #: constructor arguments that change neither the networks nor what the checkpoint holds (paths of
     #: outside networks, evaluation switches): with ``lit-finetune ... --ckpt_path``, the value given in
@@ -149,8 +159,11 @@ class TransferModule(L.LightningModule):
         scheduler_interval: str = "epoch",
         scheduler_monitor: str = "val/loss",
         pretrained: str | None = None,
+        compile_mode: str | None = None,
     ) -> None:
         super().__init__()
+        if compile_mode is not None and compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be None or one of {COMPILE_MODES}, got {compile_mode!r}")
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if in_channels < 1:
@@ -165,6 +178,7 @@ class TransferModule(L.LightningModule):
         self.scheduler_interval = scheduler_interval
         self.scheduler_monitor = scheduler_monitor
         self.pretrained = pretrained
+        self.compile_mode = compile_mode
         #: what the last pretrained load did (``None`` until weights were read)
         self.load_report: LoadReport | None = None
         self._weights_resolved = pretrained is None
@@ -229,6 +243,34 @@ class TransferModule(L.LightningModule):
         self._rng_to_restore = checkpoint.get(RNG_KEY) if resuming else None
         if self.noise_stream is not None:
             self.noise_stream.load_state_dict(checkpoint.get(self.noise_stream_key), resume=resuming)
+
+    # -- compiled networks -------------------------------------------------------------------------
+    def compile_networks(self) -> None:
+        """Compile each of :attr:`compiled_networks` in place with ``torch.compile(mode=compile_mode)`` (once).
+
+        In place (``nn.Module.compile``), not by wrapping (``torch.compile(net)``): the wrapper would put
+        ``_orig_mod.`` in front of every state-dict key, so checkpoints, pretrained loading, the EMA copy
+        and ``LayerFreezing``'s module names would all see other names. Compiled this way the parameters,
+        buffers and names stay those of the eager network; only its calls run the compiled code
+        (compiled on the first call, again when a call differs in what the graph depends on, e.g. a
+        module frozen or put in eval mode). Lightning calls this from ``configure_model`` at the start
+        of every fit, validate, test and predict; call it yourself to use the networks outside a Trainer.
+        """
+        if self.compile_mode is None:
+            return
+        for name in self.compiled_networks:
+            net = self.get_submodule(name)
+            if getattr(net, "_compiled_call_impl", None) is None:
+                net.compile(mode=self.compile_mode)
+
+    def configure_model(self) -> None:
+        self.compile_networks()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # CUDA graphs reuse their output memory at the next replay; a new step begins here, so the outputs of the
+        # last one (e.g. its losses, kept for logging) are no longer read (torch.compiler's documented marker)
+        if self.compile_mode in CUDA_GRAPH_MODES and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
 
     # -- training-step values, logged where they are read ----------------------------------------
     def log_train_step(self, values: Callable[[], Mapping[str, Any]], batch_idx: int, **log_kwargs: Any) -> None:

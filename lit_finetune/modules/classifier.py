@@ -75,9 +75,11 @@ class ImageClassifier(TransferModule):
         input_normalization: ``"auto"`` (ImageNet statistics for torchvision weights, the source's
             own statistics for a lit-finetune checkpoint, else none), ``"imagenet"`` or ``"none"``.
             The resolved statistics are buffers, so they travel in every checkpoint.
-        optimizer, lr_scheduler, scheduler_interval, scheduler_monitor: see :class:`TransferModule`.
+        optimizer, lr_scheduler, scheduler_interval, scheduler_monitor, compile_mode: see :class:`TransferModule`.
     """
 
+    compiled_networks = ("backbone", "head")
+    runtime_options = ("compile_mode",)  # how the networks run, not what they are
     #: constructor arguments kept out of the checkpoint's hyper-parameters (callables, modules: not
     #: plain types, so ``weights_only`` loading could not read them); subclasses extend it
     hparams_ignore: tuple[str, ...] = ("optimizer", "lr_scheduler")
@@ -101,6 +103,7 @@ class ImageClassifier(TransferModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "epoch",
         scheduler_monitor: str = "val/loss",
+        compile_mode: str | None = None,
     ) -> None:
         super().__init__(
             num_classes,
@@ -111,6 +114,7 @@ class ImageClassifier(TransferModule):
             scheduler_interval,
             scheduler_monitor,
             pretrained,
+            compile_mode,
         )
         self.save_hyperparameters(ignore=list(self.hparams_ignore))
         if input_normalization not in ("auto", "imagenet", "none"):

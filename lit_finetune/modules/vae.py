@@ -65,10 +65,11 @@ class VAE(TransferModule):
         pretrained: a VAE checkpoint (or state dict) to transfer from; read at fit start.
         l2sp_alpha: L2-SP coefficient toward the pretrained encoder and decoder.
         num_sample_images: images in the reconstruction and prior-sample grids.
-        optimizer, lr_scheduler, scheduler_interval, scheduler_monitor: see :class:`TransferModule`.
+        optimizer, lr_scheduler, scheduler_interval, scheduler_monitor, compile_mode: see :class:`TransferModule`.
     """
 
-    runtime_options = ("iw_samples",)  # importance samples of the test bound: an evaluation switch
+    runtime_options = ("iw_samples", "compile_mode")  # the test bound's samples; how the networks run
+    compiled_networks = ("encoder", "decoder")
 
     def __init__(
         self,
@@ -88,14 +89,16 @@ class VAE(TransferModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "epoch",
         scheduler_monitor: str = "val/loss",
+        compile_mode: str | None = None,
     ) -> None:
         if beta < 0 or kl_warmup_steps < 0 or iw_samples < 1:
             raise ValueError(
                 f"need beta >= 0, kl_warmup_steps >= 0, iw_samples >= 1; got {beta}, {kl_warmup_steps}, {iw_samples}"
             )
         super().__init__(
-            None, in_channels, image_size, optimizer, lr_scheduler, scheduler_interval, scheduler_monitor, pretrained
-        )
+            None, in_channels, image_size, optimizer, lr_scheduler, scheduler_interval, scheduler_monitor, pretrained,
+            compile_mode,
+        )  # fmt: skip
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.encoder = ConvEncoder(image_size, in_channels, latent_dim, encoder_width)
         self.decoder = ConvDecoder(image_size, in_channels, latent_dim, decoder_width)

@@ -113,7 +113,7 @@ class RecordingClassifier(ImageClassifier):
 
     def _shared_step(self, batch, metrics):
         loss, logits = super()._shared_step(batch, metrics)
-        if metrics is self.train_metrics:
+        if self.training:
             self.seen.append((self.current_epoch, logits.detach(), batch[1]))
         return loss, logits
 
@@ -164,3 +164,13 @@ def test_training_metrics_skip_the_argument_check_that_waits_for_the_gpu(monkeyp
     assert not calls
     model.val_metrics.update(logits, y)
     assert calls
+
+
+def test_training_metrics_update_once_per_epoch_not_per_step(tmp_path, small_data, monkeypatch):
+    """Their update (a bincount that waits for the GPU) runs at each epoch's end, on its predictions."""
+    updates = []
+    model = ImageClassifier(num_classes=5)
+    inner = model.train_metrics.update
+    monkeypatch.setattr(model.train_metrics, "update", lambda *a, **k: updates.append(len(a[0])) or inner(*a, **k))
+    quiet_trainer(tmp_path, max_epochs=2, limit_train_batches=3, limit_val_batches=0).fit(model, datamodule=small_data)
+    assert updates == [15, 15]  # two epochs of 3 batches of 5

@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -247,13 +248,14 @@ def run_tta(epochs: int, args: argparse.Namespace) -> dict[str, Any]:
                 accuracy.append((time.perf_counter() - started, float(trainer.callback_metrics["val/acc"])))
 
     clock = make_clock(1, 1, args.device)
-    trainer = trainer_for(args, precision, channels_last, [clock, Validated()], max_epochs=epochs,
-                          num_sanity_val_steps=0, limit_train_batches=args.tta_limit_batches,
-                          limit_val_batches=args.tta_limit_batches)  # fmt: skip
-    trainer.fit(module, datamodule=data)
-    synchronize(args.device)
-    fit_s = time.perf_counter() - started
-    test = trainer.test(module, datamodule=data, verbose=False)[0]
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as scratch:  # the test's confusion-matrix PNG goes here
+        trainer = trainer_for(args, precision, channels_last, [clock, Validated()], max_epochs=epochs,
+                              num_sanity_val_steps=0, limit_train_batches=args.tta_limit_batches,
+                              limit_val_batches=args.tta_limit_batches, default_root_dir=scratch)  # fmt: skip
+        trainer.fit(module, datamodule=data)
+        synchronize(args.device)
+        fit_s = time.perf_counter() - started
+        test = trainer.test(module, datamodule=data, verbose=False)[0]
     reached = next((s for s, acc in accuracy if acc >= TARGET_ACCURACY), None)
     return {
         "epochs": epochs, "fit_s": fit_s, "first_step_s": clock.marks[1] - started, "val_acc": accuracy,

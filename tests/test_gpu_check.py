@@ -13,10 +13,10 @@ import pytest
 from conftest import REPO, assert_provenance
 
 
-def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run(*args: str, timeout: int = 600, cwd=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, str(REPO / "benchmarks/gpu_check.py"), *args], capture_output=True,
-                          text=True, timeout=timeout, env=env)  # fmt: skip
+                          text=True, timeout=timeout, env=env, cwd=cwd)  # fmt: skip
 
 
 def load_gpu_check():
@@ -39,7 +39,9 @@ def test_dry_run_pieces_measure_count_flops_check_device_batches_and_merge(tmp_p
     common = ["--dry-run", "--data-root", str(fashion_root), "--out", str(tmp_path), "--tta-variant", "fp32"]
     speed = run(*common, "--models", "vae", "--variants", "fp32", "bf16+device", "--piece", "speed")
     assert speed.returncode == 0, speed.stderr[-3000:]
-    tta = run(*common, "--models", "--tta-epochs", "1", "--tta-limit-batches", "0.02", "--piece", "tta")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    tta = run(*common, "--models", "--tta-epochs", "1", "--tta-limit-batches", "0.02", "--piece", "tta", cwd=work)
     assert tta.returncode == 0, tta.stderr[-3000:]
 
     piece = json.loads((tmp_path / "speed.json").read_text())["data"]
@@ -51,6 +53,7 @@ def test_dry_run_pieces_measure_count_flops_check_device_batches_and_merge(tmp_p
     assert record["config"]["dry_run"] is True and "--dry-run: mechanics only" in (tmp_path / "speed.md").read_text()
     (fit,) = json.loads((tmp_path / "tta.json").read_text())["data"]["tta"]
     assert "error" not in fit, fit
+    assert not list(work.iterdir()), "the fit left files in the working directory"
     assert fit["epochs"] == 1 and len(fit["val_acc"]) == 1 and 0 <= fit["test_acc"] <= 1 and fit["fit_s"] > 0
 
     merged = run("--merge", str(tmp_path / "speed.json"), str(tmp_path / "tta.json"), "--out", str(tmp_path))

@@ -51,10 +51,20 @@ The "Speed" protocol of docs/ARCHITECTURE.md, in one process, for three modules:
   difference of each (a loop that skipped a step or fed other data would show it).
 * **Data path alone** (classifier): the same train loader iterated without a model (batches/s,
   images/s), compared with the model step alone (the hand-written step minus its batch fetch).
+* **Overhead floor** (``--models overhead``): ``configs/classifier/fashion_mnist_full.yaml`` with its
+  ResNet replaced by one ``nn.Linear(784, 10)`` (``TinyClassifier``), so a step is almost nothing but
+  framework, timed in ms per step on a ladder whose every rung adds one layer: a hand-written loop
+  (AdamW + per-step OneCycleLR over the module's groups, plain torch), ``Trainer`` + a minimal
+  LightningModule (Lightning's own cost), ``Trainer`` + the module (our ``training_step``, torchmetrics,
+  ``self.log``, the LR-factor wrapper), then the config's callbacks and CSV logger. All rungs compute
+  the same losses and weights. ``--overhead-profile FILE`` adds a cProfile of the bare and the config
+  rungs (per package, then the top functions).
 
     python benchmarks/speed.py            # ~4 min on an idle 2-core CPU; writes benchmarks/results/speed.md
     python benchmarks/speed.py --models dcgan --output /tmp/gan.md   # one module only
     python benchmarks/speed.py --quick    # a smoke test of a few steps (no file unless --output)
+    python benchmarks/speed.py --models overhead --output benchmarks/results/overhead.md \
+        --overhead-profile benchmarks/results/overhead_profile.md    # the overhead floor alone (~2 min)
 """
 
 from __future__ import annotations
@@ -93,7 +103,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance  # noqa: E402
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "speed.md"
 CLASSES = [0, 1, 2, 3, 4]
-MODELS = ("classifier", "dcgan", "vae")
+MODELS = ("classifier", "dcgan", "vae", "overhead")
 TARGET_TRAINER_RATIO = 0.95  # Trainer steps/s >= 0.95 x hand-written loop
 TARGET_DATA_RATIO = 10.0  # data path batches/s >= 10 x model steps/s
 #: both arms run the same computation: per-step losses and final weights agree to float rounding
@@ -467,6 +477,375 @@ def time_vae_plain(dm: FashionMNISTDataModule, args: argparse.Namespace) -> ArmT
     return ArmTiming(durations, fetch, torch.get_num_threads(), losses, cpu, vae_nets(encoder, decoder), [optimizer])
 
 
+# -- the overhead floor: a one-layer model, so a step is almost nothing but framework ----------------
+#: the shipped config whose model settings (optimizer, scheduler, loss), data and trainer pieces the tiny arm takes
+OVERHEAD_CONFIG = REPO / "configs" / "classifier" / "fashion_mnist_full.yaml"
+#: the rungs of the overhead ladder, each adding one layer to the one before
+RUNGS = ("bare", "lightning", "module", "config")
+RUNG_TITLES = {
+    "bare": "Hand-written loop (one `nn.Linear`, AdamW + OneCycleLR)",
+    "lightning": "`Trainer` + a minimal LightningModule (`training_step` returns the loss)",
+    "module": "`Trainer` + `ImageClassifier` (our `training_step`, metrics, `self.log`, LR-factor wrapper)",
+    "config": "... + the config's callbacks and CSV logger",
+}
+#: our per-step cost (module and config rungs over Lightning's own) at most this multiple of Lightning's own
+TARGET_OURS_VS_LIGHTNING = 1.0
+
+
+def load_class(path: str) -> type:
+    """The class named by a dotted ``class_path`` of a config."""
+    module, _, name = path.rpartition(".")
+    return getattr(__import__(module, fromlist=[name]), name)
+
+
+def overhead_config() -> dict:
+    """:data:`OVERHEAD_CONFIG` as a dict."""
+    import yaml
+
+    return yaml.safe_load(OVERHEAD_CONFIG.read_text())
+
+
+def config_partial(spec: dict) -> Callable:
+    """``functools.partial`` of a config's ``{class_path, init_args}`` (an optimizer or a scheduler)."""
+    import functools
+
+    return functools.partial(load_class(spec["class_path"]), **spec.get("init_args", {}))
+
+
+class TinyClassifier(ImageClassifier):
+    """``ImageClassifier`` with one ``nn.Linear`` on the flattened image instead of a ResNet.
+
+    Everything per step that is not arithmetic stays: ``training_step``, input check and normalisation,
+    torchmetrics, ``self.log``, the named groups and the LR-factor wrapper of the optimizer.
+    """
+
+    def __init__(self, num_classes: int, image_size: int = 28, in_channels: int = 1, **kwargs) -> None:
+        super().__init__(num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
+        self.backbone = nn.Flatten()
+        self.head = nn.Linear(in_channels * image_size**2, num_classes)
+
+
+def fresh_tiny(args: argparse.Namespace) -> TinyClassifier:
+    """The tiny model with the optimizer, scheduler and loss of :data:`OVERHEAD_CONFIG`, seeded alike in every rung."""
+    model = overhead_config()["model"]["init_args"]
+    torch.manual_seed(args.seed)
+    return TinyClassifier(
+        num_classes=10, label_smoothing=model["label_smoothing"], optimizer=config_partial(model["optimizer"]),
+        lr_scheduler=config_partial(model["lr_scheduler"]), scheduler_interval=model["scheduler_interval"],
+    )  # fmt: skip
+
+
+def tiny_datamodule(args: argparse.Namespace) -> FashionMNISTDataModule:
+    """The data of :data:`OVERHEAD_CONFIG`: all of Fashion-MNIST's classes, its split, batch size, augmentation."""
+    data = overhead_config()["data"]["init_args"]
+    return FashionMNISTDataModule(
+        root=args.root, classes=data["classes"], val_split=data["val_split"], batch_size=data["batch_size"],
+        seed=args.seed,
+    )  # fmt: skip
+
+
+class MinimalModule(L.LightningModule):
+    """The least a LightningModule can be: the tiny model's layer, its loss, a plain AdamW + OneCycleLR."""
+
+    def __init__(self, tiny: TinyClassifier) -> None:
+        super().__init__()
+        self.net = nn.Sequential(tiny.backbone, tiny.head)
+        self.tiny = [tiny]  # not a submodule: only for its groups and factories
+        self.label_smoothing = tiny.hparams.label_smoothing
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y, label_smoothing=self.label_smoothing)
+
+    def configure_optimizers(self) -> dict:
+        optimizer, scheduler = plain_optimizer(self.tiny[0])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def plain_optimizer(tiny: TinyClassifier) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The tiny model's optimizer and scheduler as plain torch builds them: its named groups, no LR-factor wrapper."""
+    optimizer = tiny.optimizer_factory(tiny.param_groups())
+    return optimizer, tiny.scheduler_factory(optimizer)
+
+
+def config_trainer_pieces(log_dir: Path) -> dict:
+    """The :data:`OVERHEAD_CONFIG` trainer's callbacks and logger (its paths moved into ``log_dir``) and logging
+    interval. Not taken: ``deterministic`` (a process-wide torch switch, which would leak into the other rungs)
+    and the progress bar (Lightning's, drawing to a terminal; the shipped config leaves it on)."""
+    trainer = overhead_config()["trainer"]
+
+    def build(spec: dict) -> object:
+        init = dict(spec.get("init_args") or {})
+        for key, folder in (("dirpath", "checkpoints"), ("save_dir", "logs")):
+            if key in init:
+                init[key] = str(log_dir / folder)
+        return load_class(spec["class_path"])(**init)
+
+    return {
+        "callbacks": [build(spec) for spec in trainer.get("callbacks", [])],
+        "logger": build(trainer["logger"]) if trainer.get("logger") else False,
+        "log_every_n_steps": trainer.get("log_every_n_steps", 50),
+    }
+
+
+def time_rung(rung: str, dm: FashionMNISTDataModule, args: argparse.Namespace, profiler=None) -> ArmTiming:
+    """One rung of the overhead ladder for ``overhead_warmup + overhead_steps`` steps (``profiler``: enabled over
+    the timed steps)."""
+    import tempfile
+
+    torch.set_num_threads(args.threads)
+    warmup, steps = args.overhead_warmup, args.overhead_steps
+    if rung == "bare":
+        return time_tiny_plain(dm, args, profiler)
+    model = fresh_tiny(args)
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory(prefix="speed_overhead_") as log_dir:
+        options: dict = {"logger": False, "enable_checkpointing": False, "callbacks": []}
+        if rung == "config":
+            options = {**config_trainer_pieces(Path(log_dir)), "enable_checkpointing": True}
+        callbacks = [timer, *options.pop("callbacks")]
+        if profiler is not None:
+            callbacks.append(ProfileSteps(profiler, warmup))
+        trainer = L.Trainer(
+            accelerator="cpu", devices=1, max_steps=warmup + steps, limit_val_batches=0, num_sanity_val_steps=0,
+            enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, **options,
+        )  # fmt: skip
+        module = MinimalModule(model) if rung == "lightning" else model
+        trainer.fit(module, datamodule=dm)
+    if profiler is not None:
+        profiler.disable()
+    return ArmTiming(
+        step_durations(timer.times, warmup, steps), threads=timer.threads, losses=timer.losses,
+        model=nn.ModuleDict({"head": model.head}), optimizers=trainer.optimizers,
+        cpu_s=step_durations(timer.cpu_times, warmup, steps),
+    )  # fmt: skip
+
+
+class ProfileSteps(L.Callback):
+    """Starts ``profiler`` at the end of the ``warmup``-th training batch (the caller stops it after the fit)."""
+
+    def __init__(self, profiler, warmup: int) -> None:
+        self.profiler, self.warmup, self.batches = profiler, warmup, 0
+
+    def on_train_batch_end(self, *args: object) -> None:
+        self.batches += 1
+        if self.batches == self.warmup:
+            self.profiler.enable()
+
+
+def time_tiny_plain(dm: FashionMNISTDataModule, args: argparse.Namespace, profiler=None) -> ArmTiming:
+    """The bare rung: the tiny model's layer, loss, AdamW and OneCycleLR in a hand-written loop on the same loader."""
+    torch.set_num_threads(args.threads)
+    model = fresh_tiny(args)
+    optimizer, scheduler = plain_optimizer(model)
+    net, smoothing = nn.Sequential(model.backbone, model.head).train(), model.hparams.label_smoothing
+    batches = endless(dm.train_dataloader())
+    times, cpu_times, fetches, losses = [], [], [], []
+    for i in range(args.overhead_warmup + args.overhead_steps):
+        if i == args.overhead_warmup and profiler is not None:
+            profiler.enable()
+        start = time.perf_counter()
+        x, y = next(batches)
+        fetches.append(time.perf_counter() - start)
+        loss = F.cross_entropy(net(x), y, label_smoothing=smoothing)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        times.append(time.perf_counter())
+        cpu_times.append(time.process_time())
+        losses.append(loss.item())
+    if profiler is not None:
+        profiler.disable()
+    warmup, steps = args.overhead_warmup, args.overhead_steps
+    return ArmTiming(
+        step_durations(times, warmup, steps), fetches[warmup:], torch.get_num_threads(), losses,
+        step_durations(cpu_times, warmup, steps), nn.ModuleDict({"head": model.head}), [optimizer],
+    )  # fmt: skip
+
+
+@dataclass
+class Ladder:
+    """The overhead ladder's repeats: per rung, one :class:`ArmTiming` per repeat; agreement with the bare rung."""
+
+    rungs: dict[str, list[ArmTiming]] = field(default_factory=lambda: {rung: [] for rung in RUNGS})
+    agreement: list[tuple[float, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def ms(self, rung: str, cpu: bool = False) -> float:
+        """Median over repeats of the rung's ms per step: its median step (wall) or its mean CPU time per step."""
+        values = [1000 * (statistics.mean(a.cpu_s) if cpu else statistics.median(a.step_s)) for a in self.rungs[rung]]
+        return statistics.median(values)
+
+    def summary(self) -> dict[str, object]:
+        """What the JSON keeps of a run: ms per step of every rung and repeat (wall median, CPU mean)."""
+        return {
+            rung: {
+                "wall_ms": [1000 * statistics.median(a.step_s) for a in arms],
+                "cpu_ms": [1000 * statistics.mean(a.cpu_s) for a in arms],
+            }
+            for rung, arms in self.rungs.items()
+        }
+
+
+def run_ladder_repeat(ladder: Ladder, dm: FashionMNISTDataModule, args: argparse.Namespace, repeat: int) -> None:
+    """One repeat of every rung, the order rotated by one rung per repeat; each compared with the bare rung."""
+    started = time.perf_counter()
+    order = RUNGS[repeat % len(RUNGS) :] + RUNGS[: repeat % len(RUNGS)]
+    for rung in order:
+        gc.collect()
+        ladder.rungs[rung].append(time_rung(rung, dm, args))
+    bare = ladder.rungs["bare"][-1]
+    differences = [arm_difference(ladder.rungs[rung][-1], bare) for rung in RUNGS[1:]]
+    ladder.agreement.append((max(d[0] for d in differences), max(d[1] for d in differences)))
+    for rung in RUNGS:
+        ladder.rungs[rung][-1].model, ladder.rungs[rung][-1].optimizers = None, []
+    ladder.seconds += time.perf_counter() - started
+    parts = ", ".join(
+        f"{rung} {1000 * statistics.median(ladder.rungs[rung][-1].step_s):.2f}" for rung in RUNGS
+    )
+    print(
+        f"overhead repeat {repeat + 1}/{args.repeats} (ms/step, median step): {parts}; rungs differ from bare by "
+        f"{ladder.agreement[-1][0]:.1e} (loss) / {ladder.agreement[-1][1]:.1e} (weights)",
+        flush=True,
+    )
+
+
+def ladder_ratios(ladder: Ladder) -> dict[str, float | list[float]]:
+    """Trainer (config rung) / bare steps/s per repeat, as :func:`ratios` gives Trainer / hand-written."""
+    return ratios(Comparison(trainer=ladder.rungs["config"], plain=ladder.rungs["bare"]))
+
+
+def package_of(filename: str) -> str:
+    """Which package a profiled function belongs to, from its file name."""
+    for marker, name in (
+        ("/lit_finetune/data/", "lit_finetune.data (ours; the same in every rung)"),
+        ("/lit_finetune/", "lit_finetune modules, callbacks, transfer (ours)"),
+        ("/benchmarks/", "the benchmark's own loop and timers"),
+        ("/lightning_utilities/", "lightning_utilities"), ("/lightning/", "lightning"),
+        ("/torchmetrics/", "torchmetrics"), ("/torch/", "torch (Python)"),
+    ):  # fmt: skip
+        if marker in filename:
+            return name
+    if filename == "~" or filename.startswith("<built-in"):
+        return "C functions (torch kernels and Python built-ins)"
+    return "Python standard library and other"
+
+
+def profile_overhead(dm: FashionMNISTDataModule, args: argparse.Namespace) -> str:
+    """cProfile of the bare and the config rungs over their timed steps: per package, then the top functions."""
+    import cProfile
+    import io
+    import pstats
+
+    sections = []
+    totals = {}
+    for rung in ("bare", "config"):
+        profiler = cProfile.Profile()
+        time_rung(rung, dm, args, profiler)
+        stats = pstats.Stats(profiler)
+        total = sum(entry[2] for entry in stats.stats.values())  # internal times add up to the whole
+        totals[rung] = total
+        per_package: dict[str, float] = {}
+        for (filename, _, _), entry in stats.stats.items():
+            per_package[package_of(filename)] = per_package.get(package_of(filename), 0.0) + entry[2]
+        lines = [
+            f"#### {RUNG_TITLES[rung]}: {1000 * total / args.overhead_steps:.2f} ms per step under cProfile",
+            "",
+            "| Package | ms per step (internal time) | Share |",
+            "|---|---|---|",
+        ]
+        for name, seconds in sorted(per_package.items(), key=lambda kv: -kv[1]):
+            lines.append(f"| {name} | {1000 * seconds / args.overhead_steps:.3f} | {100 * seconds / total:.1f}% |")
+        ours = sorted(
+            ((entry[3], entry[1], f"{Path(filename).parent.name}/{Path(filename).name}:{line}({name})")
+             for (filename, line, name), entry in stats.stats.items() if "/lit_finetune/" in filename),
+            reverse=True,
+        )[:15]  # fmt: skip
+        if ours:
+            lines += ["", "Our functions by cumulative time (what they call included):", "",
+                      "| Function | Calls | ms per step |", "|---|---|---|"]  # fmt: skip
+            lines += [f"| `{name}` | {calls} | {1000 * cum / args.overhead_steps:.3f} |" for cum, calls, name in ours]
+        for order, count in (("tottime", 25), ("cumulative", 40)):
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).strip_dirs().sort_stats(order).print_stats(count)
+            body = text.getvalue().split("\n", 1)[1].strip() if "\n" in text.getvalue() else text.getvalue()
+            lines += ["", f"Top {count} by {'internal' if order == 'tottime' else 'cumulative'} time "
+                      f"({args.overhead_steps} steps):", "", "```", body, "```"]  # fmt: skip
+        sections.append("\n".join(lines))
+    head = (
+        f"cProfile of the overhead ladder's bare and config rungs (`benchmarks/speed.py --models overhead "
+        f"--overhead-profile ...`), {args.overhead_steps} timed steps each after {args.overhead_warmup} warm-up steps, "
+        f"torch threads {args.threads}, on {cpu_model()}. The profiler slows Python code several times over, so "
+        "the ms here are larger than the timed ladder's; what counts is where the time goes. The Trainer rung spends "
+        f"{1000 * (totals['config'] - totals['bare']) / args.overhead_steps:.2f} ms per step more than the bare loop "
+        "under the profiler."
+    )
+    return head + "\n\n" + "\n\n".join(sections) + "\n"
+
+
+def overhead_section(args: argparse.Namespace, ladder: Ladder) -> list[str]:
+    """The overhead table: ms per step of every rung, what each adds, and our share against Lightning's."""
+    bare, lightning = ladder.ms("bare", cpu=True), ladder.ms("lightning", cpu=True)
+    ours = ladder.ms("config", cpu=True) - lightning
+    lightning_share = lightning - bare
+    ok = ours <= TARGET_OURS_VS_LIGHTNING * lightning_share
+    fetch = statistics.median(1000 * statistics.median(a.fetch_s) for a in ladder.rungs["bare"])
+    r = ladder_ratios(ladder)
+    lines = [
+        "#### Overhead floor (one `nn.Linear`)",
+        "",
+        f"Setup: `{OVERHEAD_CONFIG.relative_to(REPO)}` with its ResNet replaced by one `nn.Linear(784, 10)` on the "
+        "flattened image (`TinyClassifier`): its data (all 10 classes, augmentation on), batch size, optimizer, "
+        "per-step OneCycleLR and label smoothing, so a step holds almost no arithmetic and the ladder shows what "
+        "each layer of framework costs. Each rung adds one layer to the one before; all compute the same losses "
+        f"and weights. {args.repeats} repeat(s) x {args.overhead_steps} timed steps after {args.overhead_warmup} "
+        f"warm-up steps per rung, the order rotated by one rung per repeat. {ladder.seconds:.0f} s. "
+        "ms per step: the CPU time this process spent per timed step (`time.process_time`, mean over the steps: "
+        "it leaves out waiting for a busy core and keeps the steps that log) and the median step's wall time; "
+        "medians over repeats.",
+        "",
+        "| Rung | ms/step (CPU) | Adds (CPU ms) | Over the bare loop (CPU ms) | ms/step (wall, median step) |",
+        "|---|---|---|---|---|",
+    ]
+    previous = None
+    for rung in RUNGS:
+        wall, cpu = ladder.ms(rung), ladder.ms(rung, cpu=True)
+        adds = "" if previous is None else f"{cpu - previous:+.3f}"
+        lines.append(f"| {RUNG_TITLES[rung]} | {cpu:.3f} | {adds} | {cpu - bare:+.3f} | {wall:.3f} |")
+        previous = cpu
+    loss_diff = max(a[0] for a in ladder.agreement)
+    weight_diff = max(a[1] for a in ladder.agreement)
+    lines += [
+        "",
+        "| Figure | Measured (median of repeats) | Target | Met |",
+        "|---|---|---|---|",
+        f"| Ours per step (module and config rungs over the minimal LightningModule, CPU ms) | {ours:.3f} | "
+        f"<= {TARGET_OURS_VS_LIGHTNING:g} x Lightning's own ({lightning_share:.3f}) | {met(ok)} |",
+        f"| Trainer (config rung) / bare loop steps/s, from CPU time | {r['cpu_ratio']:.3f} | | |",
+        f"| Trainer (config rung) / bare loop steps/s, from CPU time, range over repeats | {r['cpu_range'][0]:.3f} "
+        f"to {r['cpu_range'][1]:.3f} | | |",
+        f"| Batch fetch of the bare loop (ms, median) | {fetch:.3f} | | |",
+        f"| Rungs agree with the bare loop: largest per-step loss difference | {loss_diff:.1e} | "
+        f"<= {AGREEMENT_TOLERANCE:g} | {met(loss_diff <= AGREEMENT_TOLERANCE)} |",
+        f"| Rungs agree with the bare loop: largest final weight difference | {weight_diff:.1e} | "
+        f"<= {AGREEMENT_TOLERANCE:g} | {met(weight_diff <= AGREEMENT_TOLERANCE)} |",
+        "",
+        "Per repeat (ms/step from CPU time; the median step's wall time in brackets):",
+        "",
+        "| Repeat | " + " | ".join(RUNGS) + " |",
+        "|---|" + "---|" * len(RUNGS),
+    ]
+    for i in range(len(ladder.agreement)):
+        cells = [
+            f"{1000 * statistics.mean(ladder.rungs[rung][i].cpu_s):.3f} "
+            f"({1000 * statistics.median(ladder.rungs[rung][i].step_s):.3f})"
+            for rung in RUNGS
+        ]
+        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    return lines
+
+
 # -- comparing and timing --------------------------------------------------------------------------
 def arm_difference(a: ArmTiming, b: ArmTiming) -> tuple[float, float]:
     """(largest per-step loss difference, largest final weight/buffer difference) of two arms' runs."""
@@ -725,7 +1104,7 @@ def vae_section(args: argparse.Namespace, result: Comparison) -> list[str]:
 
 def settings(args: argparse.Namespace) -> dict[str, object]:
     """The run's settings that decide its figures (not where files are read or written)."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in ("output", "root")}
+    return {k: v for k, v in sorted(vars(args).items()) if k not in ("output", "root", "overhead_profile")}
 
 
 def previous_runs(output: Path | None) -> list[dict]:
@@ -736,22 +1115,34 @@ def previous_runs(output: Path | None) -> list[dict]:
     return list(data.get("runs", []))
 
 
-def headline(results: dict[str, Comparison]) -> str:
+TITLES = {"classifier": "ImageClassifier", "dcgan": "DCGAN", "vae": "VAE", "overhead": "one-layer overhead floor"}
+
+
+def headline(results: dict[str, Comparison], ladder: Ladder | None = None) -> str:
     """The headline: per module, Trainer / hand-written from CPU time, with its range over repeats."""
-    titles = {"classifier": "ImageClassifier", "dcgan": "DCGAN", "vae": "VAE"}
+    titles = TITLES
     parts = []
-    for name, result in results.items():
-        r = ratios(result)
+    everything = {name: ratios(result) for name, result in results.items()}
+    if ladder is not None:
+        everything["overhead"] = ladder_ratios(ladder)
+    for name, r in everything.items():
+        count = len(ladder.agreement) if name == "overhead" else len(results[name].trainer)
         parts.append(
             f"`{titles[name]}` {r['cpu_ratio']:.3f} ({r['cpu_range'][0]:.3f} to {r['cpu_range'][1]:.3f} over "
-            f"{len(result.trainer)} repeat(s))"
+            f"{count} repeat(s))"
+        )
+    if ladder is not None:
+        ours = ladder.ms("config", cpu=True) - ladder.ms("lightning", cpu=True)
+        parts[-1] += (
+            f", i.e. {ladder.ms('bare', cpu=True):.2f} CPU ms per bare step against {ladder.ms('config', cpu=True):.2f} "
+            f"ms under the Trainer with our module and callbacks, {ours:.2f} ms of them ours"
         )
     return "**Trainer / hand-written steps/s from CPU time, median (range over repeats):** " + "; ".join(parts) + "."
 
 
 def history_rows(runs: list[dict], current: dict[str, object]) -> list[str]:
     """Every run recorded for this table (this one last), none dropped: when, commit, load, ratios per module."""
-    titles = {"classifier": "ImageClassifier", "dcgan": "DCGAN", "vae": "VAE"}
+    titles = TITLES
     lines = [
         f"All {len(runs)} run(s) written to this file (from its JSON; this run last; 'same settings' compares the "
         "options with this run's). Trainer / hand-written from CPU time, median (range), then from wall time:",
@@ -770,22 +1161,38 @@ def history_rows(runs: list[dict], current: dict[str, object]) -> list[str]:
                 f"{r['cpu_ratio']:.3f} ({r['cpu_range'][0]:.3f} to {r['cpu_range'][1]:.3f}) | "
                 f"{r['wall_ratio']:.3f} ({r['wall_range'][0]:.3f} to {r['wall_range'][1]:.3f}) |"
             )
+    overhead = [(i, run) for i, run in enumerate(runs, 1) if run.get("overhead")]
+    if overhead:
+        lines += [
+            "",
+            "Overhead floor of every run that measured it: CPU ms per step (median over repeats; the median step's "
+            "wall time in brackets), 'ours' = config rung minus the minimal LightningModule, from CPU time:",
+            "",
+            "| Run | Commit | " + " | ".join(RUNGS) + " | Ours |",
+            "|---|---|" + "---|" * (len(RUNGS) + 1),
+        ]
+        for i, run in overhead:
+            record, ladder = run["provenance"], run["overhead"]
+            commit = record["commit"][:10] + ("+dirty" if record["dirty"] else "")
+            cpu = {rung: statistics.median(ladder[rung]["cpu_ms"]) for rung in RUNGS}
+            cells = [f"{cpu[rung]:.3f} ({statistics.median(ladder[rung]['wall_ms']):.3f})" for rung in RUNGS]
+            lines.append(f"| {i} | {commit} | " + " | ".join(cells) + f" | {cpu['config'] - cpu['lightning']:.3f} |")
     return lines
 
 
 def report(
     args: argparse.Namespace, results: dict[str, Comparison], loads: tuple[str, str], elapsed: float,
-    runs: list[dict] | None = None,
+    runs: list[dict] | None = None, ladder: Ladder | None = None,
 ) -> str:  # fmt: skip
     """The markdown report: headline; machine and timing; per module its setup, figures, every repeat; every run."""
-    threads = ", ".join(
-        map(str, sorted({a.threads for result in results.values() for a in result.trainer + result.plain}))
-    )
-    titles = {"classifier": "ImageClassifier", "dcgan": "DCGAN", "vae": "VAE"}
-    quoted = [f"`{titles[name]}`" for name in results]
+    arms = [a for result in results.values() for a in result.trainer + result.plain]
+    arms += [a for rung in (ladder.rungs.values() if ladder else []) for a in rung]
+    threads = ", ".join(map(str, sorted({a.threads for a in arms})))
+    titles = TITLES
+    quoted = [f"`{titles[name]}`" for name in results] + (["the one-layer overhead floor"] if ladder else [])
     names = " and ".join(quoted) if len(quoted) < 3 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
     lines = [
-        headline(results),
+        headline(results, ladder),
         "",
         f"{names} under `lightning.Trainer` against hand-written PyTorch loops of the same networks, data and batch. "
         f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch threads {threads}; torch {torch.__version__}, "
@@ -804,6 +1211,8 @@ def report(
     sections = {"classifier": classifier_section, "dcgan": gan_section, "vae": vae_section}
     for name, result in results.items():
         lines += ["", *sections[name](args, result)]
+    if ladder is not None:
+        lines += ["", *overhead_section(args, ladder)]
     if runs:
         lines += ["", "#### Every run", "", *history_rows(runs, settings(args))]
     return "\n".join(lines) + "\n"
@@ -826,6 +1235,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vae-width", type=int, default=32, help="VAE encoder and decoder width")
     parser.add_argument("--vae-latent-dim", type=int, default=16, help="VAE latent size")
     parser.add_argument("--vae-kl-warmup", type=int, default=500, help="VAE KL warm-up steps (beta 0 -> 1)")
+    parser.add_argument("--overhead-steps", type=int, default=300, help="timed steps per overhead rung and repeat")
+    parser.add_argument("--overhead-warmup", type=int, default=20, help="untimed steps first in each overhead rung")
+    parser.add_argument(
+        "--overhead-profile", type=Path, default=None,
+        help="also cProfile the overhead floor's bare and config rungs and write the summary here (markdown)",
+    )  # fmt: skip
     parser.add_argument(
         "--threads",
         type=int,
@@ -842,11 +1257,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.gan_steps, args.vae_steps, args.warmup, args.repeats, args.data_batches = 2, 2, 2, 1, 1, 5
+        args.overhead_steps, args.overhead_warmup = 3, 2
     if args.output is None and not args.quick:
         args.output = DEFAULT_OUTPUT
-    if min(args.steps, args.gan_steps, args.vae_steps, args.warmup, args.repeats, args.data_batches, args.threads) < 1:
+    counts = (args.steps, args.gan_steps, args.vae_steps, args.warmup, args.repeats, args.data_batches, args.threads,
+              args.overhead_steps, args.overhead_warmup)  # fmt: skip
+    if min(counts) < 1:
         parser.error(
-            "--steps, --gan-steps, --vae-steps, --warmup, --repeats, --data-batches and --threads must be >= 1"
+            "--steps, --gan-steps, --vae-steps, --warmup, --repeats, --data-batches, --threads, --overhead-steps and "
+            "--overhead-warmup must be >= 1"
         )
     if args.vae_kl_warmup < 0:
         parser.error("--vae-kl-warmup must be >= 0")
@@ -862,6 +1281,8 @@ def main(argv: list[str] | None = None) -> str:
     warnings.filterwarnings("ignore", ".*LeafSpec.*", FutureWarning)  # torch 2.14 vs lightning 2.6, once per fit
     # the DCGAN keeps its EMA generator in eval mode on purpose (it is never trained, only averaged)
     warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode at the start of training.*")
+    # the overhead floor's config rung keeps the config's best-by-val/acc checkpoint but times no validation
+    warnings.filterwarnings("ignore", ".*could not find the monitored key.*")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     started, load_start = time.perf_counter(), load_average()
 
@@ -885,11 +1306,26 @@ def main(argv: list[str] | None = None) -> str:
         result = results["vae"] = Comparison()
         for repeat in range(args.repeats):
             run_repeat("vae", result, dm, args, time_vae_trainer, time_vae_plain, repeat)
+    ladder = None
+    if "overhead" in args.models:
+        dm = tiny_datamodule(args)
+        dm.setup("fit")
+        ladder = Ladder()
+        for repeat in range(args.repeats):
+            run_ladder_repeat(ladder, dm, args, repeat)
+        if args.overhead_profile is not None:
+            profile = profile_overhead(dm, args)
+            run.write(args.overhead_profile, profile, record=run.record(config=settings(args)))
+            print(f"wrote {args.overhead_profile}")
 
     # every run written to the output is kept in its JSON and shown in the report (none dropped)
     record = run.record(config=settings(args))
-    runs = [*previous_runs(args.output), {"provenance": record, "ratios": {n: ratios(r) for n, r in results.items()}}]
-    markdown = report(args, results, (load_start, load_average()), time.perf_counter() - started, runs)
+    this_run = {"provenance": record, "ratios": {n: ratios(r) for n, r in results.items()}}
+    if ladder is not None:
+        this_run["ratios"]["overhead"] = ladder_ratios(ladder)
+        this_run["overhead"] = ladder.summary()
+    runs = [*previous_runs(args.output), this_run]
+    markdown = report(args, results, (load_start, load_average()), time.perf_counter() - started, runs, ladder)
     print(markdown)
     if args.output is not None:
         run.write(args.output, markdown, data={"runs": runs}, record=record)

@@ -36,6 +36,9 @@ SCRIPTS = {
     "fashion_mnist_full_recipe_val": "benchmarks/full_dataset.py --search",
     "gpu_check": "benchmarks/gpu_check.py",
     "speed": "benchmarks/speed.py",
+    "overhead": "benchmarks/speed.py --models overhead --output benchmarks/results/overhead.md",
+    "overhead_profile": "benchmarks/speed.py --models overhead --output benchmarks/results/overhead.md "
+    "--overhead-profile benchmarks/results/overhead_profile.md",
     "ema_variants": "benchmarks/ema_variants.py --extractor <FID extractor checkpoint>",
 }
 

@@ -73,7 +73,7 @@ def record_training_batches(model: GANAugmentedClassifier) -> list[tuple[torch.T
     shared = model._shared_step
 
     def recorder(batch, metrics):
-        if metrics is model.train_metrics:
+        if model.training:  # training_step (validation and test run in eval mode)
             seen.append((batch[0].detach().clone(), batch[1].clone()))
         return shared(batch, metrics)
 

@@ -226,6 +226,11 @@ def test_speed_benchmark_quick(speed, tmp_path: Path, fashion_root: Path) -> Non
         ratio = row_value(text, CPU_RATIO)
         assert f"{ratio:.3f} ({ratio:.3f} to {ratio:.3f} over 1 repeat(s))" in first_line  # one repeat: range = value
         assert text.split("|---|---|---|---|\n", 1)[1].startswith(f"| {CPU_RATIO} |")
+    overhead = section(markdown, "#### Overhead floor")  # the default run includes the one-layer ladder
+    for label in ("Rungs agree with the bare loop: largest per-step loss difference",
+                  "Rungs agree with the bare loop: largest final weight difference"):  # fmt: skip
+        assert row_value(overhead, label) <= 1e-4
+    assert "one-layer overhead floor" in first_line and "ms of them ours" in first_line
 
 
 def test_models_option_runs_one_module(speed, tmp_path: Path, fashion_root: Path) -> None:
@@ -461,3 +466,77 @@ def test_vae_arm_difference_sees_other_noise(speed, vae_setup, vae_arms, monkeyp
     other_noise = speed.time_vae_plain(dm, argparse.Namespace(**{**vars(args), "seed": args.seed + 1}))
     loss_diff, weight_diff = speed.arm_difference(vae_arms[1], other_noise)
     assert loss_diff > speed.AGREEMENT_TOLERANCE and weight_diff > speed.AGREEMENT_TOLERANCE
+
+
+# -- the overhead floor --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def overhead_setup(speed, fashion_root):
+    """Tiny ladder arguments (3 timed steps after 2) and the config's datamodule, smaller batches."""
+    args = speed.parse_args(
+        ["--models", "overhead", "--overhead-steps", "3", "--overhead-warmup", "2", "--repeats", "1",
+         "--root", str(fashion_root)]
+    )  # fmt: skip
+    dm = speed.tiny_datamodule(args)
+    dm.batch_size = 32
+    dm.setup("fit")
+    return args, dm
+
+
+def test_overhead_rungs_compute_the_same_losses_and_weights(speed, overhead_setup):
+    """Every rung trains the same layer on the same batches with the same optimizer and schedule: the ladder
+    measures framework, not other work."""
+    args, dm = overhead_setup
+    threads = torch.get_num_threads()
+    try:
+        ladder = speed.Ladder()
+        speed.run_ladder_repeat(ladder, dm, args, 0)
+    finally:
+        torch.set_num_threads(threads)
+    assert ladder.agreement[0][0] <= 1e-6 and ladder.agreement[0][1] <= 1e-6, ladder.agreement
+    losses = [ladder.rungs[rung][0].losses for rung in speed.RUNGS]
+    assert all(len(l) == 5 for l in losses) and len({tuple(l) for l in losses}) == 1
+    assert all(len(ladder.rungs[rung][0].step_s) == 3 for rung in speed.RUNGS)
+
+
+def test_overhead_agreement_sees_another_schedule(speed, overhead_setup, monkeypatch):
+    """The agreement figure can fail: a bare loop that skips the scheduler trains other weights."""
+    args, dm = overhead_setup
+    bare = speed.time_tiny_plain(dm, args)
+    monkeypatch.setattr(torch.optim.lr_scheduler.OneCycleLR, "step", lambda self, *a: None)
+    unscheduled = speed.time_tiny_plain(dm, args)
+    assert speed.arm_difference(bare, unscheduled)[1] > speed.AGREEMENT_TOLERANCE
+
+
+def test_overhead_config_rung_takes_the_shipped_configs_pieces(speed, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lit_finetune.callbacks import AppliedLRMonitor
+
+    pieces = speed.config_trainer_pieces(tmp_path)
+    kinds = {type(c) for c in pieces["callbacks"]}
+    assert {ModelCheckpoint, AppliedLRMonitor} <= kinds
+    assert all(c.dirpath == str(tmp_path / "checkpoints") for c in pieces["callbacks"] if isinstance(c, ModelCheckpoint))
+    assert isinstance(pieces["logger"], CSVLogger) and pieces["log_every_n_steps"] == 50
+    model = speed.fresh_tiny(speed.parse_args([]))
+    assert [type(m) for m in model.modules()][1:3] == [torch.nn.Flatten, torch.nn.Dropout]
+    assert model.hparams.label_smoothing == 0.1 and model.scheduler_interval == "step"
+
+
+def test_overhead_profile_attributes_time_to_packages(speed, overhead_setup):
+    args, dm = overhead_setup
+    threads = torch.get_num_threads()
+    try:
+        text = speed.profile_overhead(dm, args)
+    finally:
+        torch.set_num_threads(threads)
+    assert "| lit_finetune modules, callbacks, transfer (ours) |" in text  # only the config rung runs our module
+    assert text.count("| Package | ms per step") == 2 and "Top 25 by internal time" in text
+
+
+def test_package_of_names_ours_lightnings_and_torchs():
+    speed = load_speed()
+    assert speed.package_of("/x/lit_finetune/modules/classifier.py").endswith("(ours)")
+    assert speed.package_of("/x/site-packages/lightning/pytorch/core/module.py") == "lightning"
+    assert speed.package_of("/x/site-packages/torch/optim/adam.py") == "torch (Python)"
+    assert speed.package_of("~").startswith("C functions")

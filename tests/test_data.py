@@ -380,3 +380,126 @@ def test_hidden_files_in_class_folders_are_skipped(tmp_path):
     (tmp_path / "cat" / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS metadata, not an image
     Image.new("L", (4, 4)).save(tmp_path / "cat" / ".ipynb_checkpoints" / "a-checkpoint.png")
     assert [p.name for p in list_image_files(tmp_path)] == ["a.png"]
+
+
+# -- batches built where the data lives (data_on_device) ------------------------------------------------------
+def _previous_getitems(data: TensorImageDataset, indices) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch path as it was before batches could be built on a device (draw and apply in one go, on the CPU)."""
+    index = torch.as_tensor(list(indices), dtype=torch.long)
+    x = data.images[index].float().div_(127.5).sub_(1.0)
+    if data.augment:
+        generator = torch.Generator().manual_seed(
+            hash((data.seed, getattr(indices, "epoch", 0), *index.tolist())) & 0x7FFF_FFFF_FFFF
+        )
+        if data.max_shift > 0:
+            n, c, h, w = x.shape
+            padded = torch.nn.functional.pad(x, (data.max_shift,) * 4, value=-1.0)
+            dy = torch.randint(0, 2 * data.max_shift + 1, (n,), generator=generator)
+            dx = torch.randint(0, 2 * data.max_shift + 1, (n,), generator=generator)
+            rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, c, h, padded.shape[3])
+            cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, c, h, w)
+            x = padded.gather(2, rows).gather(3, cols)
+        if data.hflip:
+            flip = torch.rand(x.shape[0], generator=generator) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x, data.labels[index]
+
+
+@pytest.mark.parametrize("augment, hflip, max_shift", [(False, True, 2), (True, True, 2), (True, False, 2),
+                                                       (True, True, 0), (True, False, 3)])  # fmt: skip
+def test_batches_are_those_of_the_previous_batch_path(augment, hflip, max_shift):
+    """Drawing on the CPU and applying anywhere changed no batch: same images, shifts, flips, per epoch."""
+    from lit_finetune.data.tensor_dataset import EpochBatch
+
+    images = torch.randint(0, 256, (40, 1, 9, 9), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    data = TensorImageDataset(images, torch.arange(40) % 4, augment=augment, hflip=hflip, max_shift=max_shift, seed=5)
+    for epoch in range(3):
+        order = torch.randperm(40, generator=torch.Generator().manual_seed(epoch)).tolist()
+        for start in range(0, 40, 16):
+            batch = EpochBatch(order[start : start + 16], epoch)
+            x, y = data.__getitems__(batch)
+            x_ref, y_ref = _previous_getitems(data, batch)
+            assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+
+def test_a_dataset_on_another_device_builds_its_batches_there():
+    """Every tensor of the batch path follows the images (here to the meta device, which checks devices and
+    shapes without a GPU): no CPU tensor meets a device one, and the batch never comes back to the host."""
+    from lit_finetune.data.tensor_dataset import EpochBatch
+
+    images = torch.randint(0, 256, (20, 1, 8, 8), dtype=torch.uint8)
+    data = TensorImageDataset(images, torch.arange(20), augment=True, seed=1).to("meta")
+    assert data.device.type == "meta" and data.labels.device.type == "meta"
+    x, y = data.__getitems__(EpochBatch(range(5, 12), 2))
+    assert x.device.type == y.device.type == "meta"
+    assert x.shape == (7, 1, 8, 8) and x.dtype == torch.float32 and y.shape == (7,)
+    cpu = TensorImageDataset(images, torch.arange(20))
+    assert cpu.to("cpu") is cpu and cpu.images is images  # already there: nothing copied
+
+
+class _FakeTrainer:
+    """What ``data_device`` reads of a Trainer: the strategy's root device."""
+
+    def __init__(self, device: str) -> None:
+        self.strategy = type("Strategy", (), {"root_device": torch.device(device)})()
+
+
+@pytest.mark.parametrize(
+    "switch, device, workers, free, expected",
+    [
+        (None, "cpu", 0, 0, "cpu"),  # auto: never for the CPU (nothing to gain)
+        (None, "cuda:0", 0, 10**9, "cuda:0"),  # auto: on for CUDA when the data fits
+        (None, "cuda:0", 0, 10**4, "cpu"),  # ... not when it would take over a quarter of the free memory
+        (None, "cuda:0", 2, 10**9, "cpu"),  # ... nor with DataLoader workers
+        (False, "cuda:0", 0, 10**9, "cpu"),
+        (True, "cuda:0", 0, 10**4, "cuda:0"),  # asked for: on even when large
+        (True, "cpu", 0, 0, "cpu"),
+    ],
+)
+def test_where_the_data_goes(monkeypatch, switch, device, workers, free, expected):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 10**10))
+    dm = FashionMNISTDataModule(data_on_device=switch, num_workers=workers if switch is not True else 0)
+    dm.train_set = TensorImageDataset(torch.zeros(100, 1, 28, 28, dtype=torch.uint8), torch.zeros(100))  # 78 KB
+    assert dm.data_device() == torch.device("cpu")  # no Trainer attached
+    dm.trainer = _FakeTrainer(device)
+    assert dm.data_device() == torch.device(expected)
+
+
+def test_data_on_device_with_workers_names_the_fix():
+    with pytest.raises(ValueError, match="num_workers=0"):
+        FashionMNISTDataModule(data_on_device=True, num_workers=2)
+
+
+def test_a_fit_with_data_on_device_sees_the_same_batches_and_resumes_alike(tmp_path, fashion_root):
+    """Through a Trainer (on the CPU here: the placement follows the Trainer's device), a fit that stops
+    mid-epoch and resumes sees exactly the batches of an uninterrupted fit without the switch."""
+    import lightning as L
+
+    from lit_finetune import ImageClassifier
+
+    class Batches(L.Callback):
+        def __init__(self) -> None:
+            self.seen = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.seen.append((batch[0].clone(), batch[1].clone()))
+
+    def fit(on_device: bool | None, ckpt_path=None, save_steps=None):
+        dm = FashionMNISTDataModule(root=str(fashion_root), classes=[5, 6], samples_per_class=12, val_split=10,
+                                    batch_size=5, data_on_device=on_device)  # fmt: skip
+        torch.manual_seed(0)
+        batches = Batches()
+        callbacks = [batches]
+        if save_steps:
+            callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=save_steps, filename="{step}",
+                                                                 every_n_train_steps=1, save_top_k=-1))  # fmt: skip
+        trainer = L.Trainer(accelerator="cpu", max_steps=12, logger=False, enable_checkpointing=bool(save_steps),
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                            callbacks=callbacks)  # fmt: skip
+        trainer.fit(ImageClassifier(num_classes=2), datamodule=dm, ckpt_path=ckpt_path)
+        return batches.seen
+
+    whole = fit(False)  # 24 images, batch 5: 5 batches an epoch, so step 7 is mid-epoch
+    assert _same(fit(True, save_steps=tmp_path), whole) and len(whole) == 12
+    rest = fit(True, ckpt_path=tmp_path / "step=7.ckpt")
+    assert _same(whole[:7] + rest, whole)

@@ -137,7 +137,17 @@ class ImageDataModule(L.LightningDataModule):
         hflip: allow left-right flips (off for digits and text).
         seed: seeds the split, the few-shot sample, the shuffling and the augmentation.
         predict_dir: folder of image files for ``predict``; defaults to the test split.
+        data_on_device: keep the images on the Trainer's device and build (and augment) batches there,
+            so a step never waits for a host-to-device copy of its batch or for DataLoader workers.
+            ``None`` (auto): on for a CUDA device when ``num_workers=0`` and every split fits in
+            :attr:`DEVICE_MEMORY_SHARE` of its free memory; ``True`` also elsewhere (needs
+            ``num_workers=0``); ``False`` keeps them in host memory. Batches are the same either way
+            (the random draws stay on the CPU generator). Decided at every ``setup``, from the
+            Trainer the datamodule is attached to (none: the CPU).
     """
+
+    #: the share of a device's free memory the images may take for ``data_on_device=None`` to put them there
+    DEVICE_MEMORY_SHARE = 0.25
 
     #: names of all classes of the dataset, by original class id
     all_class_names: Sequence[str] = ()
@@ -155,10 +165,16 @@ class ImageDataModule(L.LightningDataModule):
         hflip: bool = True,
         seed: int = 0,
         predict_dir: str | None = None,
+        data_on_device: bool | None = None,
     ) -> None:
         super().__init__()
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if data_on_device and num_workers > 0:
+            raise ValueError(
+                f"data_on_device=True builds batches on the device, in the training process; it needs num_workers=0 "
+                f"(got {num_workers}). Set num_workers=0, or data_on_device=False to use workers."
+            )
         if samples_per_class is not None and samples_per_class < 1:
             raise ValueError(f"samples_per_class must be >= 1 or None, got {samples_per_class}")
         self.classes = list(classes) if classes is not None else None
@@ -172,6 +188,7 @@ class ImageDataModule(L.LightningDataModule):
         self.hflip = hflip
         self.seed = seed
         self.predict_dir = predict_dir
+        self.data_on_device = data_on_device
         self.train_set: TensorImageDataset | None = None
         self.val_set: TensorImageDataset | None = None
         self.test_set: TensorImageDataset | None = None
@@ -232,6 +249,32 @@ class ImageDataModule(L.LightningDataModule):
                 images = read_image_files(self.predict_paths, self.image_size, self.channels)
                 labels = torch.full((len(images),), -1, dtype=torch.long)
             self.predict_set = self._dataset(images, labels, train=False)
+        self._place_data()
+
+    # -- where batches are built ------------------------------------------------------------
+    def _datasets(self) -> list[TensorImageDataset]:
+        return [d for d in (self.train_set, self.val_set, self.test_set, self.predict_set) if d is not None]
+
+    def data_device(self) -> torch.device:
+        """Where the images are kept and batches built: the Trainer's device when ``data_on_device`` holds there
+        (see the class docstring), else the CPU."""
+        trainer = getattr(self, "trainer", None)
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        if self.data_on_device is False or device.type == "cpu":
+            return torch.device("cpu")
+        if self.data_on_device is None:
+            if device.type != "cuda" or self.num_workers > 0:
+                return torch.device("cpu")
+            free, _ = torch.cuda.mem_get_info(device)
+            needed = sum(d.images.nbytes + d.labels.nbytes for d in self._datasets() if d.device != device)
+            if needed > self.DEVICE_MEMORY_SHARE * free:
+                return torch.device("cpu")
+        return device
+
+    def _place_data(self) -> None:
+        device = self.data_device()
+        for dataset in self._datasets():
+            dataset.to(device)
 
     def _loader(self, dataset: TensorImageDataset | None, shuffle: bool, name: str) -> DataLoader:
         if dataset is None:

@@ -4,6 +4,12 @@ A small image dataset fits in one uint8 tensor. Fetching a batch is then one ind
 one float conversion and one vectorised augmentation, instead of a PIL round trip per image.
 The dataset implements ``__getitems__`` so that ``DataLoader`` hands it the whole list of
 indices of a batch; :func:`collate_batched` passes the ready batch through.
+
+The tensor may live on an accelerator (:meth:`TensorImageDataset.to`): batches are then built
+there, and all that crosses from the host per batch is one small asynchronous copy of the
+batch's indices and augmentation draws (from pinned memory, so the training step never waits
+for it). The random draws stay on the CPU generator either way, so a batch is the same on
+every device.
 """
 
 from __future__ import annotations
@@ -19,27 +25,45 @@ def to_signed_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
-def random_translate(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Shift each image by its own random offset in [-max_shift, max_shift], zero-padding (value -1).
-
-    torchvision's v2 transforms draw one set of random parameters per call, so a batch would
-    share a single crop; per-image offsets are done here with one gather instead.
-    """
-    if max_shift <= 0:
-        return images
-    n, c, h, w = images.shape
-    padded = torch.nn.functional.pad(images, (max_shift,) * 4, value=-1.0)
+def draw_shifts(n: int, max_shift: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image offsets ``(dy, dx)`` in ``[0, 2 * max_shift]`` (padded coordinates) for :func:`translate`."""
     dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
     dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, c, h, padded.shape[3])
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, c, h, w)
+    return dy, dx
+
+
+def translate(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Shift each image by its own offset, zero-padding (value -1): one pad and two gathers, on any device."""
+    n, c, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (max_shift,) * 4, value=-1.0)
+    arange_h = torch.arange(h, device=images.device)
+    arange_w = torch.arange(w, device=images.device)
+    rows = (dy[:, None] + arange_h)[:, None, :, None].expand(n, c, h, padded.shape[3])
+    cols = (dx[:, None] + arange_w)[:, None, None, :].expand(n, c, h, w)
     return padded.gather(2, rows).gather(3, cols)
 
 
-def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Mirror a random half of the batch left-right."""
-    flip = torch.rand(images.shape[0], generator=generator) < 0.5
+def draw_flips(n: int, generator: torch.Generator) -> torch.Tensor:
+    """Which images of a batch :func:`hflip` mirrors: a random half."""
+    return torch.rand(n, generator=generator) < 0.5
+
+
+def hflip(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Mirror the images where ``flip`` is set, left-right."""
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def to_device_async(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``values`` (a small CPU tensor) on ``device`` without waiting for it: through pinned memory on CUDA.
+
+    PyTorch's caching host allocator keeps the pinned block alive until the copy has run, so this is
+    safe to call every batch; a copy from pageable memory would wait for the GPU's queue to drain.
+    """
+    if device.type == "cpu":
+        return values
+    if device.type == "cuda":
+        values = values.pin_memory()
+    return values.to(device, non_blocking=True)
 
 
 class EpochBatch(list):
@@ -83,6 +107,18 @@ class TensorImageDataset(Dataset):
         self.images, self.labels = images, labels.long()
         self.augment, self.hflip, self.max_shift, self.seed = augment, hflip, max_shift, seed
 
+    @property
+    def device(self) -> torch.device:
+        """Where the images are kept and batches are built."""
+        return self.images.device
+
+    def to(self, device: torch.device | str) -> TensorImageDataset:
+        """Keep the images and labels on ``device`` (in place; returns ``self``): batches are built there."""
+        device = torch.device(device)
+        if self.images.device != device:
+            self.images, self.labels = self.images.to(device), self.labels.to(device)
+        return self
+
     def __len__(self) -> int:
         return len(self.images)
 
@@ -92,13 +128,23 @@ class TensorImageDataset(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(list(indices), dtype=torch.long)
-        x = to_signed_float(self.images[index])
+        n, shift = len(index), self.max_shift if self.augment else 0
+        # the batch's indices and augmentation draws, one row each, from the CPU generator on every device
+        rows = [index]
         if self.augment:
             epoch = getattr(indices, "epoch", 0)
             generator = torch.Generator().manual_seed(hash((self.seed, epoch, *index.tolist())) & 0x7FFF_FFFF_FFFF)
-            x = random_translate(x, self.max_shift, generator)
+            if shift > 0:
+                rows += draw_shifts(n, shift, generator)
             if self.hflip:
-                x = random_hflip(x, generator)
+                rows.append(draw_flips(n, generator).long())
+        draws = to_device_async(torch.stack(rows), self.device)  # one small copy per batch
+        index = draws[0]
+        x = to_signed_float(self.images[index])
+        if shift > 0:
+            x = translate(x, draws[1], draws[2], shift)
+        if self.augment and self.hflip:
+            x = hflip(x, draws[-1].bool())
         return x, self.labels[index]
 
 

@@ -99,7 +99,7 @@ class GANAugmentedClassifier(ImageClassifier):
 
     hparams_ignore = (*ImageClassifier.hparams_ignore, "generator", "teacher")
     noise_stream_key = SYNTHETIC_STATE_KEY
-    runtime_options = ("generator", "teacher", "generator_ema", "latent_dim")
+    runtime_options = ("generator", "teacher", "generator_ema", "latent_dim", "compile_mode")
 
     def __init__(
         self,
@@ -284,7 +284,7 @@ class GANAugmentedClassifier(ImageClassifier):
         x_syn, y_syn, stats = self.draw_synthetic(n)
         x_syn = x_syn.to(x.dtype)
         if stats:
-            self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=n)
+            self.log_train_step(lambda: {f"train/{k}": v for k, v in stats.items()}, batch_idx, batch_size=n)
         if self.hparams.synthetic_only:
             return super().training_step((x_syn, y_syn), batch_idx)
         return super().training_step((torch.cat([x, x_syn]), torch.cat([y, y_syn])), batch_idx)

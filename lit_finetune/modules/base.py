@@ -3,6 +3,7 @@ per network over named groups, data checks."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
 
+from lit_finetune.log_steps import train_step_values_read
 from lit_finetune.transfer.lr_factors import install_lr_scale
 from lit_finetune.transfer.param_groups import check_groups_cover
 from lit_finetune.transfer.pretrained import LoadReport
@@ -19,6 +21,10 @@ from lit_finetune.transfer.pretrained import LoadReport
 RNG_KEY = "lit_finetune_rng_states"
 #: checkpoint key of a module's :class:`NoiseStream` (its seed and how many batches it has drawn)
 NOISE_STREAM_KEY = "lit_finetune_noise_stream"
+#: the ``torch.compile`` modes a module's ``compile_mode`` takes
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: the modes that replay CUDA graphs on a CUDA device
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 class NoiseStream:
@@ -130,7 +136,13 @@ class TransferModule(L.LightningModule):
         scheduler_interval: ``"epoch"`` or ``"step"``.
         scheduler_monitor: metric for ``ReduceLROnPlateau``.
         pretrained: where the weights come from (read by :meth:`read_pretrained`).
+        compile_mode: ``torch.compile`` the module's networks (:attr:`compiled_networks`) with this mode
+            (``"default"``; ``"reduce-overhead"`` adds CUDA graphs on a GPU, for static shapes); ``None``
+            runs them eagerly. See :meth:`compile_networks`.
     """
+
+    #: the submodules ``compile_mode`` compiles (the heavy networks; losses, augmentation and logging stay eager)
+    compiled_networks: tuple[str, ...] = ()
 
     #: constructor arguments that change neither the networks nor what the checkpoint holds (paths of
     #: outside networks, evaluation switches): with ``lit-finetune ... --ckpt_path``, the value given in
@@ -147,8 +159,11 @@ class TransferModule(L.LightningModule):
         scheduler_interval: str = "epoch",
         scheduler_monitor: str = "val/loss",
         pretrained: str | None = None,
+        compile_mode: str | None = None,
     ) -> None:
         super().__init__()
+        if compile_mode is not None and compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be None or one of {COMPILE_MODES}, got {compile_mode!r}")
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if in_channels < 1:
@@ -163,6 +178,7 @@ class TransferModule(L.LightningModule):
         self.scheduler_interval = scheduler_interval
         self.scheduler_monitor = scheduler_monitor
         self.pretrained = pretrained
+        self.compile_mode = compile_mode
         #: what the last pretrained load did (``None`` until weights were read)
         self.load_report: LoadReport | None = None
         self._weights_resolved = pretrained is None
@@ -171,6 +187,9 @@ class TransferModule(L.LightningModule):
         # manual optimisation: (scheduler, monitored metric) of each scheduler; Lightning drops `monitor` there
         self._scheduler_monitors: list[tuple[Any, str]] = []
         self._validated = False  # a validation (not the sanity check) has run in this process
+        #: training-step values not logged yet (see :meth:`log_train_step`) and whether they go out at batch end
+        self._train_logs: list[tuple[Callable[[], Mapping[str, Any]], dict[str, Any]]] = []
+        self._train_log_at_batch_end = False
 
     # -- what subclasses provide ----------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
@@ -225,7 +244,71 @@ class TransferModule(L.LightningModule):
         if self.noise_stream is not None:
             self.noise_stream.load_state_dict(checkpoint.get(self.noise_stream_key), resume=resuming)
 
+    # -- compiled networks -------------------------------------------------------------------------
+    def compile_networks(self) -> None:
+        """Compile each of :attr:`compiled_networks` in place with ``torch.compile(mode=compile_mode)`` (once).
+
+        In place (``nn.Module.compile``), not by wrapping (``torch.compile(net)``): the wrapper would put
+        ``_orig_mod.`` in front of every state-dict key, so checkpoints, pretrained loading, the EMA copy
+        and ``LayerFreezing``'s module names would all see other names. Compiled this way the parameters,
+        buffers and names stay those of the eager network; only its calls run the compiled code
+        (compiled on the first call, again when a call differs in what the graph depends on, e.g. a
+        module frozen or put in eval mode). Lightning calls this from ``configure_model`` at the start
+        of every fit, validate, test and predict; call it yourself to use the networks outside a Trainer.
+        """
+        if self.compile_mode is None:
+            return
+        for name in self.compiled_networks:
+            net = self.get_submodule(name)
+            if getattr(net, "_compiled_call_impl", None) is None:
+                net.compile(mode=self.compile_mode)
+
+    def configure_model(self) -> None:
+        self.compile_networks()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # CUDA graphs reuse their output memory at the next replay; a new step begins here, so the outputs of the
+        # last one (e.g. its losses, kept for logging) are no longer read (torch.compiler's documented marker)
+        if self.compile_mode in CUDA_GRAPH_MODES and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+
+    # -- training-step values, logged where they are read ----------------------------------------
+    def log_train_step(self, values: Callable[[], Mapping[str, Any]], batch_idx: int, **log_kwargs: Any) -> None:
+        """``self.log_dict(values(), **log_kwargs)`` from ``training_step``, on the steps whose values are read.
+
+        Lightning writes step values to the loggers only every ``log_every_n_steps`` steps, yet each
+        ``self.log`` key costs it about 0.3 ms on a CPU (a tenth of a one-layer classifier's step,
+        ``benchmarks/speed.py --models overhead``). So the values (``values`` is called only then) are
+        logged on the steps :func:`~lit_finetune.log_steps.train_step_values_read` names: those written,
+        an epoch's last batch, the last of ``max_steps``, every step of ``fast_dev_run`` and, for a
+        ``prog_bar`` value, every step while a progress bar draws it. The loggers record the same values
+        at the same steps as logging every step would; ``trainer.callback_metrics`` holds the last logged
+        step's values in between (for a callback that reads ``train/*`` at every step, set
+        ``log_every_n_steps=1``).
+
+        A callback that stops the fit after ``training_step`` (e.g. ``Timer``) makes Lightning write that
+        step too: its values are logged from ``on_train_batch_end`` then, and, should the fit go on
+        (``min_steps`` / ``min_epochs``), from there on, so that those entries, which Lightning reads after
+        ``training_step``'s, are never the older ones.
+        """
+        if not self._train_log_at_batch_end and self._train_values_read(batch_idx, log_kwargs):
+            self.log_dict(dict(values()), **log_kwargs)
+        else:
+            self._train_logs.append((values, log_kwargs))
+
+    def _train_values_read(self, batch_idx: int, log_kwargs: Mapping[str, Any]) -> bool:
+        return train_step_values_read(self._trainer, batch_idx, self.global_step, bool(log_kwargs.get("prog_bar")))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        pending, self._train_logs = self._train_logs, []
+        if pending and (self._train_log_at_batch_end or self.trainer.should_stop):
+            self._train_log_at_batch_end = True
+            for values, log_kwargs in pending:
+                if self._train_values_read(batch_idx, log_kwargs):
+                    self.log_dict(dict(values()), **log_kwargs)
+
     def on_train_start(self) -> None:
+        self._train_logs, self._train_log_at_batch_end = [], False
         # restored here, after the sanity-check validation, right before the first resumed batch
         states, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
         if states:

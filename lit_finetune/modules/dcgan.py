@@ -141,9 +141,12 @@ class DCGAN(TransferModule):
         generator_optimizer, discriminator_optimizer: default Adam(lr=2e-4, betas=(0.5, 0.999)).
         generator_lr_scheduler, discriminator_lr_scheduler, scheduler_interval: optional schedulers.
         scheduler_monitor: the metric a ``ReduceLROnPlateau`` steps on (e.g. ``"val/fid"``).
+        compile_mode: ``torch.compile`` G and D (see :meth:`TransferModule.compile_networks`).
     """
 
-    runtime_options = ("feature_extractor", "metrics_every_n_epochs", "evaluate_ema")
+    runtime_options = ("feature_extractor", "metrics_every_n_epochs", "evaluate_ema", "compile_mode")
+    # the trained networks; the EMA generator only samples (and is recomputed through BatchNorm passes)
+    compiled_networks = ("generator", "discriminator")
 
     def __init__(
         self,
@@ -178,6 +181,7 @@ class DCGAN(TransferModule):
         discriminator_lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "epoch",
         scheduler_monitor: str = "val/d_loss",
+        compile_mode: str | None = None,
     ) -> None:
         if conditional and num_classes is None:
             raise ValueError("A conditional DCGAN needs num_classes (the CLI links it from the datamodule).")
@@ -199,6 +203,7 @@ class DCGAN(TransferModule):
         super().__init__(
             num_classes if conditional else None, in_channels, image_size,
             scheduler_interval=scheduler_interval, scheduler_monitor=scheduler_monitor, pretrained=pretrained,
+            compile_mode=compile_mode,
         )  # fmt: skip
         # optimizers and schedulers are callables, not plain types: kept out of the checkpoint's hyper-parameters
         self.save_hyperparameters(
@@ -500,7 +505,8 @@ class DCGAN(TransferModule):
                 self._average_batchnorm_statistics()
             self.update_ema()
             self.step_schedulers("step")
-        self.log_dict({"train/d_loss": d_loss.detach(), "train/g_loss": g_loss.detach()}, prog_bar=True, batch_size=n)
+        losses = {"train/d_loss": d_loss.detach(), "train/g_loss": g_loss.detach()}
+        self.log_train_step(lambda: losses, batch_idx, prog_bar=True, batch_size=n)  # on the steps that are read
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

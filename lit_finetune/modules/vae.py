@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from lit_finetune.log_steps import lightning_writes_step
 from lit_finetune.modules.base import NoiseStream, TransferModule
 from lit_finetune.nets.vae import ConvDecoder, ConvEncoder
 from lit_finetune.transfer.l2sp import L2SP
@@ -44,12 +43,12 @@ class VAE(TransferModule):
     and ``train/beta`` (the KL weight) are logged, with that step's values, on the steps Lightning
     writes to the loggers (every ``Trainer(log_every_n_steps=...)`` steps, 50 by default, and a step
     where the fit is stopped), on the last batch of every epoch and on the last step of
-    ``max_steps``; not on the other steps, whose values Lightning would not write. The loggers
-    therefore record the same values at the same steps as logging every step would;
-    ``trainer.callback_metrics`` holds the last logged step's values in between (for a callback
-    that reads ``train/*`` at every step, set ``log_every_n_steps=1``). Each ``self.log`` key costs
-    Lightning about 0.3 ms per step on a CPU, which four keys made about 3% of a
-    ``configs/vae/pretrain.yaml`` step (``benchmarks/speed.py``).
+    ``max_steps``; not on the other steps, whose values Lightning would not write
+    (:meth:`~lit_finetune.modules.base.TransferModule.log_train_step`). The loggers therefore record
+    the same values at the same steps as logging every step would; ``trainer.callback_metrics`` holds
+    the last logged step's values in between (for a callback that reads ``train/*`` at every step,
+    set ``log_every_n_steps=1``). Each ``self.log`` key costs Lightning about 0.3 ms per step on a
+    CPU, which four keys made about 3% of a ``configs/vae/pretrain.yaml`` step (``benchmarks/speed.py``).
 
     Transfer strategies: full transfer (``pretrained=``), frozen encoder or decoder
     (``LayerFreezing(["encoder"] | ["decoder"], unfreeze_at_epoch=None)``), L2-SP toward the
@@ -66,10 +65,11 @@ class VAE(TransferModule):
         pretrained: a VAE checkpoint (or state dict) to transfer from; read at fit start.
         l2sp_alpha: L2-SP coefficient toward the pretrained encoder and decoder.
         num_sample_images: images in the reconstruction and prior-sample grids.
-        optimizer, lr_scheduler, scheduler_interval, scheduler_monitor: see :class:`TransferModule`.
+        optimizer, lr_scheduler, scheduler_interval, scheduler_monitor, compile_mode: see :class:`TransferModule`.
     """
 
-    runtime_options = ("iw_samples",)  # importance samples of the test bound: an evaluation switch
+    runtime_options = ("iw_samples", "compile_mode")  # the test bound's samples; how the networks run
+    compiled_networks = ("encoder", "decoder")
 
     def __init__(
         self,
@@ -89,14 +89,16 @@ class VAE(TransferModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "epoch",
         scheduler_monitor: str = "val/loss",
+        compile_mode: str | None = None,
     ) -> None:
         if beta < 0 or kl_warmup_steps < 0 or iw_samples < 1:
             raise ValueError(
                 f"need beta >= 0, kl_warmup_steps >= 0, iw_samples >= 1; got {beta}, {kl_warmup_steps}, {iw_samples}"
             )
         super().__init__(
-            None, in_channels, image_size, optimizer, lr_scheduler, scheduler_interval, scheduler_monitor, pretrained
-        )
+            None, in_channels, image_size, optimizer, lr_scheduler, scheduler_interval, scheduler_monitor, pretrained,
+            compile_mode,
+        )  # fmt: skip
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.encoder = ConvEncoder(image_size, in_channels, latent_dim, encoder_width)
         self.decoder = ConvDecoder(image_size, in_channels, latent_dim, decoder_width)
@@ -106,9 +108,6 @@ class VAE(TransferModule):
         self.register_buffer("fixed_z", torch.randn(num_sample_images, latent_dim, generator=fixed))
         self._grid_inputs: torch.Tensor | None = None  # the first training images seen, for reconstructions
         self.noise_stream = NoiseStream()  # the reparameterisation noise of training: each DDP rank draws its own
-        #: the last training step's (rec, kl, beta, batch size) until logged (see the class docstring)
-        self._train_step: tuple[torch.Tensor, torch.Tensor, float, int] | None = None
-        self._log_at_batch_end = False
 
     # -- networks --------------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
@@ -184,24 +183,10 @@ class VAE(TransferModule):
         values = {f"{prefix}/rec": rec, f"{prefix}/kl": kl, f"{prefix}/elbo": -(rec + kl)}
         self.log_dict(values, prog_bar=prefix == "val", sync_dist=prefix != "train", batch_size=n)
 
-    def _train_values_read(self, batch_idx: int) -> bool:
-        """Whether anything reads this training step's logged values (see the class docstring)."""
-        trainer = self._trainer
-        if trainer is None:
-            return True
-        return bool(
-            lightning_writes_step(trainer)
-            or trainer.fast_dev_run
-            or trainer.is_last_batch
-            or batch_idx + 1 >= trainer.num_training_batches  # the last batch under limit_train_batches too
-            or 0 < trainer.max_steps <= self.global_step + 1
-        )
-
-    def _log_train(self) -> None:
-        rec, kl, beta, n = self._train_step
+    @staticmethod
+    def _train_values(rec: torch.Tensor, kl: torch.Tensor, beta: float) -> dict[str, Any]:
         rec, kl = rec.mean(), kl.mean()
-        self.log_dict({"train/rec": rec, "train/kl": kl, "train/elbo": -(rec + kl), "train/beta": beta}, batch_size=n)
-        self._train_step = None
+        return {"train/rec": rec, "train/kl": kl, "train/elbo": -(rec + kl), "train/beta": beta}
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x = batch[0]
@@ -212,24 +197,9 @@ class VAE(TransferModule):
         loss = (terms["rec"] + beta * terms["kl"]).mean()
         if self.l2sp is not None:
             loss = loss + self.l2sp()
-        self._train_step = (terms["rec"].detach(), terms["kl"].detach(), beta, len(x))  # logged when read
-        if not self._log_at_batch_end and self._train_values_read(batch_idx):
-            self._log_train()
+        rec, kl = terms["rec"].detach(), terms["kl"].detach()
+        self.log_train_step(lambda: self._train_values(rec, kl, beta), batch_idx, batch_size=len(x))  # where read
         return loss
-
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        self._train_step, self._log_at_batch_end = None, False
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_end(outputs, batch, batch_idx)
-        # A callback stopped the fit after training_step (e.g. Timer): Lightning writes this step too, so its
-        # values are logged here; should the fit go on (min_steps / min_epochs), it keeps logging from here, so
-        # that this hook's entries, which Lightning reads after training_step's, are never the older ones.
-        if self._train_step is not None and (self._log_at_batch_end or self.trainer.should_stop):
-            self._log_at_batch_end = True
-            if self._train_values_read(batch_idx):
-                self._log_train()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._log_terms("val", self.terms(batch[0]), len(batch[0]))

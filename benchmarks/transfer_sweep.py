@@ -35,7 +35,7 @@ How the hyper-parameters were chosen (never on test): the shared recipe is the o
 ``finetune_target.yaml`` / ``scratch_target.yaml``, itself chosen on validation accuracy by
 ``benchmarks/finetune_recipe_val.py``. The arm-specific values were fixed before any run, from
 common practice, and not tuned here: 10% of the steps head-only (fastai's ``fine_tune`` trains the
-head alone for a short first phase), ``l2sp_alpha=0.01`` (the value of the README example), a 10x
+head alone for a short first phase), ``l2sp_alpha=0.01`` (the usual example value), a 10x
 lower backbone LR (the usual "new head at 10x the LR" rule).
 
 Checkpoint selection, on validation only: each run is evaluated at ``evals`` evenly spaced steps;

@@ -21,7 +21,17 @@ freeze->unfreeze    head alone for the first ~10% of the steps (rounded up to wh
 L2-SP               full fine-tune plus ``l2sp_alpha * 1/2 ||theta - theta_0||^2`` toward the
                     source backbone (Li et al., 2018); the anchored backbone gets no weight decay
 discriminative LR   full fine-tune with the backbone at 0.1x the head's LR (``backbone_lr_ratio``)
+BN-only             only the norm layers' affine parameters and the head train (``peft="bn_only"``)
+BitFit              only biases and the head: on a ResNet, the norm layers' shifts (``peft="bitfit"``)
+adapters            zero-initialised 1x1 convolutions beside every 3x3 convolution, plus the norm
+                    layers' affine parameters and the head (``peft="adapters"``, Rebuffi et al. 2018)
+LoRA r=4            a rank-4 update of every convolution, plus the head (``peft="lora"``)
 ==================  ============================================================================
+
+Each arm is compared with full fine-tuning, paired by seed, in every cell: the mean and worst per-seed
+difference and a two-sided paired t-test, Holm-corrected over all those comparisons (one family).
+The parameter-efficient arms also report how many parameters train and the size of their delta
+checkpoint (``ImageClassifier.save_delta``: what trained plus the buffers), beside the full checkpoint's.
 
 Held fixed across arms (the protocol's "same budget"): model (``resnet_small``), optimizer
 (AdamW, LR 3e-3, weight decay 1e-4 on
@@ -35,7 +45,7 @@ How the hyper-parameters were chosen (never on test): the shared recipe is the o
 ``finetune_target.yaml`` / ``scratch_target.yaml``, itself chosen on validation accuracy by
 ``benchmarks/finetune_recipe_val.py``. The arm-specific values were fixed before any run, from
 common practice, and not tuned here: 10% of the steps head-only (fastai's ``fine_tune`` trains the
-head alone for a short first phase), ``l2sp_alpha=0.01`` (the value of the README example), a 10x
+head alone for a short first phase), ``l2sp_alpha=0.01`` (the usual example value), a 10x
 lower backbone LR (the usual "new head at 10x the LR" rule).
 
 Checkpoint selection, on validation only: each run is evaluated at ``evals`` evenly spaced steps;
@@ -90,6 +100,7 @@ class Arm:
     freeze: str = "none"  # "none" | "probe" (backbone frozen throughout) | "unfreeze" (head-only first)
     l2sp_alpha: float = 0.0
     backbone_lr_ratio: float = 1.0
+    peft: str | None = None  # parameter-efficient: bn_only | bitfit | adapters | lora (lit_finetune.transfer.peft)
 
 
 ARMS: dict[str, Arm] = {
@@ -99,7 +110,12 @@ ARMS: dict[str, Arm] = {
     "unfreeze": Arm("freeze→unfreeze", freeze="unfreeze"),
     "l2sp": Arm("L2-SP", l2sp_alpha=0.01),
     "dlr": Arm("discriminative LR", backbone_lr_ratio=0.1),
+    "bn_only": Arm("BN-only", peft="bn_only"),
+    "bitfit": Arm("BitFit", peft="bitfit"),
+    "adapters": Arm("adapters", peft="adapters"),
+    "lora": Arm("LoRA r=4", peft="lora"),
 }
+PEFT_RANK = 4  #: LoRA's rank in the "lora" arm (alpha = rank: scale 1)
 
 
 @dataclass(frozen=True)
@@ -281,6 +297,8 @@ def train_arm(
         pretrained=pretrained if arm.pretrained else None,
         l2sp_alpha=arm.l2sp_alpha,
         backbone_lr_ratio=arm.backbone_lr_ratio,
+        peft=arm.peft,
+        peft_rank=PEFT_RANK,
         label_smoothing=LABEL_SMOOTHING,
         optimizer=partial(torch.optim.AdamW, lr=LR, weight_decay=WEIGHT_DECAY),
     )
@@ -437,6 +455,8 @@ def markdown(results: Results, profile_name: str, profile: Profile, where: str, 
                 small, big = mean_std(accs(cell, aname)), mean_std(accs(cell, aname, "generous"))
                 gap = mean_std(diffs(cell, aname, aname, "generous", "small"))
                 lines.append(row([labels[tname], str(n), ARMS[aname].label, small, big, gap]))
+    lines += paired_lines(results, arms, labels)
+    lines += peft_lines(results, arms)
     per_cell = "; ".join(
         f"{labels[t].split(' (')[0]} N={n}: {c.steps} steps ({c.steps_per_epoch} batch(es)/epoch, "
         f"head-only {c.unfreeze_epoch * c.steps_per_epoch} for freeze→unfreeze), val {c.val_small}/class"
@@ -471,6 +491,62 @@ def markdown(results: Results, profile_name: str, profile: Profile, where: str, 
                 lines.append(row([labels[tname], str(n), ARMS[aname].label, values]))
     lines += ["", "</details>"]
     return "\n".join(lines) + "\n"
+
+
+def paired_lines(results: Results, arms: Sequence[str], labels: dict[str, str], base: str = "finetune") -> list[str]:
+    """Each arm minus ``base`` per cell, paired by seed, with Holm-adjusted p over the whole family."""
+    import stats
+
+    if base not in arms:
+        return []
+    family = [(t, n, a) for t, cells in results.items() for n in cells for a in arms if a != base]
+    tests = [stats.paired_t_test(accs(results[t][n], a), accs(results[t][n], base)) for t, n, a in family]
+    adjusted = stats.holm([test.p for test in tests])
+    lines = [
+        "",
+        f"Each arm − {ARMS[base].label}, paired by seed (points): mean ± std of the per-seed differences, the "
+        f"worst seed, and the two-sided paired t-test's p, Holm-adjusted over all {len(family)} comparisons "
+        "of this table (significant at 0.05: **bold**).",
+        "",
+        "| target | N | arm | difference | worst seed | p (Holm) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (t, n, a), test, p in zip(family, tests, adjusted):
+        mark = "**" if p <= 0.05 else ""
+        lines.append(row([labels[t], str(n), ARMS[a].label, f"{100 * test.mean:+.1f} ± {100 * test.std:.1f}",
+                          f"{100 * test.worst:+.1f}", f"{mark}{p:.3f}{mark}"]))  # fmt: skip
+    return lines
+
+
+def peft_sizes(arm: Arm, num_classes: int) -> tuple[int, int, int, int]:
+    """(trainable parameters, all parameters, delta checkpoint bytes, full state-dict bytes) of ``arm``'s model."""
+    import tempfile
+
+    import torch
+
+    from lit_finetune import ImageClassifier
+
+    model = ImageClassifier(num_classes=num_classes, peft=arm.peft, peft_rank=PEFT_RANK, pretrained="unused-source")
+    with tempfile.TemporaryDirectory() as tmp:
+        delta = model.save_delta(Path(tmp) / "delta.pt").stat().st_size
+        torch.save(model.state_dict(), Path(tmp) / "full.pt")
+        full = (Path(tmp) / "full.pt").stat().st_size
+    return model.trainable_parameters, sum(p.numel() for p in model.parameters()), delta, full
+
+
+def peft_lines(results: Results, arms: Sequence[str]) -> list[str]:
+    """Trainable parameters and delta checkpoint size of the parameter-efficient arms (and full fine-tuning)."""
+    shown = [a for a in arms if ARMS[a].peft or a == "finetune"]
+    if not any(ARMS[a].peft for a in shown):
+        return []
+    lines = ["", "What trains, and what must be stored per target (Fashion-MNIST target, 5 classes):", "",
+             "| arm | trainable parameters | share | delta checkpoint | full state dict |", "|---|---|---|---|---|"]
+    for a in shown:
+        trainable, total, delta, full = peft_sizes(ARMS[a], 5)
+        delta_text = f"{delta / 1024:.0f} KiB" if ARMS[a].peft else "—"
+        lines.append(row([ARMS[a].label, f"{trainable:,}", f"{100 * trainable / total:.1f} %", delta_text,
+                          f"{full / 1024:.0f} KiB"]))  # fmt: skip
+    return lines
 
 
 def plot(results: dict[str, dict[int, Cell]], path: Path) -> None:

@@ -1,8 +1,11 @@
-"""Copy the measured tables in ``benchmarks/results/*.md`` into README.md, between markers.
+"""Copy the measured tables in ``benchmarks/results/*.md`` into the docs, between markers.
 
-README.md holds ``<!-- results:NAME -->`` ... ``<!-- /results:NAME -->`` blocks; this replaces
-each block's body with ``benchmarks/results/NAME.md`` so that no figure in the README is typed
-by hand. Run it after the benchmarks:
+``docs/results.md`` (and README.md) hold ``<!-- results:NAME -->`` ... ``<!-- /results:NAME -->``
+blocks; this replaces each block's body with ``benchmarks/results/NAME.md`` so that no figure in the
+docs is typed by hand. The README's ``<!-- results:headline -->`` block is built, not copied: one row per
+benchmark, computed from the data each script saves beside its table (``NAME.json``), with a paired
+test where arms share seeds, and a link to the full section in ``docs/results.md``. Run it after the
+benchmarks:
 
     python benchmarks/transfer_vs_scratch.py && python benchmarks/speed.py && python benchmarks/update_readme.py
 
@@ -14,14 +17,22 @@ fields it lacks and the script to rerun. The README is left as it was.
 
 from __future__ import annotations
 
+import json
 import re
+import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance
+import stats
 
 REPO = Path(__file__).resolve().parents[1]
+#: the documents whose result blocks this fills (the README has only the headline block)
+DOCUMENTS = (REPO / "README.md", REPO / "docs" / "results.md")
+HEADLINE = "headline"
 BLOCK = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 # which script writes each results file (to say what to rerun)
 SCRIPTS = {
@@ -64,14 +75,18 @@ def update(readme: Path = REPO / "README.md", results: Path = REPO / "benchmarks
     """Rewrite the result blocks of ``readme`` whose results files carry complete provenance; return their names.
 
     A results file without it is refused: its block is left as it was, and :class:`MissingProvenance`
-    (raised after the others were written) names each refused file and the script to rerun.
+    (raised after the others were written) names each refused file and the script to rerun. A
+    ``headline`` block is filled with :func:`headline_table`.
     """
     text = readme.read_text()
-    names = [m["name"] for m in BLOCK.finditer(text)]
+    names = [m["name"] for m in BLOCK.finditer(text) if m["name"] != HEADLINE]
     problems = problems_of([results / f"{name}.md" for name in names if (results / f"{name}.md").is_file()])
     updated: list[str] = []
 
     def fill(match: re.Match) -> str:
+        if match["name"] == HEADLINE:
+            updated.append(HEADLINE)
+            return match.group(1) + headline_table(results) + "\n" + match.group(4)
         source = results / f"{match['name']}.md"
         if not source.is_file() or source in problems:
             return match.group(0)
@@ -81,14 +96,107 @@ def update(readme: Path = REPO / "README.md", results: Path = REPO / "benchmarks
     readme.write_text(BLOCK.sub(fill, text))
     if problems:
         raise MissingProvenance(
-            f"updated: {', '.join(updated) or 'nothing'}; refused results without provenance (their README blocks "
-            "were left as they were):\n" + "\n".join(problems.values())
+            f"updated: {', '.join(updated) or 'nothing'}; refused results without provenance (their blocks "
+            f"in {readme.name} were left as they were):\n" + "\n".join(problems.values())
         )
     return updated
 
 
+def update_all(documents: tuple[Path, ...] = DOCUMENTS, results: Path = REPO / "benchmarks" / "results") -> list[str]:
+    """:func:`update` every document; one :class:`MissingProvenance` at the end lists every refusal."""
+    updated, refusals = [], []
+    for document in documents:
+        try:
+            updated += [f"{document.name}:{name}" for name in update(document, results)]
+        except MissingProvenance as error:
+            refusals.append(str(error))
+    if refusals:
+        raise MissingProvenance(f"updated: {', '.join(updated) or 'nothing'}\n" + "\n".join(refusals))
+    return updated
+
+
+# -- the README's headline table -----------------------------------------------------------------------
+#: a row of the headline table: (question, answer, seeds, link) from a benchmark's saved data
+Row = tuple[str, str, str, str]
+
+
+def _paired(a: list[float], b: list[float], scale: float = 1.0, unit: str = "", lower_is_better: bool = False) -> str:
+    """``a - b`` paired by seed: mean, the seed least favourable to ``a`` and the paired t-test's p."""
+    test = stats.paired_t_test(a, b)
+    worst = max(test.diffs) if lower_is_better else test.worst
+    p = "p < 0.001" if test.p < 0.001 else f"p = {test.p:.3f}"
+    return f"{scale * test.mean:+.1f}{unit} paired (worst seed {scale * worst:+.1f}, {p})"
+
+
+def _transfer_vs_scratch(data: dict[str, Any]) -> Row:
+    tuned, scratch = data["test_accuracy"]["fine-tuned"], data["test_accuracy"]["scratch"]
+    answer = (f"fine-tuned {100 * statistics.fmean(tuned):.1f} % vs scratch {100 * statistics.fmean(scratch):.1f} %; "
+              + _paired(tuned, scratch, 100, " points"))
+    return ("Does a source help a classifier with 20 labels per class?", answer, str(len(tuned)), "transfer-vs-scratch")
+
+
+def _gan_finetune(data: dict[str, Any]) -> Row:
+    runs = data["results"]
+    tuned = [r["fid"] for r in runs["TransferGAN + DiffAugment"]]
+    scratch = [r["fid"] for r in runs["scratch + DiffAugment"]]
+    answer = (f"FID {statistics.fmean(tuned):.1f} fine-tuned (TransferGAN + DiffAugment) vs {statistics.fmean(scratch):.1f} "
+              f"from scratch (lower is better); " + _paired(tuned, scratch, lower_is_better=True))
+    return ("Does a source GAN help on 100 target images?", answer, str(len(tuned)),
+            "gan-fine-tuning-scratch-vs-transfergan-vs-freezed-with-and-without-diffaugment")
+
+
+def _vae_transfer(data: dict[str, Any]) -> Row:
+    n = str(min(int(k) for k in data["results"]))
+    cell = data["results"][n]
+    tuned = [r["best"]["nll_iwae"] for r in cell["full transfer"]]
+    scratch = [r["best"]["nll_iwae"] for r in cell["scratch"]]
+    answer = (f"at {n} images per class, {statistics.fmean(tuned):.1f} vs {statistics.fmean(scratch):.1f} nats "
+              f"(transfer vs scratch, best-on-validation, lower is better); " + _paired(tuned, scratch, unit=" nats", lower_is_better=True))
+    return ("Does a source VAE help at few images?", answer, str(len(tuned)),
+            "vae-transfer-scratch-vs-full-transfer-vs-frozen-encoder-vs-frozen-decoder-in-nats")
+
+
+def _speed(data: dict[str, Any]) -> Row:
+    ratios = data["runs"][-1]["ratios"]
+    answer = "; ".join(f"{name} {r['cpu_ratio']:.2f} (range {r['cpu_range'][0]:.2f}-{r['cpu_range'][1]:.2f})"
+                       for name, r in ratios.items() if "cpu_ratio" in r)
+    return ("Does the Trainer cost speed? (Trainer / hand-written loop, steps per CPU second; 1 = same)", answer,
+            f"{len(data['runs'])} run(s)", "speed-trainer-vs-a-hand-written-loop-classifier-dcgan-vae-and-the-data-path")
+
+
+#: benchmark -> the function that turns its saved data into a headline row (add one per new benchmark)
+HEADLINES: dict[str, Callable[[dict[str, Any]], Row]] = {
+    "transfer_vs_scratch": _transfer_vs_scratch,
+    "gan_finetune": _gan_finetune,
+    "vae_transfer": _vae_transfer,
+    "speed": _speed,
+}
+
+
+def headline_table(results: Path = REPO / "benchmarks" / "results", link_to: str = "docs/results.md") -> str:
+    """One row per benchmark in :data:`HEADLINES` whose results carry provenance, computed from its ``.json``."""
+    lines = ["| question | answer (mean over seeds; paired difference, worst seed, two-sided paired t-test) | seeds "
+             "| measured on | details |", "|---|---|---|---|---|"]
+    absent = []
+    for name, row_of in HEADLINES.items():
+        table, saved = results / f"{name}.md", results / f"{name}.json"
+        if not (table.is_file() and saved.is_file()) or provenance.missing(table.read_text()):
+            absent.append(name)
+            continue
+        piece = json.loads(saved.read_text())
+        question, answer, seeds, anchor = row_of(piece["data"])
+        machine = piece["provenance"]["machine"]
+        where = machine.get("gpu") or f"{machine['cpu']}, {machine['cores']} cores, CPU only"
+        lines.append(f"| {question} | {answer} | {seeds} | {where} | [{name}]({link_to}#{anchor}) |")
+    if absent:
+        lines.append("")
+        lines.append("Not in this table until rerun with provenance: " + ", ".join(
+            f"`python {SCRIPTS.get(name, name)}`" for name in absent) + ".")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     try:
-        print("updated:", ", ".join(update()) or "nothing")
+        print("updated:", ", ".join(update_all()) or "nothing")
     except MissingProvenance as error:
         sys.exit(str(error))

@@ -57,8 +57,13 @@ def test_sweep_core_tiny(sweep, source: str, fashion_root: Path, tmp_path: Path,
     assert any(k.startswith("layer4.") for k in reference)
 
     text = sweep.markdown(results, "tiny", profile, "this machine", "0.1 min", "a random state dict")
-    for arm in sweep.ARMS.values():
-        assert text.count(f"| {arm.label} |") == 2 * 2 + 2  # main table + validation-size table (2 targets) + per seed
+    for name, arm in sweep.ARMS.items():
+        # main table + validation-size table (2 targets) + per seed, + paired table (2 targets, not the base),
+        # + the size table for the parameter-efficient arms and full fine-tuning
+        expected = 2 * 2 + 2 + (0 if name == "finetune" else 2) + (1 if arm.peft or name == "finetune" else 0)
+        assert text.count(f"| {arm.label} |") == expected, name
+    assert "Holm-adjusted over all 18 comparisons" in text  # 9 arms x 2 targets x 1 N
+    assert "trainable parameters" in text and "KiB" in text
     assert "bit-identical to the source after training: yes" in text
     assert "anchor equal to the source weights: yes" in text
     sweep.plot(results, tmp_path / "sweep.png")
@@ -80,7 +85,8 @@ def test_arms_differ_only_in_their_treatment(sweep) -> None:
     assert [a.pretrained for a in arms.values()].count(False) == 1 and not arms["scratch"].pretrained
     assert arms["probe"].freeze == "probe" and arms["unfreeze"].freeze == "unfreeze"
     assert arms["l2sp"].l2sp_alpha > 0 and arms["dlr"].backbone_lr_ratio < 1
-    base, fields = arms["finetune"], ("pretrained", "freeze", "l2sp_alpha", "backbone_lr_ratio")
+    assert {arms[a].peft for a in ("bn_only", "bitfit", "adapters", "lora")} == {"bn_only", "bitfit", "adapters", "lora"}
+    base, fields = arms["finetune"], ("pretrained", "freeze", "l2sp_alpha", "backbone_lr_ratio", "peft")
     for name, arm in arms.items():
         changed = {f for f in fields if getattr(arm, f) != getattr(base, f)}
         assert len(changed) == (0 if name == "finetune" else 1), (name, changed)

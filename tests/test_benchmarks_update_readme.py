@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -9,6 +10,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import provenance  # noqa: E402
+import stats  # noqa: E402
 import update_readme  # noqa: E402
 
 README = "# Project\n\n<!-- results:speed -->\nold table\n<!-- /results:speed -->\n\ntext after\n"
@@ -58,9 +60,60 @@ def test_refuses_an_incomplete_block_naming_the_missing_fields(layout):
 
 
 def test_every_readme_block_names_its_script():
-    """A refusal can always say which script to rerun."""
-    names = {m["name"] for m in update_readme.BLOCK.finditer((REPO / "README.md").read_text())}
-    assert names and names <= set(update_readme.SCRIPTS)
+    """A refusal can always say which script to rerun; the README holds only the built headline block."""
+    for document in update_readme.DOCUMENTS:
+        names = {m["name"] for m in update_readme.BLOCK.finditer(document.read_text())} - {update_readme.HEADLINE}
+        assert names <= set(update_readme.SCRIPTS), document
+    assert {m["name"] for m in update_readme.BLOCK.finditer((REPO / "README.md").read_text())} == {"headline"}
+    results_blocks = {m["name"] for m in update_readme.BLOCK.finditer((REPO / "docs" / "results.md").read_text())}
+    assert {"transfer_vs_scratch", "gan_finetune", "vae_transfer", "speed"} <= results_blocks
+
+
+def _write_transfer_result(results, tuned, scratch):
+    run = provenance.Run.start(REPO / "benchmarks" / "transfer_vs_scratch.py", [])
+    run.write(results / "transfer_vs_scratch.md", "| table |", {}, data={"test_accuracy": {"fine-tuned": tuned, "scratch": scratch}})
+
+
+def test_headline_rows_are_computed_from_the_saved_data(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    _write_transfer_result(results, [0.90, 0.92, 0.91], [0.88, 0.91, 0.87])
+    table = update_readme.headline_table(results)
+    row = next(line for line in table.splitlines() if "transfer_vs_scratch" in line)
+    # means, the paired difference (+2.3 points), the worst seed (+1.0) and the paired test's p, all from the data
+    test = stats.paired_t_test([0.90, 0.92, 0.91], [0.88, 0.91, 0.87])
+    assert "fine-tuned 91.0 % vs scratch 88.7 %" in row and "+2.3 points paired" in row and "worst seed +1.0" in row
+    assert f"p = {test.p:.3f}" in row and "| 3 |" in row and "(docs/results.md#transfer-vs-scratch)" in row
+    # benchmarks without saved results are named with the command that makes them, not invented
+    assert "Not in this table until rerun with provenance" in table and "benchmarks/gan_finetune.py" in table
+
+
+def test_headline_skips_results_without_provenance(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    _write_transfer_result(results, [0.9, 0.8], [0.7, 0.6])
+    (results / "transfer_vs_scratch.md").write_text("| table without provenance |\n")
+    table = update_readme.headline_table(results)
+    assert "fine-tuned" not in table and "`python benchmarks/transfer_vs_scratch.py`" in table
+
+
+def test_update_all_fills_the_readme_headline_and_the_results_document(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    _write_transfer_result(results, [0.90, 0.92], [0.88, 0.91])
+    readme, document = tmp_path / "README.md", tmp_path / "results.md"
+    readme.write_text("# P\n<!-- results:headline -->\nold\n<!-- /results:headline -->\n")
+    document.write_text("# R\n<!-- results:transfer_vs_scratch -->\nold\n<!-- /results:transfer_vs_scratch -->\n")
+    assert update_readme.update_all((readme, document), results) == ["README.md:headline", "results.md:transfer_vs_scratch"]
+    assert "fine-tuned 91.0 % vs scratch 89.5 %" in readme.read_text()
+    assert "| table |" in document.read_text() and "old" not in document.read_text()
+
+
+def test_the_committed_readme_headline_is_what_the_script_computes():
+    """No figure in the README's headline table is typed by hand."""
+    text = (REPO / "README.md").read_text()
+    body = re.search(r"<!-- results:headline -->\n(.*?)<!-- /results:headline -->", text, re.S).group(1)
+    assert body.strip() == update_readme.headline_table(REPO / "benchmarks" / "results").strip()
 
 
 def test_committed_results_without_provenance_are_refused():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,11 +13,16 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
+from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.utilities import rank_zero_info
+
 from lit_finetune.callbacks.image_logging import figure_to_array, log_image
+from lit_finetune.checkpoint_io import atomic_write
 from lit_finetune.modules.base import TransferModule
 from lit_finetune.nets.resnet import TORCHVISION_RESNETS, build_resnet, normalize_input
 from lit_finetune.transfer.l2sp import L2SP
-from lit_finetune.transfer.param_groups import block_groups, module_group, weight_decay_groups
+from lit_finetune.transfer.param_groups import block_groups, module_group, trainable_only, weight_decay_groups
+from lit_finetune.transfer.peft import PEFT, delta_state_dict, trainable_parameter_count
 from lit_finetune.transfer.pretrained import LoadReport, is_torchvision_weight_name, load_pretrained
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -75,6 +81,11 @@ class ImageClassifier(TransferModule):
         input_normalization: ``"auto"`` (ImageNet statistics for torchvision weights, the source's
             own statistics for a lit-finetune checkpoint, else none), ``"imagenet"`` or ``"none"``.
             The resolved statistics are buffers, so they travel in every checkpoint.
+        peft: parameter-efficient fine-tuning of the backbone: ``bn_only``, ``bitfit``, ``adapters`` or
+            ``lora`` (see :mod:`lit_finetune.transfer.peft`); ``None`` trains everything. The head always
+            trains. The selection is fixed from the first step: do not also freeze the backbone with
+            ``LayerFreezing``. :meth:`save_delta` stores only what trained.
+        peft_rank, peft_alpha: LoRA's rank and scale numerator (default ``alpha = rank``).
         optimizer, lr_scheduler, scheduler_interval, scheduler_monitor, compile_mode: see :class:`TransferModule`.
     """
 
@@ -99,6 +110,9 @@ class ImageClassifier(TransferModule):
         layer_decay: float = 1.0,
         dropout: float = 0.0,
         input_normalization: str = "auto",
+        peft: str | None = None,
+        peft_rank: int = 4,
+        peft_alpha: float | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "epoch",
@@ -132,6 +146,9 @@ class ImageClassifier(TransferModule):
             INPUT_STATS, (IMAGENET_MEAN, IMAGENET_STD) if imagenet else (IDENTITY_MEAN, IDENTITY_STD)
         ):
             self.register_buffer(name, _per_channel(stats, in_channels))
+        # a torchvision source and the small-input stem: the stem is new (not loaded), so it must train
+        new_stem = ("conv1",) if pretrained and is_torchvision_weight_name(pretrained) and self.small_input else ()
+        self.peft = PEFT(self.backbone, peft, peft_rank, peft_alpha, trainable=new_stem) if peft else None
         self.l2sp = L2SP(self.backbone, l2sp_alpha) if l2sp_alpha > 0 else None
 
         metrics = MetricCollection(
@@ -157,7 +174,7 @@ class ImageClassifier(TransferModule):
         """Load backbone (and, with ``load_head``, head) weights, then derive the L2-SP anchor and
         the input statistics from them."""
         weight_name = is_torchvision_weight_name(source)
-        exclude = ["l2sp."]  # the anchor is re-taken below, from the loaded weights
+        exclude = ["l2sp.", "peft."]  # the anchor is re-taken below, from the loaded weights; PEFT's modules are new
         if not self.hparams.load_head:
             exclude.append("head.")
         if self.hparams.input_normalization != "auto" or weight_name:
@@ -191,10 +208,72 @@ class ImageClassifier(TransferModule):
     def param_groups(self) -> list[dict[str, Any]]:
         ratio, decay = self.hparams.backbone_lr_ratio, self.hparams.layer_decay
         groups = [module_group(self.head, "head"), *block_groups(self.backbone, "backbone", ratio, decay)]
+        if self.peft is not None:  # only what PEFT trains, plus its added modules at the head's LR
+            groups = trainable_only([*groups, module_group(self.peft, "peft")])
         return weight_decay_groups(groups, anchored=["backbone"] if self.l2sp is not None else [])
+
+    # -- parameter-efficient fine-tuning ---------------------------------------------------------
+    @property
+    def trainable_parameters(self) -> int:
+        """Elements of the parameters that train (all of them without ``peft``)."""
+        return trainable_parameter_count(self)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.peft is not None:
+            total = sum(p.numel() for p in self.parameters())
+            rank_zero_info(
+                f"{type(self).__name__}: peft={self.hparams.peft} trains {self.trainable_parameters:,} of {total:,} "
+                f"parameters ({100 * self.trainable_parameters / total:.2f} %)"
+            )
+
+    def save_delta(self, path: str | Path) -> Path:
+        """Write only what fine-tuning changed (trained parameters and buffers) with the hyper-parameters that
+        rebuild the rest from the source; :meth:`from_delta` reads it back. Written atomically."""
+        state = {
+            "lit_finetune_delta": 1,
+            "hyper_parameters": dict(self.hparams),
+            "state_dict": delta_state_dict(self),
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: torch.save(state, f))
+        return path
+
+    @classmethod
+    def from_delta(cls, path: str | Path, source: str | None = None) -> ImageClassifier:
+        """The model :meth:`save_delta` stored: built from its hyper-parameters, its source loaded (``source``
+        overrides the recorded one, e.g. after a move), then the delta on top. Read with ``weights_only=True``."""
+        try:
+            state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"No delta checkpoint at {path}: write one with ImageClassifier.save_delta") from None
+        if not isinstance(state, dict) or "lit_finetune_delta" not in state:
+            raise ValueError(f"{path} is not a delta checkpoint of ImageClassifier.save_delta")
+        hparams = dict(state["hyper_parameters"])
+        hparams.pop("_class_path", None)
+        if source is not None:
+            hparams["pretrained"] = source
+        if hparams.get("pretrained") is None:
+            raise ValueError(f"{path} records no source to apply the delta to: pass source=<checkpoint or zoo name>")
+        model = cls(**hparams)
+        model.load_pretrained_weights()
+        missing = set(state["state_dict"]) - set(model.state_dict())
+        if missing:
+            raise ValueError(f"{path} holds keys this model lacks: {sorted(missing)[:5]}")
+        model.load_state_dict(state["state_dict"], strict=False)
+        return model
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
+        if self.peft is not None and stage == "fit":
+            for callback in self.trainer.callbacks:
+                names = getattr(callback, "module_names", ())
+                if isinstance(callback, BaseFinetuning) and any(n == "backbone" or n.startswith("backbone.") for n in names):
+                    raise ValueError(
+                        f"ImageClassifier(peft={self.hparams.peft!r}) decides what trains in the backbone from the first "
+                        f"step; remove the {type(callback).__name__} callback that freezes {names} (or set peft=None)."
+                    )
         dm = getattr(self.trainer, "datamodule", None)
         if getattr(dm, "class_names", None):
             self.class_names = list(dm.class_names)

@@ -9,7 +9,14 @@ from lit_finetune.transfer.lr_factors import (
     install_lr_scale,
     set_lr_factor,
 )
-from lit_finetune.transfer.param_groups import block_groups, check_groups_cover, module_group, weight_decay_groups
+from lit_finetune.transfer.param_groups import (
+    block_groups,
+    check_groups_cover,
+    module_group,
+    trainable_only,
+    weight_decay_groups,
+)
+from lit_finetune.transfer.peft import PEFT, PEFT_METHODS, delta_state_dict, trainable_parameter_count
 from lit_finetune.transfer.pretrained import (
     LoadReport,
     PretrainedLoadError,
@@ -20,12 +27,15 @@ from lit_finetune.transfer.pretrained import (
 
 __all__ = [
     "DiffAugment",
+    "PEFT",
+    "PEFT_METHODS",
     "L2SP",
     "LoadReport",
     "PretrainedLoadError",
     "add_lr_factor_fn",
     "block_groups",
     "check_groups_cover",
+    "delta_state_dict",
     "effective_lr",
     "install_lr_factor_hooks",
     "install_lr_scale",
@@ -34,5 +44,7 @@ __all__ = [
     "module_group",
     "read_state_dict",
     "set_lr_factor",
+    "trainable_only",
+    "trainable_parameter_count",
     "weight_decay_groups",
 ]

@@ -56,6 +56,13 @@ def module_group(module: nn.Module, name: str, lr_scale: float = 1.0) -> dict[st
     return {"name": name, "params": list(module.parameters()), "lr_scale": lr_scale}
 
 
+def trainable_only(groups: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The groups with their frozen-from-the-start parameters (``requires_grad=False``, e.g. under
+    parameter-efficient fine-tuning) left out; groups left empty are dropped."""
+    out = [{**group, "params": [p for p in group["params"] if p.requires_grad]} for group in groups]
+    return [group for group in out if group["params"]]
+
+
 def weight_decay_groups(groups: Sequence[dict[str, Any]], anchored: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Split each group into decayed weights and a ``<name>.no_decay`` sibling (``ndim <= 1``).
 

@@ -9,7 +9,7 @@ adapting on the support images of 50 fixed 5-way 5-shot episodes of the source's
 source (``pretrain_source.yaml``) and from random weights, adapted the same way.
 
     OMP_NUM_THREADS=1 python benchmarks/meta_pretrain_val.py --pretrained <supervised best.ckpt>
-    python benchmarks/meta_pretrain_val.py --epochs 1 --max-steps 2 --results /tmp/x   # smoke run
+    python benchmarks/meta_pretrain_val.py --epochs 1 --limit-train-batches 2 --results /tmp/x   # smoke run
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ GRID: list[tuple[str, float, str, float]] = [
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
-def meta_pretrain(candidate: tuple[str, float, str, float], epochs: int, max_steps: int, root: str | None) -> dict[str, Any]:
+def meta_pretrain(candidate: tuple[str, float, str, float], epochs: int, batches: int | None, root: str | None) -> dict[str, Any]:
     """One candidate through the CLI; its best meta-validation accuracy, the epoch of it, its cost."""
     import math
 
+    import torch
     import yaml
 
     from lit_finetune.cli import cli_main
@@ -57,7 +58,7 @@ def meta_pretrain(candidate: tuple[str, float, str, float], epochs: int, max_ste
         try:
             cli = cli_main(
                 ["fit", "--config", str(CONFIG), *QUIET, "--trainer.logger", "false", "--trainer.max_epochs", str(epochs),
-                 "--trainer.max_steps", str(max_steps), "--trainer.accelerator", "cpu",
+                 *(["--trainer.limit_train_batches", str(batches)] if batches else []), "--trainer.accelerator", "cpu",
                  "--model.init_args.algorithm", algorithm, "--model.init_args.inner_lr", str(inner_lr),
                  "--model.init_args.optimizer.class_path", optimizer, "--model.init_args.optimizer.init_args.lr", str(lr),
                  "--model.init_args.lr_scheduler.init_args.total_iters", str(outer_steps),
@@ -65,10 +66,11 @@ def meta_pretrain(candidate: tuple[str, float, str, float], epochs: int, max_ste
             )  # fmt: skip
         finally:
             os.chdir(old)
-    best = next(c for c in cli.trainer.checkpoint_callbacks if c.monitor == "val/acc")
+        best = next(c for c in cli.trainer.checkpoint_callbacks if c.monitor == "val/acc")
+        best_epoch = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["epoch"]
     return {
         "algorithm": algorithm, "inner_lr": inner_lr, "optimizer": optimizer.rsplit(".", 1)[-1], "lr": lr,
-        "best_val_acc": float(best.best_model_score), "best_epoch": Path(best.best_model_path).stem,
+        "best_val_acc": float(best.best_model_score), "best_epoch": best_epoch,
         "minutes": (time.perf_counter() - start) / 60, "outer_steps": cli.trainer.global_step,
         **{k: int(v) for k, v in cli.model.cost.items() if k != "train_seconds"},
     }  # fmt: skip
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrained", help="the supervised source's checkpoint (reference row; default: the zoo's)")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per candidate (the shipped config's budget)")
-    parser.add_argument("--max-steps", type=int, default=-1, help="stop each candidate after this many outer steps")
+    parser.add_argument("--limit-train-batches", type=int, help="outer steps per epoch (smoke runs; default: the config's)")
     parser.add_argument("--fashion-root", help="folder with the Fashion-MNIST IDX files (default: Debian's copy)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     supervised = args.pretrained or "zoo:fashion-mnist-0-4/classifier"
     rows = []
     for candidate in GRID:
-        rows.append(meta_pretrain(candidate, args.epochs, args.max_steps, args.fashion_root))
+        rows.append(meta_pretrain(candidate, args.epochs, args.limit_train_batches, args.fashion_root))
         print(rows[-1], flush=True)
     inner_lrs = sorted({c[1] for c in GRID})
     references = {

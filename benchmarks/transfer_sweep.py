@@ -6,7 +6,7 @@ through the CLI, as the main job does). From it, each arm trains a ResNet on
 * **Fashion-MNIST classes 5-9** (in-domain: same camera, same kind of images, new classes), and
 * **scikit-learn digits** (cross-domain: 8x8 handwritten digits upsampled to 28x28, 10 classes),
 
-with N in {5, 20, 100} labelled training images per class, for every seed, and reports the
+with N in {1, 5, 20, 100} labelled training images per class, for every seed, and reports the
 accuracy on the full target test split (5,000 Fashion-MNIST images; the 539 held-out digits).
 
 Arms (everything not listed is shared; see ``ARMS``):
@@ -26,6 +26,9 @@ BitFit              only biases and the head: on a ResNet, the norm layers' shif
 adapters            zero-initialised 1x1 convolutions beside every 3x3 convolution, plus the norm
                     layers' affine parameters and the head (``peft="adapters"``, Rebuffi et al. 2018)
 LoRA r=4            a rank-4 update of every convolution, plus the head (``peft="lora"``)
+meta-learned        full fine-tune from another source: the same network meta-pretrained with Reptile on
+source              5-way 5-shot episodes of the source classes (``configs/classifier/meta_pretrain_source.yaml``,
+                    ``MetaPretrainer``); its meta-training cost is reported beside the supervised source's
 ==================  ============================================================================
 
 Each arm is compared with full fine-tuning, paired by seed, in every cell: the mean and worst per-seed
@@ -60,6 +63,7 @@ difference isolates what the larger validation set buys.
     OMP_NUM_THREADS=1 python benchmarks/transfer_sweep.py                     # quick: ~20 min of 1 CPU core
     python benchmarks/transfer_sweep.py --profile full                        # GPU: more steps and seeds
     python benchmarks/transfer_sweep.py --pretrained path/to/source.ckpt      # skip the pretraining
+    python benchmarks/transfer_sweep.py --meta-pretrained path/to/meta.ckpt   # skip the meta-pretraining
 """
 
 from __future__ import annotations
@@ -101,6 +105,7 @@ class Arm:
     l2sp_alpha: float = 0.0
     backbone_lr_ratio: float = 1.0
     peft: str | None = None  # parameter-efficient: bn_only | bitfit | adapters | lora (lit_finetune.transfer.peft)
+    source: str = "supervised"  # which pretrained source: "supervised" (pretrain_source.yaml) | "meta" (Reptile)
 
 
 ARMS: dict[str, Arm] = {
@@ -114,6 +119,7 @@ ARMS: dict[str, Arm] = {
     "bitfit": Arm("BitFit", peft="bitfit"),
     "adapters": Arm("adapters", peft="adapters"),
     "lora": Arm("LoRA r=4", peft="lora"),
+    "meta": Arm("meta-learned source", source="meta"),
 }
 PEFT_RANK = 4  #: LoRA's rank in the "lora" arm (alpha = rank: scale 1)
 
@@ -130,6 +136,7 @@ class Profile:
     pretrain_epochs: int
     accelerator: str = "cpu"
     threads: int | None = 1  # torch threads (None: torch's default)
+    meta_pretrain_epochs: int = 4  # epochs of meta_pretrain_source.yaml (its wall time ~ the supervised source's)
 
 
 PROFILES = {
@@ -137,12 +144,12 @@ PROFILES = {
     # per batch of 25, ~0.8 s per 1,000 evaluated images; pretraining 3 epochs ~3-4 min.
     # 80 steps at N=20 is the main job's budget (40 epochs of 2 batches).
     "quick": Profile(
-        seeds=(0, 1, 2), shots=(5, 20, 100), steps={5: 60, 20: 80, 100: 100}, evals=8,
+        seeds=(0, 1, 2), shots=(1, 5, 20, 100), steps={1: 40, 5: 60, 20: 80, 100: 100}, evals=8,
         generous_shots=(20,), pretrain_epochs=3,
     ),
     "full": Profile(
-        seeds=(0, 1, 2, 3, 4), shots=(5, 20, 100), steps={5: 300, 20: 400, 100: 600}, evals=20,
-        generous_shots=(5, 20, 100), pretrain_epochs=10, accelerator="auto", threads=None,
+        seeds=(0, 1, 2, 3, 4), shots=(1, 5, 20, 100), steps={1: 200, 5: 300, 20: 400, 100: 600}, evals=20,
+        generous_shots=(5, 20, 100), pretrain_epochs=10, accelerator="auto", threads=None, meta_pretrain_epochs=12,
     ),
 }  # fmt: skip
 
@@ -335,18 +342,27 @@ def train_arm(
 def run_sweep(
     profile: Profile,
     pretrained: str,
-    arms: Sequence[str] = tuple(ARMS),
+    arms: Sequence[str] | None = None,
     target_names: Sequence[str] = ("fashion", "digits"),
     fashion_root: str | None = None,
     test_limit: int | None = None,
     log: Callable[[str], None] = print,
+    meta_pretrained: str | None = None,
 ) -> dict[str, dict[int, Cell]]:
     """The sweep's core: every target x N x seed x arm; returns ``{target: {N: Cell}}``.
+
+    ``arms`` default: every arm whose source is given (the meta-learned source's arm needs ``meta_pretrained``).
 
     ``test_limit`` evaluates only the first images of the test split (for quick tests; the
     benchmark itself always uses the full split).
     """
-    reference = source_backbone(pretrained)
+    sources = {"supervised": pretrained, **({"meta": meta_pretrained} if meta_pretrained else {})}
+    if arms is None:
+        arms = [name for name, arm in ARMS.items() if arm.source in sources]
+    missing = [name for name in arms if ARMS[name].source not in sources]
+    if missing:
+        raise ValueError(f"arms {missing} need the {ARMS[missing[0]].source!r} source: pass meta_pretrained=")
+    references = {name: source_backbone(path) for name, path in sources.items()}
     results: dict[str, dict[int, Cell]] = {}
     for tname in target_names:
         target = targets(fashion_root)[tname]
@@ -381,7 +397,9 @@ def run_sweep(
                     val_sets["generous"] = (val_x, val_y)
                 started = time.perf_counter()
                 for aname in arms:
-                    run = train_arm(ARMS[aname], target, dm, seed, cell, pretrained, val_sets, test, profile, reference)
+                    arm = ARMS[aname]
+                    run = train_arm(arm, target, dm, seed, cell, sources[arm.source], val_sets, test, profile,
+                                    references[arm.source])  # fmt: skip
                     cell.runs.setdefault(aname, []).append(run)
                     if run.steps != steps or run.batches != steps:
                         raise RuntimeError(f"{aname} ran {run.steps} steps / {run.batches} batches, not {steps}")
@@ -439,6 +457,9 @@ def markdown(results: Results, profile_name: str, profile: Profile, where: str, 
         if "finetune" in arms and "scratch" in arms:
             gain = (mean_std(diffs(c, "finetune", "scratch")) for c in cells.values())
             lines.append(row([labels[tname], "*fine-tune − scratch (points)*", *gain]))
+        if "meta" in arms and "finetune" in arms:  # the same fine-tune recipe: only the source differs
+            gain = (mean_std(diffs(c, "meta", "finetune")) for c in cells.values())
+            lines.append(row([labels[tname], "*meta-learned − supervised source (points)*", *gain]))
     generous = [(t, n, c) for t, cells in results.items() for n, c in cells.items() if c.val_generous]
     if generous:
         lines += [
@@ -476,7 +497,8 @@ def markdown(results: Results, profile_name: str, profile: Profile, where: str, 
         f"state was tested on the full target test split. L2-SP α {ARMS['l2sp'].l2sp_alpha}; discriminative LR: "
         f"backbone at {ARMS['dlr'].backbone_lr_ratio}x the head's LR. Linear probe backbone bit-identical to the "
         f"source after training: {'yes' if probe_ok else 'NO'}; L2-SP anchor equal to the source weights: "
-        f"{'yes' if anchor_ok else 'NO'}. Source: Fashion-MNIST classes 0-4, {source}. "
+        f"{'yes' if anchor_ok else 'NO'}. Source{'s' if 'meta-learned' in source else ''}: Fashion-MNIST classes 0-4, "
+        f"{source}. "
         f"Measured on {where}; {minutes}.",
         "",
         "<details><summary>per seed (test accuracy %, small validation set)</summary>",
@@ -590,6 +612,45 @@ def pretrain(workdir: Path, epochs: int, accelerator: str, fashion_root: str | N
         return str((Path.cwd() / "runs/classifier/pretrain_source/checkpoints/best.ckpt").resolve())
 
 
+def pretrain_meta(workdir: Path, epochs: int, accelerator: str, fashion_root: str | None = None) -> str:
+    """Meta-pretrain the source through the CLI (``meta_pretrain_source.yaml``, Reptile); return its best checkpoint.
+    The linear decay of the meta step size spans the run: ``total_iters`` = its outer steps."""
+    import yaml
+
+    data = yaml.safe_load((CONFIGS / "meta_pretrain_source.yaml").read_text())["data"]["init_args"]
+    outer_steps = epochs * math.ceil(data["episodes_per_epoch"] / data["meta_batch_size"])
+    with working_dir(workdir / "meta_source"):
+        run_cli(
+            ["fit", "--config", str(CONFIGS / "meta_pretrain_source.yaml"), *QUIET,
+             "--trainer.max_epochs", str(epochs), "--trainer.accelerator", accelerator,
+             "--model.init_args.lr_scheduler.init_args.total_iters", str(outer_steps),
+             *(["--data.init_args.dataset.init_args.root", fashion_root] if fashion_root else [])]
+        )  # fmt: skip
+        return str((Path.cwd() / "runs/classifier/meta_pretrain_source/checkpoints/best.ckpt").resolve())
+
+
+def source_cost(checkpoint: str) -> str:
+    """What training a source cost, from its run's files: a lit-finetune checkpoint beside ``last.ckpt``.
+
+    Supervised (``pretrain_source.yaml``): optimizer steps x batch size = training images through the network.
+    Meta-learned: episodes, images drawn for them, and outer steps (``MetaPretrainer`` keeps the count)."""
+    import torch
+
+    from lit_finetune.modules.meta import META_COST_KEY
+
+    last = torch.load(Path(checkpoint).with_name("last.ckpt"), map_location="cpu", weights_only=True)
+    cost, hparams = last.get(META_COST_KEY), last.get("hyper_parameters", {})
+    if cost is not None:
+        return (
+            f"{hparams.get('algorithm', '?')}, {last['global_step']} outer steps, {int(cost['episodes']):,} episodes, "
+            f"{int(cost['images']):,} images drawn, {hparams.get('inner_steps')} inner steps per episode"
+        )
+    import yaml
+
+    batch = yaml.safe_load((CONFIGS / "pretrain_source.yaml").read_text())["data"]["init_args"]["batch_size"]
+    return f"{last['global_step']} optimizer steps of {batch} images, about {last['global_step'] * batch:,} images"
+
+
 def cells_from_json(data: dict[str, Any]) -> Results:
     """The ``{target: {N: Cell}}`` of a piece's JSON data (JSON turned N into strings)."""
     return {
@@ -650,6 +711,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--pretrained", help="source checkpoint to use instead of pretraining one")
+    parser.add_argument("--meta-pretrained", help="meta-learned source checkpoint to use instead of meta-pretraining one")
     parser.add_argument("--seeds", type=int, nargs="+", help="run only these seeds (a piece of the profile)")
     parser.add_argument("--shots", type=int, nargs="+", help="run only these N of the profile (a piece)")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="PIECE_JSON",
@@ -685,7 +747,19 @@ def main(argv: list[str] | None = None) -> None:
         took = (time.perf_counter() - start) / 60
         source = f"{profile.pretrain_epochs} epochs of `pretrain_source.yaml` ({took:.1f} min)"
         print(f"  -> {pretrained} ({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
-    results = run_sweep(profile, pretrained, fashion_root=args.fashion_root)
+        source = source.replace(" min)", f" min; {source_cost(pretrained)})")
+    if args.meta_pretrained:
+        meta_pretrained = args.meta_pretrained
+        source += f"; meta-learned source: given checkpoint `{Path(args.meta_pretrained).name}`"
+    else:
+        epochs, meta_start = profile.meta_pretrain_epochs, time.perf_counter()
+        print(f"meta-pretraining (Reptile) on Fashion-MNIST classes 0-4 ({epochs} epochs)", flush=True)
+        meta_pretrained = pretrain_meta(args.workdir, epochs, profile.accelerator, args.fashion_root)
+        took = (time.perf_counter() - meta_start) / 60
+        source += (f"; meta-learned source: {epochs} epochs of `meta_pretrain_source.yaml` ({took:.1f} min; "
+                   f"{source_cost(meta_pretrained)})")  # fmt: skip
+        print(f"  -> {meta_pretrained} ({took:.1f} min)", flush=True)
+    results = run_sweep(profile, pretrained, fashion_root=args.fashion_root, meta_pretrained=meta_pretrained)
     minutes = (
         f"{(time.perf_counter() - start) / 60:.1f} min in all (this process's own CPU time "
         f"{(time.process_time() - cpu_start) / 60:.1f} min; 1-minute load average {load_start:.1f} at start, "
@@ -698,7 +772,8 @@ def main(argv: list[str] | None = None) -> None:
         where = where.replace("CPU only", f"CPU only, {profile.threads} torch thread(s)")
     text = markdown(results, args.profile, profile, where, minutes, source)
     config = {"profile": args.profile, **provenance.settings(PROFILES[args.profile], "seeds", "shots")}
-    run.write(args.results / "transfer_sweep.md", text, {"source checkpoint": pretrained},
+    run.write(args.results / "transfer_sweep.md", text,
+              {"source checkpoint": pretrained, "meta-learned source checkpoint": meta_pretrained},
               data={"results": results, "seeds": list(profile.seeds), "source": source, "where": where}, config=config)
     plot(results, args.results / "transfer_sweep.png")
     print("\n" + text + f"\nwrote {args.results / 'transfer_sweep.md'} and transfer_sweep.png")

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 import lit_finetune.callbacks  # noqa: F401  (registers LayerFreezing, LRWarmup... for --trainer.callbacks)
 import lit_finetune.data  # noqa: F401  (registers the datamodules for --data)
-from lit_finetune.data.base import DatasetNotFoundError, ImageDataModule
+from lit_finetune.data.base import DatasetNotFoundError
 from lit_finetune.metrics import ExtractorNotFoundError
 from lit_finetune.modules.base import TransferModule
 from lit_finetune.modules.loading import checked_module_class, read_hparams
@@ -141,7 +141,9 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitFinetuneCLI:
     """Build (and by default run) the CLI; ``args`` as on the command line."""
     return LitFinetuneCLI(
         TransferModule,
-        ImageDataModule,
+        # any LightningDataModule, not only ImageDataModule: EpisodicDataModule wraps one (meta-learning); the
+        # links above need num_classes, channels and image_size, which every datamodule of the package has
+        L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=LoggerSaveConfigCallback,

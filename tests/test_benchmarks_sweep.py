@@ -30,10 +30,22 @@ def source(tmp_path: Path) -> str:
     return str(path)
 
 
-def test_sweep_core_tiny(sweep, source: str, fashion_root: Path, tmp_path: Path, monkeypatch) -> None:
+@pytest.fixture
+def meta_source(tmp_path: Path) -> str:
+    """A stand-in for the meta-learned source: other random weights (an ordinary state dict, as a real one is)."""
+    from lit_finetune import ImageClassifier
+
+    torch.manual_seed(4321)
+    path = tmp_path / "meta_source.pt"
+    torch.save(ImageClassifier(num_classes=5).state_dict(), path)
+    return str(path)
+
+
+def test_sweep_core_tiny(sweep, source: str, meta_source: str, fashion_root: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(sweep, "GENEROUS_VAL", 10)  # the 'generous' set: 10/class here, so evaluation stays cheap
     profile = sweep.Profile(seeds=(0,), shots=(5,), steps={5: 3}, evals=2, generous_shots=(5,), pretrain_epochs=0)
-    results = sweep.run_sweep(profile, source, fashion_root=str(fashion_root), test_limit=100, log=lambda _: None)
+    results = sweep.run_sweep(profile, source, fashion_root=str(fashion_root), test_limit=100, log=lambda _: None,
+                              meta_pretrained=meta_source)  # fmt: skip
 
     assert set(results) == {"fashion", "digits"}
     reference = sweep.source_backbone(source)
@@ -49,8 +61,8 @@ def test_sweep_core_tiny(sweep, source: str, fashion_root: Path, tmp_path: Path,
             assert set(run.chosen_step.values()) <= sweep.eval_steps(3, 2) == {2, 3}
         # the probe trained only its head: the backbone (weights and BatchNorm statistics) is the source's, bit for bit
         assert cell.runs["probe"][0].backbone_change == 0.0
-        for arm in ("finetune", "unfreeze", "l2sp", "dlr"):
-            assert 0 < cell.runs[arm][0].backbone_change < math.inf, (tname, arm)
+        for arm in ("finetune", "unfreeze", "l2sp", "dlr", "meta"):
+            assert 0 < cell.runs[arm][0].backbone_change < math.inf, (tname, arm)  # measured from the arm's own source
         assert cell.runs["scratch"][0].backbone_change == math.inf
         assert cell.runs["l2sp"][0].l2sp_anchor_error == 0.0  # anchored to the source, not to the random init
         assert cell.runs["finetune"][0].l2sp_anchor_error is None
@@ -62,8 +74,9 @@ def test_sweep_core_tiny(sweep, source: str, fashion_root: Path, tmp_path: Path,
         # + the size table for the parameter-efficient arms and full fine-tuning
         expected = 2 * 2 + 2 + (0 if name == "finetune" else 2) + (1 if arm.peft or name == "finetune" else 0)
         assert text.count(f"| {arm.label} |") == expected, name
-    assert "Holm-adjusted over all 18 comparisons" in text  # 9 arms x 2 targets x 1 N
+    assert "Holm-adjusted over all 20 comparisons" in text  # 10 arms besides full fine-tuning x 2 targets x 1 N
     assert "trainable parameters" in text and "KiB" in text
+    assert text.count("| *meta-learned − supervised source (points)* |") == 2
     assert "bit-identical to the source after training: yes" in text
     assert "anchor equal to the source weights: yes" in text
     sweep.plot(results, tmp_path / "sweep.png")
@@ -86,7 +99,8 @@ def test_arms_differ_only_in_their_treatment(sweep) -> None:
     assert arms["probe"].freeze == "probe" and arms["unfreeze"].freeze == "unfreeze"
     assert arms["l2sp"].l2sp_alpha > 0 and arms["dlr"].backbone_lr_ratio < 1
     assert {arms[a].peft for a in ("bn_only", "bitfit", "adapters", "lora")} == {"bn_only", "bitfit", "adapters", "lora"}
-    base, fields = arms["finetune"], ("pretrained", "freeze", "l2sp_alpha", "backbone_lr_ratio", "peft")
+    assert arms["meta"].source == "meta" and {a.source for n, a in arms.items() if n != "meta"} == {"supervised"}
+    base, fields = arms["finetune"], ("pretrained", "freeze", "l2sp_alpha", "backbone_lr_ratio", "peft", "source")
     for name, arm in arms.items():
         changed = {f for f in fields if getattr(arm, f) != getattr(base, f)}
         assert len(changed) == (0 if name == "finetune" else 1), (name, changed)
@@ -102,7 +116,7 @@ def test_pieces_write_provenance_and_merge_into_one_table(sweep, source, fashion
     tiny = sweep.Profile(seeds=(0, 1), shots=(5,), steps={5: 2}, evals=1, generous_shots=(), pretrain_epochs=0)
     monkeypatch.setitem(sweep.PROFILES, "tiny", tiny)
     monkeypatch.setattr(sweep, "run_sweep", functools.partial(sweep.run_sweep, target_names=("fashion",), test_limit=50))
-    common = ["--profile", "tiny", "--pretrained", source, "--fashion-root", str(fashion_root)]
+    common = ["--profile", "tiny", "--pretrained", source, "--meta-pretrained", source, "--fashion-root", str(fashion_root)]
     for seed in (0, 1):
         sweep.main([*common, "--seeds", str(seed), "--results", str(tmp_path / f"piece{seed}")])
     pieces = [tmp_path / f"piece{seed}" / "transfer_sweep.json" for seed in (0, 1)]
@@ -133,3 +147,34 @@ def test_pieces_write_provenance_and_merge_into_one_table(sweep, source, fashion
         sweep.main(["--merge", *map(str, pieces), "--results", str(tmp_path / "refused")])
     with pytest.raises(provenance.PieceMismatch, match="seed 0 is in more than one piece"):
         sweep.main(["--merge", str(pieces[0]), str(pieces[0]), "--results", str(tmp_path / "refused")])
+
+
+def test_meta_arm_needs_its_source_and_the_meta_pretraining_recipe(sweep, source, tmp_path, monkeypatch):
+    """Without a meta-learned source the arm is left out (or refused when asked for); the meta-pretraining runs
+    the shipped config with the meta step size decaying over the whole run; the cost is read from the run's files."""
+    from conftest import save_lightning_checkpoint
+
+    from lit_finetune import ImageClassifier, MetaPretrainer
+
+    profile = sweep.Profile(seeds=(0,), shots=(5,), steps={5: 1}, evals=1, generous_shots=(), pretrain_epochs=0)
+    with pytest.raises(ValueError, match=r"arms \['meta'\] need the 'meta' source"):
+        sweep.run_sweep(profile, source, arms=("finetune", "meta"), target_names=())
+
+    calls = []
+    monkeypatch.setattr(sweep, "run_cli", calls.append)
+    best = sweep.pretrain_meta(tmp_path, epochs=3, accelerator="cpu", fashion_root="/data/fm")
+    args = calls[0]
+    assert args[args.index("--config") + 1].endswith("meta_pretrain_source.yaml") and "--trainer.max_epochs" in args
+    assert args[args.index("--model.init_args.lr_scheduler.init_args.total_iters") + 1] == str(3 * 60)  # 300/5 per epoch
+    assert args[args.index("--data.init_args.dataset.init_args.root") + 1] == "/data/fm"
+    assert best.endswith("meta_source/runs/classifier/meta_pretrain_source/checkpoints/best.ckpt")
+
+    model = MetaPretrainer(num_classes=5)
+    model.cost.update(episodes=1500, images=75_000)
+    save_lightning_checkpoint(model, tmp_path / "last.ckpt")
+    text = sweep.source_cost(str(tmp_path / "best.ckpt"))
+    assert text.startswith("reptile, 0 outer steps, 1,500 episodes, 75,000 images drawn, 5 inner steps")
+    (tmp_path / "sup").mkdir()
+    save_lightning_checkpoint(ImageClassifier(num_classes=5), tmp_path / "sup" / "last.ckpt")
+    assert sweep.source_cost(str(tmp_path / "sup" / "best.ckpt")) == "0 optimizer steps of 128 images, about 0 images"
+

@@ -53,11 +53,14 @@ def _user_args(config: str, inputs, fashion_root) -> list[str]:
                  "--model.init_args.backbone", "resnet_small"]  # fmt: skip
     elif shipped["data"]["class_path"].endswith("FashionMNISTDataModule"):
         args += ["--data.init_args.root", str(fashion_root)]
+    elif shipped["data"]["class_path"].endswith("EpisodicDataModule"):  # episodes from a wrapped datamodule
+        args += ["--data.init_args.dataset.init_args.root", str(fashion_root)]
     return args
 
 
 def test_every_fit_config_is_covered():
-    names = {"pretrain_source", "finetune_target", "scratch_target", "digits_target", "imagefolder_target"}
+    names = {"pretrain_source", "finetune_target", "scratch_target", "digits_target", "imagefolder_target",
+             "meta_pretrain_source"}
     assert {f"classifier/{n}.yaml" for n in names} | {"dcgan/pretrain.yaml", "dcgan/finetune.yaml"} <= set(FIT_CONFIGS)
     assert {"vae/pretrain.yaml", "vae/transfer.yaml", "vae/transfer_frozen_encoder.yaml"} <= set(FIT_CONFIGS)
     assert {"augmented/cdcgan_target.yaml", "augmented/classifier.yaml"} <= set(FIT_CONFIGS)

@@ -409,3 +409,41 @@ def test_gan_augmented_fit_on_two_processes_draws_different_samples_per_rank(
     assert len(end[0]["drawn"]) == len(end[1]["drawn"]) == 4  # one synthetic batch per training batch
     assert all(a != b for a, b in zip(end[0]["drawn"], end[1]["drawn"]))  # each rank drew its own samples
     assert len(set(end[0]["drawn"])) == 4  # and new ones every batch
+
+
+class FirstBatchRecorder(Callback):
+    """Write each rank's first training batch (its episodes)."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        path = self.out_dir / f"rank{trainer.global_rank}_batch.pt"
+        if not path.exists():
+            torch.save([t.clone() for t in batch], path)
+
+
+def test_meta_pretraining_on_two_processes_averages_the_outer_update(
+    tmp_path: Path, fashion_root: Path, loopback_env: None
+) -> None:
+    """Reptile under 2-process DDP: each rank draws its own episodes, the outer direction is averaged over ranks
+    (the manual update bypasses DDP's gradient hooks), so the meta weights stay equal on both ranks."""
+    from lit_finetune import MetaPretrainer
+    from lit_finetune.data import EpisodicDataModule
+
+    out = tmp_path / "ranks"
+    out.mkdir()
+    L.seed_everything(0)
+    model = MetaPretrainer(num_classes=3, inner_steps=2)
+    init = {k: v.detach().clone() for k, v in model.named_parameters()}
+    images = FashionMNISTDataModule(root=str(fashion_root), classes=[0, 1, 2, 3], val_split=40, seed=0)
+    dm = EpisodicDataModule(images, ways=3, shots=1, queries=1, episodes_per_epoch=4, meta_batch_size=1, val_episodes=2)
+    trainer = _two_process_trainer(tmp_path, [RankStateWriter(str(out)), FirstBatchRecorder(str(out))])
+    trainer.fit(model, datamodule=dm)
+    assert trainer.state.finished, trainer.state.status
+    first = [torch.load(out / f"rank{r}_batch.pt", weights_only=True) for r in (0, 1)]
+    assert not torch.equal(first[0][0], first[1][0])  # different episodes per rank
+    end = [torch.load(out / f"rank{r}_end.pt", weights_only=True) for r in (0, 1)]
+    params = [{k: e[k] for k in init} for e in end]
+    _assert_same(params[0], params[1], "ranks disagree after meta-training")
+    assert any(not torch.equal(params[0][k], v) for k, v in init.items() if k.startswith("backbone."))

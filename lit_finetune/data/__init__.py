@@ -2,6 +2,7 @@
 
 from lit_finetune.data.base import DatasetNotFoundError, ImageDataModule, split_indices
 from lit_finetune.data.digits import DigitsDataModule
+from lit_finetune.data.episodic import EpisodeDataset, EpisodicDataModule
 from lit_finetune.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNISTDataModule
 from lit_finetune.data.image_folder import ImageFolderDataModule
 from lit_finetune.data.resumable import ResumableDataLoader
@@ -11,6 +12,8 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "DatasetNotFoundError",
     "DigitsDataModule",
+    "EpisodeDataset",
+    "EpisodicDataModule",
     "EpochSeededRandomSampler",
     "FashionMNISTDataModule",
     "ImageDataModule",

@@ -123,6 +123,13 @@ REGISTRY: tuple[ZooEntry, ...] = (
         "augmented/classifier.yaml", 8,
     ),
     ZooEntry(
+        "fashion-mnist-0-4/classifier-reptile", 1, "classifier/meta_pretrain_source.yaml",
+        "the source ResNet meta-pretrained with Reptile on 5-way 5-shot episodes of Fashion-MNIST classes 0-4 "
+        "(best meta-validation accuracy)",
+        "a meta-learned source for any classifier config (--model.init_args.pretrained "
+        "zoo:fashion-mnist-0-4/classifier-reptile); the 'meta-learned source' arm of benchmarks/transfer_sweep.py", 6,
+    ),
+    ZooEntry(
         "fashion-mnist-0-4/dcgan", 1, "dcgan/pretrain.yaml",
         "the source DCGAN on Fashion-MNIST classes 0-4 (last epoch)",
         "the pretrained source of configs/dcgan/finetune*.yaml and augmented/cdcgan_target.yaml", 5,

@@ -1037,7 +1037,8 @@ def merge_main(paths: list[Path], out: Path, run: provenance.Run) -> tuple[Resul
     )
     text = markdown(results, selections, profile, provenance.merged_setup(summary, pieces))
     data = {"results": results, "selections": selections, "seeds": seeds, "setup": provenance.merged_setup(summary, pieces)}
-    run.write(out / "gan_augmented.md", text, data=data, config=config, pieces=summary["pieces"])
+    inputs = {name: entry["path"] for name, entry in summary["pieces"][0]["inputs"].items()}  # the same in every piece
+    run.write(out / "gan_augmented.md", text, inputs, data=data, config=config, pieces=summary["pieces"])
     figure(results, out / "gan_augmented.png")
     print("\n" + text + f"\nwrote {out / 'gan_augmented.md'}, .json and .png", flush=True)
     return results, selections

@@ -306,6 +306,7 @@ def test_a_second_piece_merges_with_the_first(tiny_run, source, gan_source, fash
     record = provenance.read(text)
     assert provenance.missing(text) == [] and [p["file"] for p in record["pieces"]] == list(map(str, pieces))
     assert "Merged from 2 pieces" in text and "per seed [0, 1]" in text
+    assert record["inputs"] == record["pieces"][0]["inputs"] == record["pieces"][1]["inputs"]  # sha256 at the top
     second = json.loads(pieces[1].read_text())["data"]["results"]
     (n,) = results
     assert [len(s) for s in selections.values()] == [2]

@@ -871,7 +871,9 @@ def figure(results: Results, path: Path) -> None:
         if key in fixed:
             return {"color": fixed[key], "ls": "-", "lw": 2.2}
         shade = 0.45 + 0.5 * RATIOS.index(arm.ratio) / len(RATIOS)
-        color = (plt.cm.Oranges if arm.filtered else plt.cm.Blues)(shade)
+        maps = {(False, "steps"): plt.cm.Blues, (False, "epochs"): plt.cm.Purples,
+                (True, "steps"): plt.cm.Oranges, (True, "epochs"): plt.cm.Reds}  # fmt: skip
+        color = maps[arm.filtered, arm.budget](shade)
         return {"color": color, "ls": "--" if arm.budget == "epochs" else "-", "lw": 1.4}
 
     for (acc_ax, diff_ax), init in zip(axes, inits):
@@ -896,6 +898,7 @@ def figure(results: Results, path: Path) -> None:
             ax.set_title(f"classifier {INITS[init]}", fontsize=10)
             ax.grid(alpha=0.3)
         acc_ax.legend(fontsize=7, loc="lower right")
+        diff_ax.legend(fontsize=7, loc="lower left")
     fig.suptitle("Fashion-MNIST 5-9: real only vs real + class-conditional DCGAN samples (early stopping on "
                  "validation; solid: equal steps, dashed: equal real epochs)", fontsize=10)  # fmt: skip
     fig.tight_layout()

@@ -156,6 +156,20 @@ def _vae_transfer(data: dict[str, Any]) -> Row:
             "vae-transfer-scratch-vs-full-transfer-vs-frozen-encoder-vs-frozen-decoder-in-nats")
 
 
+def _gan_augmented(data: dict[str, Any]) -> Row:
+    n = str(min(int(k) for k in data["results"]))
+    cell = data["results"][n]["finetuned"]
+    real = [r["test_acc"] for r in cell["real"]]
+    parts = [f"at {n} images per class, real only {100 * statistics.fmean(real):.1f} %"]
+    for arm, budget in (("r1@steps", "equal steps"), ("r1@epochs", "equal real epochs")):
+        if arm in cell:
+            augmented = [r["test_acc"] for r in cell[arm]]
+            parts.append(f"real + G (ratio 1, {budget}) {_paired(augmented, real, 100, ' points')}")
+    return ("Do samples of a conditional GAN help a few-shot classifier?", "; ".join(parts) + " (uncorrected p; "
+            "Holm over all cells in the details)", str(len(real)),
+            "gan-augmented-classification-does-adding-gz-y-samples-help-a-low-data-classifier")
+
+
 def _speed(data: dict[str, Any]) -> Row:
     ratios = data["runs"][-1]["ratios"]
     answer = "; ".join(f"{name} {r['cpu_ratio']:.2f} (range {r['cpu_range'][0]:.2f}-{r['cpu_range'][1]:.2f})"
@@ -169,6 +183,7 @@ HEADLINES: dict[str, Callable[[dict[str, Any]], Row]] = {
     "transfer_vs_scratch": _transfer_vs_scratch,
     "gan_finetune": _gan_finetune,
     "vae_transfer": _vae_transfer,
+    "gan_augmented": _gan_augmented,
     "speed": _speed,
 }
 

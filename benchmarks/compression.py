@@ -22,7 +22,7 @@ sparsity, for every arm alike) with the best accuracy on the 500 validation imag
 lower loss). Statistics: paired t-tests over seeds (same seed = same training images and head
 init), Holm-corrected over all comparisons of the table (``benchmarks/stats.py``).
 
-    OMP_NUM_THREADS=1 python benchmarks/compression.py                 # quick: 3 seeds x 4 sparsities, ~15 min
+    OMP_NUM_THREADS=1 python benchmarks/compression.py                 # quick: 3 seeds x 6 sparsities, ~18 min
     python benchmarks/compression.py --seeds 0 --sparsities 0 0.9      # a look
 """
 
@@ -70,7 +70,7 @@ class Profile:
 
 PROFILES = {
     # ~25-40 s of training per run on one thread of a 2-core Xeon, ~15 s of testing, export and timing
-    "quick": Profile(seeds=(0, 1, 2), sparsities=(0.0, 0.5, 0.75, 0.9), epochs=40, end_epoch=9),
+    "quick": Profile(seeds=(0, 1, 2), sparsities=(0.0, 0.5, 0.75, 0.9, 0.95, 0.98), epochs=40, end_epoch=9),
     "full": Profile(seeds=(0, 1, 2, 3, 4), sparsities=(0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95), epochs=40, end_epoch=9),
 }
 
@@ -340,11 +340,11 @@ def plot(results: Results, path: Path) -> None:
     xs = [float(k) for k in keys]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
-    for fmt, marker in (("fp32", "o"), ("int8", "s")):
+    for fmt, marker, shift in (("fp32", "o", -0.004), ("int8", "s", 0.004)):
         means = [100 * statistics.fmean(r.test_acc[fmt] for r in results.runs[k]) for k in keys]
         ax.plot(xs, means, marker=marker, label=fmt)
         for x, k in zip(xs, keys):
-            ax.scatter([x] * len(results.runs[k]), [100 * r.test_acc[fmt] for r in results.runs[k]], s=10, alpha=0.5,
+            ax.scatter([x + shift] * len(results.runs[k]), [100 * r.test_acc[fmt] for r in results.runs[k]], s=10, alpha=0.5,
                        marker=marker, color=ax.lines[-1].get_color())  # fmt: skip
     ax.set(xlabel="sparsity of the backbone's conv weights", ylabel="target test accuracy (%)",
            title="accuracy (each seed a dot)")  # fmt: skip

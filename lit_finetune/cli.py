@@ -21,7 +21,8 @@ from lightning.pytorch.utilities import rank_zero_only
 
 import lit_finetune.callbacks  # noqa: F401  (registers LayerFreezing, LRWarmup... for --trainer.callbacks)
 import lit_finetune.data  # noqa: F401  (registers the datamodules for --data)
-from lit_finetune.data.base import DatasetNotFoundError
+from lit_finetune.compress.export import ExportError
+from lit_finetune.data.base import DatasetNotFoundError, ImageDataModule
 from lit_finetune.metrics import ExtractorNotFoundError
 from lit_finetune.modules.base import TransferModule
 from lit_finetune.modules.loading import checked_module_class, read_hparams
@@ -74,13 +75,13 @@ class LitFinetuneCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         # jsonargparse reports a failed instantiation as "does not validate against any of the Union
-        # subtypes" followed by the whole namespace; a missing dataset is the user's to fix, so show
-        # its own message (which names the path) instead
+        # subtypes" followed by the whole namespace; a missing dataset or exported model is the user's to
+        # fix, so show its own message (which names the path) instead
         try:
             super().instantiate_classes()
         except Exception as err:
             cause = err
-            while cause is not None and not isinstance(cause, DatasetNotFoundError):
+            while cause is not None and not isinstance(cause, (DatasetNotFoundError, ExportError)):
                 cause = cause.__cause__ or cause.__context__
             if cause is None:
                 raise

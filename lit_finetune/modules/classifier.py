@@ -342,6 +342,11 @@ class ImageClassifier(TransferModule):
             log_image(self.trainer, "test/confusion_matrix", figure_to_array(fig))
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        probs = self(batch[0]).softmax(dim=-1)
-        confidence, label = probs.max(dim=-1)
-        return {"label": label.cpu(), "confidence": confidence.cpu()}
+        return label_and_confidence(self(batch[0]))
+
+
+def label_and_confidence(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What a classifier's ``predict_step`` returns (and :class:`~lit_finetune.callbacks.PredictionWriter` writes):
+    the most probable ``label`` and its softmax ``confidence``, on the CPU."""
+    confidence, label = logits.softmax(dim=-1).max(dim=-1)
+    return {"label": label.cpu(), "confidence": confidence.cpu()}

@@ -131,8 +131,9 @@ def build_sources(
 
     def build(name: str) -> dict:
         entry = zoo.lookup(name)
-        cached = zoo.status(entry)[0] == "ok"
         start = time.perf_counter()
+        if zoo.status(entry)[0] == "ok":  # verified (sha256, recipe): no process to start
+            return {"cached": True, "seconds": round(time.perf_counter() - start, 1), "path": str(zoo.entry_path(entry))}
         log = log_dir / f"{entry.key.replace('/', '--')}.log"
         running[entry.key] = start
         with log.open("w") as out:
@@ -148,10 +149,9 @@ def build_sources(
         if code != 0:
             raise zoo.ZooError(f"building {name} failed (exit code {code}); its output is in {log}")
         seconds = time.perf_counter() - start
-        if not cached:
-            with lock:
-                say(f"zoo: {entry.key} ready after {seconds:.0f} s")
-        return {"cached": cached, "seconds": round(seconds, 1), "path": str(zoo.entry_path(entry))}
+        with lock:
+            say(f"zoo: {entry.key} ready after {seconds:.0f} s")
+        return {"cached": False, "seconds": round(seconds, 1), "path": str(zoo.entry_path(entry))}
 
     finished = threading.Event()
 

@@ -23,6 +23,9 @@ from lit_finetune.zoo import REGISTRY, ZooEntry, ZooError, ensure, entry_dir, lo
 
 ZOO_CLI = [sys.executable, "-m", "lit_finetune.zoo"]
 VAE = "fashion-mnist-0-4/vae"  # the cheapest entry to build again
+VAE_KEY = lookup(VAE).key  # its latest version
+#: the latest version of every name: what unversioned names (the shipped configs) read, and what zoo_built builds
+LATEST = [lookup(name) for name in zoo.known_names()]
 
 
 def _zoo_cli(*args: str, **kwargs) -> subprocess.Popen:
@@ -35,6 +38,9 @@ def _zoo_cli(*args: str, **kwargs) -> subprocess.Popen:
 def test_names_versions_and_errors_that_list_the_known_names():
     latest = lookup("zoo:fashion-mnist-0-4/dcgan")
     assert latest == lookup("fashion-mnist-0-4/dcgan@v1") and latest.key == "fashion-mnist-0-4/dcgan@v1"
+    # the tour's short recipes are other names, so a name without @v<k> keeps its full recipe
+    assert lookup("fashion-mnist-0-4/dcgan-quick").config == latest.config != ()
+    assert lookup("fashion-mnist-0-4/dcgan-quick").overrides and not latest.overrides
     with pytest.raises(ZooError, match="Known names: .*fashion-mnist-0-4/classifier.*fashion-mnist/feature-extractor"):
         lookup("zoo:fashion-mnist-0-4/gan")
     with pytest.raises(ZooError, match=r"known: fashion-mnist-0-4/vae@v1"):
@@ -54,15 +60,37 @@ def test_shipped_configs_name_known_entries_not_runs_paths():
             assert value is None or zoo.is_zoo_name(value), f"{config.name}: {key}: {value}"
             if value:
                 names.add(lookup(value).name)
-    opt_in = {"fashion-mnist-5-9-50shot/classifier", "fashion-mnist-0-4/classifier-reptile"}  # a teacher, a meta source
+    # a teacher, a meta source, and the tour's short recipes
+    opt_in = {"fashion-mnist-5-9-50shot/classifier", "fashion-mnist-0-4/classifier-reptile",
+              *(e.name for e in REGISTRY if e.name.endswith("-quick"))}
     assert names == {e.name for e in REGISTRY} - opt_in
     assert (REPO / "configs" / lookup("fashion-mnist-5-9-50shot/classifier").config).is_file()
 
 
 # -- building ------------------------------------------------------------------------------------------
-def test_every_entry_builds_once_with_a_manifest(zoo_built):
-    print(f"zoo fixture: {len(REGISTRY)} smoke builds took {ZOO_BUILD_SECONDS[0]:.0f} s")
+def test_dependencies_are_pinned_to_a_version():
+    """An entry's recipe names the versions of the entries it is built from (in its overrides), so a new
+    version of a source never changes what an older name means."""
     for entry in REGISTRY:
+        names = [v for v in _values(zoo.effective_config(entry)) if zoo.is_zoo_name(v)]
+        assert all(re.search(r"@v\d+$", name) for name in names), (entry.key, names)
+    assert [d.key for d in zoo._dependencies(lookup("fashion-mnist-5-9-50shot/cdcgan@v1"))] == [
+        "fashion-mnist-0-4/dcgan@v1", "fashion-mnist/feature-extractor@v1"]  # fmt: skip
+    recipes = {e.key: zoo.recipes(e)["build"] for e in REGISTRY}
+    assert len(set(recipes.values())) == len(REGISTRY)  # a version is a recipe: no two are the same
+
+
+def _values(node: object) -> list:
+    if isinstance(node, dict):
+        return [v for value in node.values() for v in _values(value)]
+    if isinstance(node, list):
+        return [v for value in node for v in _values(value)]
+    return [node]
+
+
+def test_every_entry_builds_once_with_a_manifest(zoo_built):
+    print(f"zoo fixture: {len(LATEST)} smoke builds took {ZOO_BUILD_SECONDS[0]:.0f} s")
+    for entry in LATEST:
         assert status(entry) == ("ok", status(entry)[1]), entry.key
         manifest = json.loads((entry_dir(entry) / "manifest.json").read_text())
         config = REPO / "configs" / entry.config
@@ -75,9 +103,9 @@ def test_every_entry_builds_once_with_a_manifest(zoo_built):
     cdcgan = json.loads((entry_dir(lookup("fashion-mnist-5-9-50shot/cdcgan")) / "manifest.json").read_text())
     needs = ("fashion-mnist-0-4/dcgan@v1", "fashion-mnist/feature-extractor@v1")
     assert cdcgan["dependencies"] == {key: zoo._sha256(zoo.entry_path(lookup(key))) for key in needs}
-    before = {e.key: zoo.entry_path(e).stat().st_mtime_ns for e in REGISTRY}
+    before = {e.key: zoo.entry_path(e).stat().st_mtime_ns for e in LATEST}
     assert resolve_source("zoo:" + VAE) == str(zoo.entry_path(lookup(VAE)))
-    assert before == {e.key: zoo.entry_path(e).stat().st_mtime_ns for e in REGISTRY}  # cached: nothing rebuilt
+    assert before == {e.key: zoo.entry_path(e).stat().st_mtime_ns for e in LATEST}  # cached: nothing rebuilt
 
 
 def test_every_reader_of_a_path_takes_a_name(zoo_built):
@@ -108,7 +136,7 @@ def test_a_corrupt_entry_is_rebuilt_never_loaded(zoo_built, tmp_path, monkeypatc
     from lit_finetune.transfer import read_state_dict
 
     state = read_state_dict("zoo:" + VAE)
-    assert "zoo: building fashion-mnist-0-4/vae@v1 (corrupt: model.ckpt has sha256" in capfd.readouterr().err
+    assert f"zoo: building {VAE_KEY} (corrupt: model.ckpt has sha256" in capfd.readouterr().err
     assert loads and bytes(data) not in loads  # only the rebuilt file was read
     assert status(entry)[0] == "ok" and state and path.read_bytes() != bytes(data)
     # an unreadable manifest also reads as corrupt, and verify says so
@@ -189,7 +217,7 @@ def test_two_concurrent_builders_build_once(tmp_path, monkeypatch):
     path = str(zoo.entry_path(lookup(VAE)))
     assert [out.strip() for out, _ in outputs] == [path, path]  # stdout: the path only
     errs = [err for _, err in outputs]
-    assert sum(err.count("zoo: building fashion-mnist-0-4/vae@v1") for err in errs) == 1, errs
+    assert sum(err.count(f"zoo: building {VAE_KEY}") for err in errs) == 1, errs
     assert status(lookup(VAE))[0] == "ok"
 
 
@@ -199,7 +227,7 @@ def test_a_name_with_a_url_is_downloaded_with_its_hash_checked(zoo_built, tmp_pa
     stands in for it here. A bad hash falls back to the build, and so does offline mode."""
     monkeypatch.setenv("LIT_FINETUNE_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("LIT_FINETUNE_ZOO_OFFLINE", raising=False)
-    source = zoo_built / "zoo" / VAE / "v1" / "model.ckpt"
+    source = zoo.entry_path(lookup(VAE))
     digest = zoo._sha256(source)
     published = tmp_path / "published" / f"vae-{digest[:10]}.ckpt"
     published.parent.mkdir()
@@ -227,18 +255,19 @@ def test_a_name_with_a_url_is_downloaded_with_its_hash_checked(zoo_built, tmp_pa
 
 def test_cycles_and_failed_builds_are_errors_that_say_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("LIT_FINETUNE_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("LIT_FINETUNE_ZOO_CHAIN", f"{VAE}@v1")
-    with pytest.raises(ZooError, match="cycle: fashion-mnist-0-4/vae@v1 -> fashion-mnist-0-4/vae@v1"):
+    monkeypatch.setenv("LIT_FINETUNE_ZOO_CHAIN", VAE_KEY)
+    with pytest.raises(ZooError, match=f"cycle: {VAE_KEY} -> {VAE_KEY}"):
         ensure(lookup(VAE))
     monkeypatch.delenv("LIT_FINETUNE_ZOO_CHAIN")
     monkeypatch.setattr(zoo, "_dependencies", lambda e: [lookup("fashion-mnist-0-4/dcgan" if e.name == VAE else VAE)])
-    with pytest.raises(ZooError, match=f"cycle: {VAE}@v1 -> fashion-mnist-0-4/dcgan@v1 -> {VAE}@v1"):
+    dcgan_key = lookup("fashion-mnist-0-4/dcgan").key
+    with pytest.raises(ZooError, match=f"cycle: {VAE_KEY} -> {dcgan_key} -> {VAE_KEY}"):
         ensure(lookup(VAE))  # in one process too: A needs B needs A
     assert zoo._BUILDING == []
     monkeypatch.undo()
     monkeypatch.setenv("LIT_FINETUNE_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(zoo, "SMOKE_OVERRIDES", ("--trainer.max_epochs", "not-a-number"))
-    with pytest.raises(ZooError, match=r"(?s)Building fashion-mnist-0-4/vae@v1 failed.*lit_finetune.cli fit --config"):
+    with pytest.raises(ZooError, match=rf"(?s)Building {VAE_KEY} failed.*lit_finetune.cli fit --config"):
         ensure(lookup(VAE))
     assert status(lookup(VAE))[0] == "missing" and not any((tmp_path / "home/zoo/.builds").iterdir())
 
@@ -246,7 +275,7 @@ def test_cycles_and_failed_builds_are_errors_that_say_what_to_do(tmp_path, monke
 def test_cli_list_path_verify(zoo_built, capsys):
     assert zoo.main(["list"]) == 0
     out = capsys.readouterr().out
-    assert all(re.search(rf"zoo:{re.escape(e.key)}\s+ok", out) for e in REGISTRY), out
+    assert all(re.search(rf"zoo:{re.escape(e.key)}\s+ok", out) for e in LATEST), out
     assert zoo.main(["path", VAE]) == 0 and capsys.readouterr().out.strip() == str(zoo.entry_path(lookup(VAE)))
     assert zoo.main(["verify"]) == 0
     assert zoo.main(["path", "nope"]) == 2 and "Known names" in capsys.readouterr().err

@@ -110,11 +110,27 @@ class ZooEntry:
         return f"{self.name}@v{self.version}"
 
 
+def _pin(key: str, *names: str) -> tuple[str, ...]:
+    """Overrides that name a dependency's version: ``key`` is the config key (``--model.init_args.pretrained``)."""
+    return tuple(x for name in names for x in (key, f"{PREFIX}{name}"))
+
+
+#: "-quick" entries: the same configs on shorter schedules (overrides), so that the tour (benchmarks/tour.py) builds
+#: every source it needs in about 4 CPU minutes; the classifiers' cosine LR steps per batch over that one epoch.
+#: Separate names, not new versions: a name without @v<k> (what the shipped configs use) keeps its full recipe.
+_ONE_EPOCH = ("--trainer.max_epochs", "1", "--model.init_args.scheduler_interval", "step")
+
 REGISTRY: tuple[ZooEntry, ...] = (
     ZooEntry(
         "fashion-mnist/feature-extractor", 1, "metrics/feature_extractor.yaml",
         "a ResNet classifier on all ten Fashion-MNIST classes (best validation epoch)",
         "the feature space of FID / KID (feature_extractor of the DCGAN configs)", 10,
+    ),
+    ZooEntry(
+        "fashion-mnist/feature-extractor-quick", 1, "metrics/feature_extractor.yaml",
+        "a ResNet classifier on all ten Fashion-MNIST classes (one epoch, cosine LR per step)",
+        "the feature space of FID / KID (feature_extractor of the DCGAN configs)", 1.7,
+        overrides=(*_ONE_EPOCH, "--model.init_args.lr_scheduler.init_args.T_max", "430"),  # 430 batches
     ),
     ZooEntry(
         "fashion-mnist-0-4/classifier", 1, "classifier/pretrain_source.yaml",
@@ -130,9 +146,22 @@ REGISTRY: tuple[ZooEntry, ...] = (
         "zoo:fashion-mnist-0-4/classifier-reptile); the 'meta-learned source' arm of benchmarks/transfer_sweep.py", 6,
     ),
     ZooEntry(
+        "fashion-mnist-0-4/classifier-quick", 1, "classifier/pretrain_source.yaml",
+        "the source ResNet classifier on Fashion-MNIST classes 0-4 (one epoch, cosine LR per step)",
+        "the pretrained source of configs/classifier/finetune_target.yaml, digits_target.yaml and "
+        "augmented/classifier.yaml", 0.9,
+        overrides=(*_ONE_EPOCH, "--model.init_args.lr_scheduler.init_args.T_max", "211"),  # 211 batches
+    ),
+    ZooEntry(
         "fashion-mnist-0-4/dcgan", 1, "dcgan/pretrain.yaml",
         "the source DCGAN on Fashion-MNIST classes 0-4 (last epoch)",
         "the pretrained source of configs/dcgan/finetune*.yaml and augmented/cdcgan_target.yaml", 5,
+    ),
+    ZooEntry(
+        "fashion-mnist-0-4/dcgan-quick", 1, "dcgan/pretrain.yaml",
+        "the source DCGAN on Fashion-MNIST classes 0-4 (3 epochs, last)",
+        "the pretrained source of configs/dcgan/finetune*.yaml and augmented/cdcgan_target.yaml", 1.4,
+        overrides=("--trainer.max_epochs", "3"),
     ),
     ZooEntry(
         "fashion-mnist-0-4/vae", 1, "vae/pretrain.yaml",
@@ -140,16 +169,25 @@ REGISTRY: tuple[ZooEntry, ...] = (
         "the pretrained source of configs/vae/transfer*.yaml", 1,
     ),
     ZooEntry(
+        "fashion-mnist-0-4/vae-quick", 1, "vae/pretrain.yaml",
+        "the source VAE on Fashion-MNIST classes 0-4 (2 epochs, best validation ELBO)",
+        "the pretrained source of configs/vae/transfer*.yaml", 0.6,
+        overrides=("--trainer.max_epochs", "2", "--model.init_args.kl_warmup_steps", "200"),
+    ),
+    ZooEntry(
         "fashion-mnist-5-9-50shot/cdcgan", 1, "augmented/cdcgan_target.yaml",
         "a conditional DCGAN G(z, y) on 50 images per class of Fashion-MNIST 5-9, from the source DCGAN "
         "(lowest validation FID)",
         "the generator of configs/augmented/classifier.yaml", 3,
+        overrides=(*_pin("--model.init_args.pretrained", "fashion-mnist-0-4/dcgan@v1"),
+                   *_pin("--model.init_args.feature_extractor", "fashion-mnist/feature-extractor@v1")),
     ),
     ZooEntry(
         "fashion-mnist-5-9-50shot/classifier", 1, "classifier/finetune_target.yaml",
         "the source classifier fine-tuned on the same 50 images per class (best validation epoch)",
         "the teacher of configs/augmented/classifier.yaml's confidence filter (--model.teacher)", 3,
-        overrides=("--data.init_args.samples_per_class", "50", "--data.init_args.seed", "0"),
+        overrides=("--data.init_args.samples_per_class", "50", "--data.init_args.seed", "0",
+                   *_pin("--model.init_args.pretrained", "fashion-mnist-0-4/classifier@v1")),
     ),
 )  # fmt: skip
 
@@ -382,10 +420,30 @@ def _ensure_locked(entry: ZooEntry, reason: str, force: bool) -> Path:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _dependencies(entry: ZooEntry) -> list[ZooEntry]:
-    """Entries named (``zoo:...``) in the entry's config values, in order of appearance."""
+def effective_config(entry: ZooEntry) -> dict[str, Any]:
+    """The entry's config with its ``--a.b value`` overrides applied (values parsed as YAML, as the CLI does).
+
+    What the build trains, as far as the zoo needs to know it: which ``zoo:`` names it reads.
+    """
     import yaml
 
+    config = yaml.safe_load((configs_dir() / entry.config).read_text()) or {}
+    args = list(build_overrides(entry))
+    if len(args) % 2 or not all(k.startswith("--") for k in args[::2]):
+        raise ZooError(f"{entry.key}: overrides must be '--key value' pairs, got {args}")
+    for key, value in zip(args[::2], args[1::2]):
+        *parents, leaf = key[2:].split(".")
+        node = config
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = yaml.safe_load(value)
+    return config
+
+
+def _dependencies(entry: ZooEntry) -> list[ZooEntry]:
+    """Entries named (``zoo:...``) in the entry's config values after its overrides, in order of appearance."""
     found: list[ZooEntry] = []
 
     def walk(value: object) -> None:
@@ -398,7 +456,7 @@ def _dependencies(entry: ZooEntry) -> list[ZooEntry]:
         elif is_zoo_name(value) and lookup(value) not in found:
             found.append(lookup(value))
 
-    walk(yaml.safe_load((configs_dir() / entry.config).read_text()))
+    walk(effective_config(entry))
     return found
 
 

@@ -221,8 +221,10 @@ def _fit(tmp_path, fashion_root, max_epochs=2, max_steps=-1, ckpt_path=None, alg
                    val_episodes=2)  # fmt: skip
     trainer = quiet_trainer(
         tmp_path, max_epochs=max_epochs, max_steps=max_steps, deterministic=True, plugins=[AtomicCheckpointIO()],
-        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, monitor="val/acc", mode="max",
-                                   filename="best")],
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/acc", mode="max", filename="best"),
+                   # last.ckpt after every step, so a run stopped mid-epoch (max_steps) leaves its resume point
+                   ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last", every_n_train_steps=1,
+                                   enable_version_counter=False)],
     )  # fmt: skip
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     return model

@@ -64,7 +64,7 @@ difference isolates what the larger validation set buys.
     python benchmarks/transfer_sweep.py --profile full                        # GPU: more steps and seeds
     python benchmarks/transfer_sweep.py --pretrained path/to/source.ckpt      # skip the pretraining
     python benchmarks/transfer_sweep.py --meta-pretrained path/to/meta.ckpt   # skip the meta-pretraining
-    python benchmarks/transfer_sweep.py --arms bn_only lora --seeds 0 --shots 20  # a piece: some arms (+ full fine-tune)
+    python benchmarks/transfer_sweep.py --arms bn_only lora --seeds 0 --shots 20  # a piece: some arms + full FT
 """
 
 from __future__ import annotations

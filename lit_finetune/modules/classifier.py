@@ -16,13 +16,13 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_finetune.callbacks.freezing import LayerFreezing
 from lit_finetune.callbacks.image_logging import figure_to_array, log_image
 from lit_finetune.checkpoint_io import atomic_write
 from lit_finetune.modules.base import TransferModule
 from lit_finetune.nets.resnet import TORCHVISION_RESNETS, build_resnet, normalize_input
 from lit_finetune.transfer.l2sp import L2SP
 from lit_finetune.transfer.param_groups import block_groups, module_group, trainable_only, weight_decay_groups
-from lit_finetune.callbacks.freezing import LayerFreezing
 from lit_finetune.transfer.peft import PEFT, delta_state_dict, merge_into_state
 from lit_finetune.transfer.pretrained import LoadReport, is_torchvision_weight_name, load_pretrained, read_state_dict
 

@@ -64,6 +64,7 @@ difference isolates what the larger validation set buys.
     python benchmarks/transfer_sweep.py --profile full                        # GPU: more steps and seeds
     python benchmarks/transfer_sweep.py --pretrained path/to/source.ckpt      # skip the pretraining
     python benchmarks/transfer_sweep.py --meta-pretrained path/to/meta.ckpt   # skip the meta-pretraining
+    python benchmarks/transfer_sweep.py --arms bn_only lora --seeds 0 --shots 20  # a piece: some arms + full FT
 """
 
 from __future__ import annotations
@@ -339,6 +340,17 @@ def train_arm(
     return Run(trainer.global_step, select.batches, test_acc, chosen, backbone_change, anchor)
 
 
+def selected_arms(names: Sequence[str] | None) -> list[str] | None:
+    """The arms a piece runs, in ``ARMS`` order, with full fine-tuning (every paired comparison's base);
+    ``None`` (all arms) for no selection."""
+    if not names:
+        return None
+    unknown = sorted(set(names) - set(ARMS))
+    if unknown:
+        raise ValueError(f"unknown arms {unknown}; choose from {list(ARMS)}")
+    return [a for a in ARMS if a in names or a == "finetune"]
+
+
 def run_sweep(
     profile: Profile,
     pretrained: str,
@@ -495,9 +507,11 @@ def markdown(results: Results, profile_name: str, profile: Profile, where: str, 
         "`resnet_small`; every arm of a cell ran the same optimizer steps on the same batches (checked). "
         f"Per cell: {per_cell}. Validation at {profile.evals} evenly spaced steps per run; the best-on-validation "
         f"state was tested on the full target test split. L2-SP α {ARMS['l2sp'].l2sp_alpha}; discriminative LR: "
-        f"backbone at {ARMS['dlr'].backbone_lr_ratio}x the head's LR. Linear probe backbone bit-identical to the "
-        f"source after training: {'yes' if probe_ok else 'NO'}; L2-SP anchor equal to the source weights: "
-        f"{'yes' if anchor_ok else 'NO'}. Source{'s' if 'meta-learned' in source else ''}: Fashion-MNIST classes 0-4, "
+        f"backbone at {ARMS['dlr'].backbone_lr_ratio}x the head's LR. "
+        + (f"Linear probe backbone bit-identical to the source after training: {'yes' if probe_ok else 'NO'}; "
+           if "probe" in arms else "")
+        + (f"L2-SP anchor equal to the source weights: {'yes' if anchor_ok else 'NO'}. " if "l2sp" in arms else "")
+        + f"Source{'s' if 'meta-learned' in source else ''}: Fashion-MNIST classes 0-4, "
         f"{source}. "
         f"Measured on {where}; {minutes}.",
         "",
@@ -714,6 +728,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--meta-pretrained", help="meta-learned source checkpoint to use instead of meta-pretraining one")
     parser.add_argument("--seeds", type=int, nargs="+", help="run only these seeds (a piece of the profile)")
     parser.add_argument("--shots", type=int, nargs="+", help="run only these N of the profile (a piece)")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS),
+                        help="run only these arms (a piece), with full fine-tuning always (the paired base)")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="PIECE_JSON",
                         help="merge pieces' transfer_sweep.json (same commit and profile) into one table; runs nothing")
     parser.add_argument("--fashion-root", help="folder with the Fashion-MNIST IDX files (default: Debian's copy)")
@@ -730,6 +746,7 @@ def main(argv: list[str] | None = None) -> None:
         if not set(args.shots) <= set(profile.shots):
             parser.error(f"--shots must be among the profile's {list(profile.shots)}")
         profile = dataclasses.replace(profile, shots=tuple(n for n in profile.shots if n in args.shots))
+    arms = selected_arms(args.arms)
     warnings.filterwarnings("ignore")
     import lightning.pytorch  # noqa: F401  (sets its own log level on import; quiet it afterwards)
     import torch
@@ -748,7 +765,9 @@ def main(argv: list[str] | None = None) -> None:
         source = f"{profile.pretrain_epochs} epochs of `pretrain_source.yaml` ({took:.1f} min)"
         print(f"  -> {pretrained} ({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
         source = source.replace(" min)", f" min; {source_cost(pretrained)})")
-    if args.meta_pretrained:
+    if arms is not None and "meta" not in arms:
+        meta_pretrained = None  # no arm needs it
+    elif args.meta_pretrained:
         meta_pretrained = args.meta_pretrained
         source += f"; meta-learned source: given checkpoint `{Path(args.meta_pretrained).name}`"
     else:
@@ -759,7 +778,7 @@ def main(argv: list[str] | None = None) -> None:
         source += (f"; meta-learned source: {epochs} epochs of `meta_pretrain_source.yaml` ({took:.1f} min; "
                    f"{source_cost(meta_pretrained)})")  # fmt: skip
         print(f"  -> {meta_pretrained} ({took:.1f} min)", flush=True)
-    results = run_sweep(profile, pretrained, fashion_root=args.fashion_root, meta_pretrained=meta_pretrained)
+    results = run_sweep(profile, pretrained, arms, fashion_root=args.fashion_root, meta_pretrained=meta_pretrained)
     minutes = (
         f"{(time.perf_counter() - start) / 60:.1f} min in all (this process's own CPU time "
         f"{(time.process_time() - cpu_start) / 60:.1f} min; 1-minute load average {load_start:.1f} at start, "
@@ -772,6 +791,8 @@ def main(argv: list[str] | None = None) -> None:
         where = where.replace("CPU only", f"CPU only, {profile.threads} torch thread(s)")
     text = markdown(results, args.profile, profile, where, minutes, source)
     config = {"profile": args.profile, **provenance.settings(PROFILES[args.profile], "seeds", "shots")}
+    if arms is not None:  # pieces of other arm sets do not merge into one table
+        config["arms"] = arms
     run.write(args.results / "transfer_sweep.md", text,
               {"source checkpoint": pretrained, "meta-learned source checkpoint": meta_pretrained},
               data={"results": results, "seeds": list(profile.seeds), "source": source, "where": where}, config=config)

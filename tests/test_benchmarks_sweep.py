@@ -178,3 +178,10 @@ def test_meta_arm_needs_its_source_and_the_meta_pretraining_recipe(sweep, source
     save_lightning_checkpoint(ImageClassifier(num_classes=5), tmp_path / "sup" / "last.ckpt")
     assert sweep.source_cost(str(tmp_path / "sup" / "best.ckpt")) == "0 optimizer steps of 128 images, about 0 images"
 
+
+
+def test_a_piece_of_some_arms_keeps_the_paired_base(sweep) -> None:
+    assert sweep.selected_arms(None) is None
+    assert sweep.selected_arms(["lora", "bn_only"]) == ["finetune", "bn_only", "lora"]  # ARMS order, base added
+    with pytest.raises(ValueError, match="unknown arms"):
+        sweep.selected_arms(["lora", "prefix"])

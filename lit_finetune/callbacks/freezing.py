@@ -28,6 +28,10 @@ as Lightning's ``BaseFinetuning`` docs show) miss the frozen modules. Those para
 added as a new named group when their module unfreezes (``BaseFinetuning``'s own way, which
 also restores such groups on resume). A learning-rate scheduler cannot follow a group added
 mid-run, so that combination stops at fit start with a message saying what to change.
+
+Parameters a module fixes by design stay frozen: any submodule with a ``fixed_parameters()`` method
+(e.g. :class:`~lit_finetune.transfer.peft.PEFT`, which trains only a selection of the backbone) lists
+parameters that unfreezing leaves alone, so a freeze phase composes with parameter-efficient fine-tuning.
 """
 
 from __future__ import annotations
@@ -45,6 +49,11 @@ from lit_finetune.transfer.lr_factors import install_lr_factor_hooks, set_lr_fac
 
 def _optimizer_param_ids(optimizer: Optimizer) -> set[int]:
     return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def fixed_parameter_ids(pl_module: nn.Module) -> set[int]:
+    """Ids of the parameters that ``pl_module``'s submodules fix by design (``fixed_parameters()``)."""
+    return {id(p) for m in pl_module.modules() if hasattr(m, "fixed_parameters") for p in m.fixed_parameters()}
 
 
 def get_submodule(pl_module: nn.Module, name: str) -> nn.Module:
@@ -113,6 +122,10 @@ class LayerFreezing(BaseFinetuning):
         elif not frozen:
             self.make_trainable(module)
             module.train(pl_module.training)  # frozen BatchNorm layers were put in eval mode
+        fixed = fixed_parameter_ids(pl_module)
+        for p in module.parameters():
+            if id(p) in fixed:  # fixed by design (e.g. outside a PEFT selection): unfreezing and train_bn leave them
+                p.requires_grad_(False)
         self._frozen_param_ids = {
             id(p)
             for n in self.module_names
@@ -171,7 +184,7 @@ class LayerFreezing(BaseFinetuning):
         self._mark_groups(pl_module, optimizer)
 
     def _missing_params(self, pl_module: L.LightningModule, name: str, optimizer: Optimizer) -> list:
-        present = _optimizer_param_ids(optimizer)
+        present = _optimizer_param_ids(optimizer) | fixed_parameter_ids(pl_module)
         return [p for p in get_submodule(pl_module, name).parameters() if id(p) not in present]
 
     def _add_missing_group(self, pl_module: L.LightningModule, name: str, optimizer: Optimizer) -> None:
@@ -185,6 +198,7 @@ class LayerFreezing(BaseFinetuning):
         self._adds_groups_to = None
         to_unfreeze = [n for n, m in zip(self.module_names, self.milestones) if m is not None]
         all_ids = set().union(*(_optimizer_param_ids(o) for o in trainer.optimizers)) if trainer.optimizers else set()
+        all_ids |= fixed_parameter_ids(pl_module)  # they never train, so no optimizer needs them
         lacking = [
             n for n in to_unfreeze if any(id(p) not in all_ids for p in get_submodule(pl_module, n).parameters())
         ]

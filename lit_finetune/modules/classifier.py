@@ -16,14 +16,15 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_finetune.callbacks.freezing import LayerFreezing
 from lit_finetune.callbacks.image_logging import figure_to_array, log_image
 from lit_finetune.checkpoint_io import atomic_write
 from lit_finetune.modules.base import TransferModule
 from lit_finetune.nets.resnet import TORCHVISION_RESNETS, build_resnet, normalize_input
 from lit_finetune.transfer.l2sp import L2SP
 from lit_finetune.transfer.param_groups import block_groups, module_group, trainable_only, weight_decay_groups
-from lit_finetune.transfer.peft import PEFT, delta_state_dict, trainable_parameter_count
-from lit_finetune.transfer.pretrained import LoadReport, is_torchvision_weight_name, load_pretrained
+from lit_finetune.transfer.peft import PEFT, delta_state_dict, merge_into_state
+from lit_finetune.transfer.pretrained import LoadReport, is_torchvision_weight_name, load_pretrained, read_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -83,8 +84,11 @@ class ImageClassifier(TransferModule):
             The resolved statistics are buffers, so they travel in every checkpoint.
         peft: parameter-efficient fine-tuning of the backbone: ``bn_only``, ``bitfit``, ``adapters`` or
             ``lora`` (see :mod:`lit_finetune.transfer.peft`); ``None`` trains everything. The head always
-            trains. The selection is fixed from the first step: do not also freeze the backbone with
-            ``LayerFreezing``. :meth:`save_delta` stores only what trained.
+            trains. The selection is fixed from the first step; ``LayerFreezing`` composes with it (what it
+            unfreezes is the selection, e.g. head alone first, then the PEFT parameters: name ``peft`` too to
+            hold back adapters / LoRA). With ``l2sp_alpha`` the penalty covers the added modules' weight
+            updates too. :meth:`save_delta` stores only what trained. A PEFT model's checkpoint given as
+            ``pretrained`` loads with its updates merged into the weights.
         peft_rank, peft_alpha: LoRA's rank and scale numerator (default ``alpha = rank``).
         optimizer, lr_scheduler, scheduler_interval, scheduler_monitor, compile_mode: see :class:`TransferModule`.
     """
@@ -149,7 +153,8 @@ class ImageClassifier(TransferModule):
         # a torchvision source and the small-input stem: the stem is new (not loaded), so it must train
         new_stem = ("conv1",) if pretrained and is_torchvision_weight_name(pretrained) and self.small_input else ()
         self.peft = PEFT(self.backbone, peft, peft_rank, peft_alpha, trainable=new_stem) if peft else None
-        self.l2sp = L2SP(self.backbone, l2sp_alpha) if l2sp_alpha > 0 else None
+        # under peft only what trains is anchored: the rest never moves, so its terms are 0
+        self.l2sp = L2SP(self.backbone, l2sp_alpha, trainable_only=peft is not None) if l2sp_alpha > 0 else None
 
         metrics = MetricCollection(
             {
@@ -184,9 +189,14 @@ class ImageClassifier(TransferModule):
         # a head of another size (load_head) too: "when its shape fits"
         adapt = {name: ("per channel", _stats_to_channels) for name in INPUT_STATS}
         skip = ["head.", *(["backbone.conv1."] if self.small_input else [])]
+        state: str | dict[str, torch.Tensor] = source
+        if not weight_name:  # a PEFT model's checkpoint: its updates into its weights, as the model computes
+            state, merged = merge_into_state(read_state_dict(source))
+            if merged:
+                rank_zero_info(f"{source}: merged {merged} parameter-efficient updates into the source's weights")
         report = load_pretrained(
-            self, source, key_map=TORCHVISION_KEY_MAP, arch=self.hparams.backbone, exclude=exclude, adapt=adapt,
-            skip_mismatched=skip,
+            self, state, key_map=TORCHVISION_KEY_MAP, arch=self.hparams.backbone, exclude=exclude, adapt=adapt,
+            skip_mismatched=skip, label=source,
         )  # fmt: skip
         if weight_name and self.hparams.input_normalization == "auto":
             for name, stats in zip(INPUT_STATS, (IMAGENET_MEAN, IMAGENET_STD)):
@@ -210,13 +220,26 @@ class ImageClassifier(TransferModule):
         groups = [module_group(self.head, "head"), *block_groups(self.backbone, "backbone", ratio, decay)]
         if self.peft is not None:  # only what PEFT trains, plus its added modules at the head's LR
             groups = trainable_only([*groups, module_group(self.peft, "peft")])
-        return weight_decay_groups(groups, anchored=["backbone"] if self.l2sp is not None else [])
+        # L2-SP anchors the backbone and, under peft, the added modules' updates (l2sp_penalty)
+        return weight_decay_groups(groups, anchored=["backbone", "peft"] if self.l2sp is not None else [])
+
+    def l2sp_penalty(self) -> torch.Tensor:
+        """L2-SP's ``alpha/2 sum ||theta - theta_0||^2`` over the effective backbone weights: the backbone's
+        own and, under ``peft``, the updates adapters / LoRA add to them (``||delta W||^2``), which would
+        otherwise escape it (their base weights never move)."""
+        assert self.l2sp is not None
+        penalty = self.l2sp()
+        if self.peft is not None and self.peft.added:
+            penalty = penalty + 0.5 * self.l2sp.alpha * self.peft.update_sq_norm()
+        return penalty
 
     # -- parameter-efficient fine-tuning ---------------------------------------------------------
     @property
     def trainable_parameters(self) -> int:
-        """Elements of the parameters that train (all of them without ``peft``)."""
-        return trainable_parameter_count(self)
+        """Elements of the parameters that fine-tuning trains: all of them without ``peft``, else the head and
+        the PEFT selection (whatever a freezing callback holds back for a while)."""
+        total = sum(p.numel() for p in self.parameters())
+        return total - (self.peft.fixed_count if self.peft is not None else 0)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -230,11 +253,14 @@ class ImageClassifier(TransferModule):
     def save_delta(self, path: str | Path) -> Path:
         """Write only what fine-tuning changed (trained parameters and buffers) with the hyper-parameters that
         rebuild the rest from the source; :meth:`from_delta` reads it back. Written atomically."""
-        state = {
-            "lit_finetune_delta": 1,
-            "hyper_parameters": dict(self.hparams),
-            "state_dict": delta_state_dict(self),
-        }
+        fixed = self.peft.fixed_parameters() if self.peft is not None else []
+        # the L2-SP anchor is the source's weights: rebuilt from the source by from_delta
+        delta = delta_state_dict(self, fixed=fixed, exclude=["l2sp."])
+        if self.peft is not None and self.peft.merged:
+            # the stored updates are the unmerged ones (merged base weights are not stored): the model
+            # rebuilt on the source's weights must add them
+            delta["peft.merged_flag"] = torch.zeros((), dtype=torch.bool)
+        state = {"lit_finetune_delta": 1, "hyper_parameters": dict(self.hparams), "state_dict": delta}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda f: torch.save(state, f))
@@ -268,11 +294,13 @@ class ImageClassifier(TransferModule):
         super().setup(stage)
         if self.peft is not None and stage == "fit":
             for callback in self.trainer.callbacks:
-                names = getattr(callback, "module_names", ())
-                if isinstance(callback, BaseFinetuning) and any(n == "backbone" or n.startswith("backbone.") for n in names):
+                # LayerFreezing leaves PEFT's fixed parameters frozen when it unfreezes; other BaseFinetuning
+                # callbacks (e.g. BackboneFinetuning) make a whole module trainable and would undo the selection
+                if isinstance(callback, BaseFinetuning) and not isinstance(callback, LayerFreezing):
                     raise ValueError(
                         f"ImageClassifier(peft={self.hparams.peft!r}) decides what trains in the backbone from the first "
-                        f"step; remove the {type(callback).__name__} callback that freezes {names} (or set peft=None)."
+                        f"step, and {type(callback).__name__} would make all of a module trainable when it unfreezes: "
+                        "use lit_finetune.callbacks.LayerFreezing (which keeps the selection) or set peft=None."
                     )
         dm = getattr(self.trainer, "datamodule", None)
         if getattr(dm, "class_names", None):
@@ -298,7 +326,7 @@ class ImageClassifier(TransferModule):
         data_loss = loss.detach()
         self.log_train_step(lambda: {"train/loss": data_loss}, batch_idx, prog_bar=True)
         if self.l2sp is not None:
-            penalty = self.l2sp()
+            penalty = self.l2sp_penalty()
             l2sp = penalty.detach()
             self.log_train_step(lambda: {"train/l2sp": l2sp}, batch_idx)
             loss = loss + penalty

@@ -16,7 +16,13 @@ from lit_finetune.transfer.param_groups import (
     trainable_only,
     weight_decay_groups,
 )
-from lit_finetune.transfer.peft import PEFT, PEFT_METHODS, delta_state_dict, trainable_parameter_count
+from lit_finetune.transfer.peft import (
+    PEFT,
+    PEFT_METHODS,
+    delta_state_dict,
+    merge_into_state,
+    trainable_parameter_count,
+)
 from lit_finetune.transfer.pretrained import (
     LoadReport,
     PretrainedLoadError,
@@ -41,6 +47,7 @@ __all__ = [
     "install_lr_scale",
     "is_torchvision_weight_name",
     "load_pretrained",
+    "merge_into_state",
     "module_group",
     "read_state_dict",
     "set_lr_factor",

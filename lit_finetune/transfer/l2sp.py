@@ -13,12 +13,16 @@ class L2SP(nn.Module):
     persistent buffers: a checkpoint carries its anchor, so a resumed or re-loaded module
     regularises toward the same point without the pretrained file. Call :meth:`reset_anchor`
     right after loading pretrained weights. ``alpha=0`` disables the term.
+
+    With ``trainable_only`` only the parameters that require gradients when it is built are anchored
+    (e.g. under parameter-efficient fine-tuning, whose frozen parameters never move: their terms are 0,
+    and their anchors would only take memory and checkpoint space).
     """
 
-    def __init__(self, module: nn.Module, alpha: float) -> None:
+    def __init__(self, module: nn.Module, alpha: float, trainable_only: bool = False) -> None:
         super().__init__()
         self.alpha = float(alpha)
-        self._params = dict(module.named_parameters())
+        self._params = {n: p for n, p in module.named_parameters() if p.requires_grad or not trainable_only}
         self._names = list(self._params)
         for i, param in enumerate(self._params.values()):
             self.register_buffer(f"anchor_{i}", param.detach().clone())

@@ -264,6 +264,7 @@ def load_pretrained(
     adapt: Mapping[str, Adapter] | None = None,
     skip_mismatched: bool | Sequence[str] = False,
     min_loaded_share: float = MIN_LOADED_SHARE,
+    label: str | None = None,
 ) -> LoadReport:
     """Load what fits from ``source`` into ``model`` and report every key.
 
@@ -286,9 +287,10 @@ def load_pretrained(
             as skipped and keep the fresh init; any other mismatch raises :class:`PretrainedLoadError`.
         min_loaded_share: raise when less than this share of the model's parameters (excluded keys
             not counted) is loaded or adapted: a source of other sizes would otherwise load almost nothing.
+        label: how the report and errors name a state-dict ``source`` (e.g. the file it was read from).
     """
     if isinstance(source, Mapping):
-        state, label = dict(source), "<state dict>"
+        state, label = dict(source), label or "<state dict>"
     elif is_torchvision_weight_name(str(source)):
         if arch is None:
             raise PretrainedLoadError(f"Weight name {source!r} needs a torchvision architecture (arch=...).")

@@ -226,9 +226,9 @@ def test_two_concurrent_builders_build_once(tmp_path, monkeypatch):
 def test_a_name_with_a_url_is_downloaded_with_its_hash_checked(zoo_built, tmp_path, monkeypatch, capfd):
     """With a network a name maps to published weights (torch.hub, check_hash, weights_only); a file URL
     stands in for it here. A bad hash falls back to the build, and so does offline mode."""
+    source = zoo.entry_path(lookup(VAE))  # in the session's built home, before the switch to an empty one
     monkeypatch.setenv("LIT_FINETUNE_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("LIT_FINETUNE_ZOO_OFFLINE", raising=False)
-    source = zoo.entry_path(lookup(VAE))
     digest = zoo._sha256(source)
     published = tmp_path / "published" / f"vae-{digest[:10]}.ckpt"
     published.parent.mkdir()

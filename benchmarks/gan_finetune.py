@@ -119,6 +119,7 @@ class Arm:
     config: str
     pretrained: bool
     diffaugment: bool
+    overrides: tuple[str, ...] = ()  # command-line overrides of the config (an ablation's switches)
 
     @property
     def key(self) -> str:
@@ -147,7 +148,12 @@ REGULARISER_ARMS = [
     Arm("CDC + DiffAugment", "finetune_cdc.yaml", True, True),
     Arm("EWC + DiffAugment", "finetune_ewc.yaml", True, True),
 ]
-ALL_ARMS = ARMS + REGULARISER_ARMS
+#: CDC's two parts alone (``--arms``): which of them does what
+CDC_ABLATION_ARMS = [
+    Arm("CDC loss only + DiffAugment", "finetune_cdc.yaml", True, True, ("--model.init_args.cdc_patch_block", "null")),
+    Arm("CDC patch D only + DiffAugment", "finetune_cdc.yaml", True, True, ("--model.init_args.cdc_weight", "0")),
+]
+ALL_ARMS = ARMS + REGULARISER_ARMS + CDC_ABLATION_ARMS
 #: ``--fewshot``: the regularisers against the two baselines they must beat, at 10 and 100 target images
 FEWSHOT_ARMS = [next(a for a in ARMS if a.name == n) for n in ("TransferGAN + DiffAugment", "FreezeD + DiffAugment")]
 FEWSHOT_ARMS += REGULARISER_ARMS
@@ -251,6 +257,7 @@ def run_arm(
         "--data.init_args.samples_per_class", str(images // len(TARGET_CLASSES)),
         # CDC's anchors: one per training image, as the reference code (n_train)
         *(["--model.init_args.cdc_anchors", str(images)] if arm.cdc else []),
+        *arm.overrides,
         *extra,
     ]  # fmt: skip
     with working_dir(workdir):
@@ -606,7 +613,7 @@ def fewshot_figure(results: dict[int, dict[str, list[ArmResult]]], path: Path, t
                 for name in names
             ]
             ax.barh(range(len(names)), [m for m, _ in stats], xerr=[sd for _, sd in stats], capsize=3,
-                    color=["#4c72b0", "#dd8452", "#55a868", "#c44e52"][: len(names)])  # fmt: skip
+                    color=["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860"][: len(names)])  # fmt: skip
             if metric == "intra_cluster_distance":
                 real = [r.intra_cluster_distance_real for runs in results[n].values() for r in runs]
                 real = [v for v in real if v is not None]
@@ -621,6 +628,57 @@ def fewshot_figure(results: dict[int, dict[str, list[ArmResult]]], path: Path, t
     plt.close(fig)
 
 
+#: the seed of the run that sizes the regularisers (not a benchmark seed)
+CALIBRATION_SEED = 100
+
+
+def regulariser_scales(source: Path, steps: int, workdir: Path, extra: list[str] = ()) -> dict[str, float]:
+    """How large EWC's and CDC's terms are where plain fine-tuning ends: training quantities only, no test metric.
+
+    Fits TransferGAN + DiffAugment (``finetune.yaml``) for ``steps`` generator steps on 100 target images with
+    seed :data:`CALIBRATION_SEED`, then measures, against the source: ``sum F (theta - theta_src)^2`` over G
+    (Fisher as ``finetune_ewc.yaml`` estimates it; EWC's penalty is lambda times this), CDC's loss at the
+    reference weight 1000 (mean over 20 batches of the config's 4 extra samples) and the generator's last
+    adversarial loss. ``finetune_ewc.yaml``'s lambda = 20 was set from this measurement (so the penalty is
+    about the adversarial loss there) before any arm was tested; every run re-measures it.
+    """
+    import inspect
+
+    from lit_finetune import DCGAN
+    from lit_finetune.cli import cli_main
+
+    args = [
+        "--config", str(CONFIGS / "dcgan/finetune.yaml"), *QUIET, "--seed_everything", str(CALIBRATION_SEED),
+        "--data.init_args.seed", str(CALIBRATION_SEED), "--data.init_args.samples_per_class", "20",
+        "--model.init_args.conditional", "true", "--model.init_args.pretrained", str(source),
+        "--model.init_args.feature_extractor", "null", "--trainer.max_steps", str(2 * steps),
+        "--trainer.max_epochs", "-1", "--trainer.limit_val_batches", "0", *extra,
+    ]  # fmt: skip
+    with working_dir(workdir):
+        cli = cli_main(["fit", *args])
+    fitted = cli.model
+    names = set(inspect.signature(DCGAN).parameters)
+    hparams = {k: v for k, v in fitted.hparams.items() if k in names}
+    probe = DCGAN(**{**hparams, "ewc_generator": 1.0, "cdc_weight": 1000.0, "feature_extractor": None})
+    probe.load_pretrained_weights()  # the source's G and D: Fisher, anchors, CDC's frozen copy
+    probe.generator.load_state_dict(fitted.generator.state_dict())
+    probe.train()
+    rng = torch.Generator().manual_seed(0)
+    n, k, classes = 50, probe.hparams.cdc_batch, probe.hparams.num_classes
+    cdc = []
+    with torch.no_grad():
+        for _ in range(20):
+            z = torch.randn(n + k, probe.hparams.latent_dim, generator=rng)
+            y = torch.randint(classes, (n + k,), generator=rng)
+            _, features = probe.generator(z, y, return_features=True)
+            layer = torch.randint(len(features), (k,), generator=rng)
+            cdc.append(float(probe.cdc(features, z, y, layer, rows=slice(n, None))))
+    return {
+        "ewc_sum_f_dtheta2": float(probe.ewc_g().detach()), "cdc_loss_weight_1000": statistics.mean(cdc),
+        "g_loss": float(cli.trainer.callback_metrics["train/g_loss"]), "seed": CALIBRATION_SEED, "steps": steps,
+    }  # fmt: skip
+
+
 def fewshot_main(args: argparse.Namespace, run: provenance.Run, seeds: list[int], steps: int, profile: dict) -> None:
     """``--fewshot``: the regularisers and their baselines at each N; writes ``<name>.md`` / ``.json`` / ``.png``."""
     torch.set_num_threads(args.threads)
@@ -629,6 +687,9 @@ def fewshot_main(args: argparse.Namespace, run: provenance.Run, seeds: list[int]
         raise SystemExit("--fewshot compares arms fine-tuned from one source: give --extractor and --source")
     start = time.perf_counter()
     arms = [a for a in ALL_ARMS if a.name in args.arms] if args.arms else FEWSHOT_ARMS
+    print(f"[calibration] TransferGAN + DiffAugment, seed {CALIBRATION_SEED}, 100 images", flush=True)
+    scales = regulariser_scales(args.source, steps, args.workdir / "calibration", profile.get("arm_args", []))
+    print(f"      {scales}", flush=True)
     results: dict[int, dict[str, list[ArmResult]]] = {}
     for n in args.images:
         print(f"[N={n}] {len(arms)} arms x seeds {seeds}, {steps} generator steps each", flush=True)
@@ -648,11 +709,13 @@ def fewshot_main(args: argparse.Namespace, run: provenance.Run, seeds: list[int]
         "with std 0.1, one anchor per training image, patch D on the last 7x7 map) and EWC (`finetune_ewc.yaml`: "
         "lambda 20, Fisher from 512 samples). The final EMA generator is tested on "
         f"{n_test:,} target test images with as many class-matched samples (FID, KID, intra-cluster diversity in "
-        "the penultimate features of the in-project extractor; comparable only inside this project). EWC's lambda "
-        "was fixed before any arm was tested, from training quantities only: sum F (theta - theta_src)^2 = 0.045 "
-        "where a TransferGAN + DiffAugment run of seed 100 (not a benchmark seed; N = 100, 300 G steps) ends, so "
-        "lambda = 20 makes the penalty about the generator's adversarial loss (1) there; CDC's loss at the reference "
-        "weight was 0.024 at the same point. "
+        "the penultimate features of the in-project extractor; comparable only inside this project). "
+        "How large the regularisers are (training quantities only, no test metric): where plain fine-tuning "
+        f"(TransferGAN + DiffAugment, seed {CALIBRATION_SEED}, not a benchmark seed, N = 100, {steps} G steps) ends, "
+        f"sum F (theta - theta_src)^2 = {scales['ewc_sum_f_dtheta2']:.3f}, so EWC's lambda = 20 (set from a first "
+        "measurement of this kind, 0.045, before any arm was tested) makes a penalty of "
+        f"{20 * scales['ewc_sum_f_dtheta2']:.2f} there, against an adversarial generator loss of "
+        f"{scales['g_loss']:.2f}; CDC's loss at the reference weight is {scales['cdc_loss_weight_1000']:.3f} there. "
         f"Measured on {machine()}, {torch.get_num_threads()} torch thread(s); {minutes:.1f} min in all"
         f"{'' if not args.no_raw_generator else ' (the raw-generator test skipped)'}."
     )
@@ -663,7 +726,8 @@ def fewshot_main(args: argparse.Namespace, run: provenance.Run, seeds: list[int]
     config = {"profile": args.profile, "steps": steps, "images": args.images, "arms": [a.name for a in arms],
               "raw_generator": not args.no_raw_generator}  # fmt: skip
     run.write(args.results / f"{name}.md", text, {"feature extractor": args.extractor, "source DCGAN": args.source},
-              data={"results": results, "seeds": seeds, "setup": setup, "title": title}, config=config)  # fmt: skip
+              data={"results": results, "seeds": seeds, "setup": setup, "title": title, "scales": scales},
+              config=config)  # fmt: skip
     fewshot_figure(results, args.results / f"{name}.png", title)
     print(f"wrote {args.results / name}.md and .png")
 

@@ -63,6 +63,9 @@ def test_regulariser_arms_come_from_their_configs():
     assert all((REPO / "configs/dcgan" / a.config).is_file() and a.pretrained for a in bench.REGULARISER_ARMS)
     assert [a.name for a in bench.FEWSHOT_ARMS] == [*bench.FEWSHOT_BASELINES, "CDC + DiffAugment", "EWC + DiffAugment"]
     assert bench.FEWSHOT_IMAGES == (10, 100)
+    loss_only, patch_only = bench.CDC_ABLATION_ARMS  # CDC's parts alone: the config with one part switched off
+    assert loss_only.overrides == ("--model.init_args.cdc_patch_block", "null") and loss_only.cdc
+    assert patch_only.overrides == ("--model.init_args.cdc_weight", "0") and patch_only.cdc
 
 
 def _fake_result(fid: float, intra: float, **kwargs) -> bench.ArmResult:
@@ -216,6 +219,8 @@ def test_fewshot_pieces_run_every_arm_record_diversity_and_merge(tmp_path):
         bench.main(argv)
         assert_provenance(out / "gan_fewshot.md", "gan_finetune.py", {"feature extractor": extractor, "source DCGAN": source})
         pieces.append(out / "gan_fewshot.json")
+    scales = json.loads(pieces[0].read_text())["data"]["scales"]  # the regularisers' size where plain fine-tuning ends
+    assert scales["ewc_sum_f_dtheta2"] > 0 and scales["cdc_loss_weight_1000"] >= 0 and scales["seed"] == 100
     data = json.loads(pieces[0].read_text())["data"]["results"]["10"]
     assert list(data) == [a.name for a in bench.FEWSHOT_ARMS]
     for arm, (run,) in data.items():

@@ -81,6 +81,10 @@ def test_fisher_is_the_mean_squared_per_sample_gradient_of_log_d_g_z():
             expected[n] += p.grad**2 / 12
     for n in expected:
         assert torch.allclose(fisher[n], expected[n], rtol=1e-4, atol=1e-14), n
+    generator.train(), discriminator.train()
+    with torch.inference_mode():  # where Lightning tests and validates (a module reading its source at test start)
+        again = generator_fisher(generator, discriminator, 16, num_samples=12, num_classes=5, seed=3)
+    assert all(torch.equal(again[n], fisher[n]) for n in fisher)
 
 
 def test_ewc_refuses_to_run_without_a_fisher():

@@ -80,10 +80,11 @@ def _fake_result(fid: float, intra: float, **kwargs) -> bench.ArmResult:
 def test_fewshot_verdicts_pair_by_seed_with_holm_over_the_family():
     base = {"TransferGAN + DiffAugment": [30.0, 40.0, 35.0], "FreezeD + DiffAugment": [31.0, 41.0, 33.0]}
     regs = {"CDC + DiffAugment": [29.0, 38.0, 34.5], "EWC + DiffAugment": [30.0, 40.0, 35.0]}
+    arms = {**base, **regs}
     results = {
-        n: {arm: [_fake_result(f + n / 100, 0.1 * i) for i, f in enumerate(fids)] for arm, fids in {**base, **regs}.items()}
+        n: {arm: [_fake_result(f + n / 100, 0.1 * i) for i, f in enumerate(fids)] for arm, fids in arms.items()}
         for n in (10, 100)
-    }  # fmt: skip
+    }
     tests = bench.fewshot_tests(results, "fid")
     assert [(n, arm, b) for n, arm, b, *_ in tests] == [
         (n, arm, b) for n in (10, 100) for arm in regs for b in base
@@ -217,7 +218,8 @@ def test_fewshot_pieces_run_every_arm_record_diversity_and_merge(tmp_path):
                 "--source", source, "--seeds", str(seed), "--steps", "2", "--workdir", str(tmp_path / "work"),
                 "--results", str(out)]  # fmt: skip
         bench.main(argv)
-        assert_provenance(out / "gan_fewshot.md", "gan_finetune.py", {"feature extractor": extractor, "source DCGAN": source})
+        inputs = {"feature extractor": extractor, "source DCGAN": source}
+        assert_provenance(out / "gan_fewshot.md", "gan_finetune.py", inputs)
         pieces.append(out / "gan_fewshot.json")
     scales = json.loads(pieces[0].read_text())["data"]["scales"]  # the regularisers' size where plain fine-tuning ends
     assert scales["ewc_sum_f_dtheta2"] > 0 and scales["cdc_loss_weight_1000"] >= 0 and scales["seed"] == 100

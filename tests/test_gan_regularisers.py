@@ -4,6 +4,7 @@ anchor-based patch discriminator, in the DCGAN; self-contained checkpoints and e
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import lightning as L
 import pytest
@@ -135,7 +136,8 @@ def _reference_cdc(adapted: list[torch.Tensor], source: list[torch.Tensor], laye
                 a, c = adapted[layer[pair1]][pair1].reshape(1, -1), adapted[layer[pair1]][pair2].reshape(1, -1)
                 dist_target[pair1, tmpc] = sim(a, c)
                 tmpc += 1
-    with pytest.warns(UserWarning, match="reduction"):  # torch's warning about KLDivLoss's "mean"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that KLDivLoss's "mean" is not "batchmean": the reference's choice
         return kl_loss(torch.log(sfm(dist_target)), sfm(dist_source))
 
 
@@ -238,6 +240,26 @@ def test_anchor_batches_use_the_image_level_d_near_the_anchors(tmp_path, gan_dat
         assert (nearest < 0.1).all() == (i % 4 == 0), i
     near = anchor_noise(anchors, 100, 0.01, torch.Generator().manual_seed(0))
     assert torch.cdist(near, anchors).min(dim=1).values.max() < 0.1
+
+
+def test_cdc_anchors_are_a_function_of_the_noise_seed_in_every_process(tmp_path, gan_data):
+    """A resume in a new process redraws the anchors from the checkpointed noise seed: no salted string hash."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from lit_finetune.modules.dcgan import cdc_anchors_for
+
+    code = "from lit_finetune.modules.dcgan import cdc_anchors_for as f; print(f(7, 3, 4).sum().item())"
+    sums = set()
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(REPO)}
+        sums.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout)
+    assert len(sums) == 1 and float(sums.pop()) == pytest.approx(float(cdc_anchors_for(7, 3, 4).sum()))
+    model = DCGAN(**TINY, cdc_patch_block=-1, cdc_anchors=3)
+    quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(model, datamodule=gan_data)
+    assert torch.equal(model.cdc_anchor_z, cdc_anchors_for(model.noise_stream.state["seed"], 3, 16))
 
 
 # -- exact mid-epoch resume ------------------------------------------------------------------------

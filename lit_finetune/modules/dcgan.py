@@ -17,10 +17,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
+from lit_finetune.data.tensor_dataset import to_signed_float
 from lit_finetune.metrics import EXTRACTOR_COMMAND, GenerativeMetrics
 from lit_finetune.modules.base import Network, NoiseStream, TransferModule
 from lit_finetune.nets.dcgan import DCGANDiscriminator, DCGANGenerator
-from lit_finetune.data.tensor_dataset import to_signed_float
 from lit_finetune.transfer.cdc import DistanceConsistency, anchor_noise
 from lit_finetune.transfer.diffaugment import DiffAugment
 from lit_finetune.transfer.ewc import EWC, generator_fisher
@@ -42,6 +42,16 @@ EVALUATION_NOISE_SEED = 20_201_005
 DIVERSITY_MAX_TRAIN_IMAGES = 1000
 #: keys of a DCGAN that belong to this run, never to a source it loads
 RUN_STATE_PREFIXES = ("generator_ema.", "ema_updates", "l2sp_g.", "l2sp_d.", "ewc_g.", "cdc.", "cdc_anchor_z", "fixed_")
+
+#: mixed with a run's noise seed into the seed of CDC's anchors (ints only: Python salts the hash of strings)
+CDC_ANCHOR_SEED = 20_210_617
+
+
+def cdc_anchors_for(noise_seed: int, num_anchors: int, latent_dim: int) -> torch.Tensor:
+    """CDC's anchor latents for a run with noise seed ``noise_seed``: the same in every process."""
+    rng = torch.Generator().manual_seed(hash((CDC_ANCHOR_SEED, int(noise_seed))) % (2**63))
+    return torch.randn(num_anchors, latent_dim, generator=rng)
+
 
 class TrainingDiverged(RuntimeError):
     """A loss became NaN or infinite; training stopped before the update that would spread it."""
@@ -168,8 +178,9 @@ class DCGAN(TransferModule):
             it assigns a sample the label it was generated for; with at most
             ``DIVERSITY_MAX_TRAIN_IMAGES`` (1000) training images also the intra-cluster diversity
             (``intra_cluster_distance``, ``clusters_occupied`` and their ``_real`` twins for the real
-            images; :mod:`lit_finetune.metrics.diversity`): few-shot GANs fail by memorising. As many fakes as real images are
-            drawn from the EMA generator (class-matched when conditional). ``None``: no metrics.
+            images; :mod:`lit_finetune.metrics.diversity`): few-shot GANs fail by memorising. As many
+            fakes as real images are drawn from the EMA generator (class-matched when conditional).
+            ``None``: no metrics.
         metrics_every_n_epochs: compute validation metrics in every n-th validated epoch (with
             ``check_val_every_n_epoch=None``: in every n-th validation).
         evaluate_ema: evaluate (and sample from) the EMA generator; ``False`` uses the raw one, e.g. to
@@ -250,7 +261,7 @@ class DCGAN(TransferModule):
                 f"{cdc_weight} and {ewc_fisher_samples}"
             )
         if cdc_batch < 3:
-            raise ValueError(f"cdc_batch must be >= 3 (each sample is compared with at least 2 others), got {cdc_batch}")
+            raise ValueError(f"cdc_batch must be >= 3 (each sample is compared with 2 others or more), got {cdc_batch}")
         if cdc_patch_block is not None and (cdc_anchor_every < 2 or cdc_anchors < 1 or cdc_anchor_std < 0):
             raise ValueError(
                 f"the anchor-based patch discriminator needs cdc_anchor_every >= 2 (1 would never use the patch "
@@ -300,7 +311,8 @@ class DCGAN(TransferModule):
         self.cdc = DistanceConsistency(self.generator, cdc_weight) if cdc_weight > 0 else None
         if cdc_patch_block is not None:
             # the anchors of the image-level D's regions; redrawn from the noise seed when a fit starts
-            self.register_buffer("cdc_anchor_z", torch.randn(cdc_anchors, latent_dim, generator=torch.Generator().manual_seed(0)))
+            anchors = torch.randn(cdc_anchors, latent_dim, generator=torch.Generator().manual_seed(0))
+            self.register_buffer("cdc_anchor_z", anchors)
         # fixed noise (and labels) so sample grids are comparable across epochs and runs
         fixed = torch.Generator().manual_seed(0)
         self.register_buffer("fixed_z", torch.randn(num_sample_images, latent_dim, generator=fixed))
@@ -541,9 +553,7 @@ class DCGAN(TransferModule):
         super().on_fit_start()
         if self.hparams.cdc_patch_block is not None:
             # a function of the run's noise seed: a resumed fit (same seed, restored stream) draws the same anchors
-            rng = torch.Generator().manual_seed(hash((self.noise_stream.state["seed"], "cdc anchors")) % (2**63))
-            anchors = torch.randn(self.cdc_anchor_z.shape, generator=rng)
-            self.cdc_anchor_z.copy_(anchors.to(self.cdc_anchor_z.device))
+            self.cdc_anchor_z.copy_(cdc_anchors_for(self.noise_stream.state["seed"], *self.cdc_anchor_z.shape))
         # The EMA copy is in eval mode on purpose (it is never trained); say nothing about it, but let
         # Lightning's warning through when any other module is in eval mode at the start of training.
         in_eval = [name for name, module in self.named_modules() if not module.training]

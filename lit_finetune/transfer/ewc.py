@@ -11,6 +11,7 @@ parameter. :func:`empirical_fisher` estimates the diagonal Fisher from per-sampl
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -73,12 +74,12 @@ class EWC(L2SP):
 
 
 def empirical_fisher(
-    module: nn.Module, log_likelihood: Callable[[tuple[torch.Tensor | None, ...]], torch.Tensor], samples: Iterable[tuple]
+    module: nn.Module, log_likelihood: Callable[[Any], torch.Tensor], samples: Iterable[Any]
 ) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher ``E_x[(d log p(x | theta) / d theta)^2]`` of ``module``'s parameters.
 
-    ``log_likelihood(sample)`` returns the scalar log-likelihood of one sample (a tuple of the
-    inputs it needs, batches of one) through ``module``; ``samples`` iterates over them. Each
+    ``log_likelihood(sample)`` returns the scalar log-likelihood of one sample through ``module``
+    (whatever identifies it: an index, a tuple of inputs); ``samples`` iterates over them. Each
     sample gets its own backward pass: on a CPU this is faster than ``torch.func.vmap(grad(...))``
     for small convolutional nets (measured 1.5 s against 2.4-5 s for 512 DCGAN samples, 1 thread),
     and it needs no functional form of the model. The module runs as it is: put it in eval mode

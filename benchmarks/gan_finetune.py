@@ -22,6 +22,15 @@ Arms (every one from the shipped configs, only the treatment changes):
 * each ``+ DiffAugment`` (color, translation, cutout; the configs' default) and without it
   (``diffaugment: ""``).
 
+Few-shot regularisers (``--fewshot``; writes ``benchmarks/results/gan_fewshot.md`` + ``.png`` + ``.json``):
+CDC (``finetune_cdc.yaml``: cross-domain distance consistency and the anchor-based patch discriminator,
+Ojha et al. 2021) and EWC on G (``finetune_ewc.yaml``, Li et al. 2020) against TransferGAN and FreezeD, all
+four with DiffAugment, at ``--images`` 10 and 100 target images (2 and 20 per class), from the given
+``--source`` and ``--extractor``. Besides FID/KID, the intra-cluster diversity of the samples around the
+training images (``lit_finetune.metrics.diversity``; the real test images' value beside it), since few-shot
+GANs fail by memorising. Each regulariser against each baseline at each N: paired by seed, two-sided paired
+t-tests, Holm's correction over that family (per metric). ``--merge`` joins pieces of other seeds.
+
 Recipe choices (fixed before looking at any result, never chosen on test):
 
 * Same budget: every arm runs the same number of generator steps (one D step per G step,
@@ -58,6 +67,7 @@ Profiles:
     OMP_NUM_THREADS=1 python benchmarks/gan_finetune.py                    # quick profile, 1 thread
     python benchmarks/gan_finetune.py --profile full                      # on a GPU
     python benchmarks/gan_finetune.py --extractor E.ckpt --source S.ckpt  # reuse trained ones
+    python benchmarks/gan_finetune.py --fewshot --extractor E.ckpt --source S.ckpt --seeds 0 1 2 --no-raw-generator
 """
 
 from __future__ import annotations
@@ -79,6 +89,7 @@ from transfer_vs_scratch import QUIET, machine, working_dir  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance  # noqa: E402
+from stats import PairedTest, holm, paired_t_test  # noqa: E402
 CONFIGS = REPO / "configs"
 #: extractor class names, short (Fashion-MNIST ids 0-9)
 SHORT_NAMES = ("top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
@@ -96,6 +107,8 @@ PROFILES = {
 }
 #: images per sample grid row (one row per target class)
 GRID_COLUMNS = 8
+#: the intra-cluster diversity the DCGAN logs at test (``test/<key>``)
+DIVERSITY_KEYS = ("intra_cluster_distance", "clusters_occupied", "intra_cluster_distance_real", "clusters_occupied_real")
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,7 @@ class Arm:
     config: str
     pretrained: bool
     diffaugment: bool
+    overrides: tuple[str, ...] = ()  # command-line overrides of the config (an ablation's switches)
 
     @property
     def key(self) -> str:
@@ -114,6 +128,10 @@ class Arm:
     @property
     def freezed(self) -> bool:
         return self.config == "finetune_freezed.yaml"
+
+    @property
+    def cdc(self) -> bool:
+        return self.config == "finetune_cdc.yaml"
 
 
 ARMS = [
@@ -125,6 +143,22 @@ ARMS = [
     )
     for aug in (False, True)
 ]
+#: few-shot regularisers beyond FreezeD, each from its shipped config (DiffAugment on, as the configs)
+REGULARISER_ARMS = [
+    Arm("CDC + DiffAugment", "finetune_cdc.yaml", True, True),
+    Arm("EWC + DiffAugment", "finetune_ewc.yaml", True, True),
+]
+#: CDC's two parts alone (``--arms``): which of them does what
+CDC_ABLATION_ARMS = [
+    Arm("CDC loss only + DiffAugment", "finetune_cdc.yaml", True, True, ("--model.init_args.cdc_patch_block", "null")),
+    Arm("CDC patch D only + DiffAugment", "finetune_cdc.yaml", True, True, ("--model.init_args.cdc_weight", "0")),
+]
+ALL_ARMS = ARMS + REGULARISER_ARMS + CDC_ABLATION_ARMS
+#: ``--fewshot``: the regularisers against the two baselines they must beat, at 10 and 100 target images
+FEWSHOT_ARMS = [next(a for a in ARMS if a.name == n) for n in ("TransferGAN + DiffAugment", "FreezeD + DiffAugment")]
+FEWSHOT_ARMS += REGULARISER_ARMS
+FEWSHOT_BASELINES = ("TransferGAN + DiffAugment", "FreezeD + DiffAugment")
+FEWSHOT_IMAGES = (10, 100)
 
 
 @dataclass
@@ -144,6 +178,13 @@ class ArmResult:
     diffaugment_on: bool = False  # the fitted module really augmented (not the identity)
     samples: torch.Tensor | None = field(default=None, repr=False)
     fid_raw_generator: float | None = None  # the same test with the raw generator instead of its EMA
+    images: int = 100  # target training images (all classes)
+    # intra-cluster diversity around the training images (lit_finetune.metrics.diversity); None: not measured
+    intra_cluster_distance: float | None = None
+    clusters_occupied: float | None = None
+    intra_cluster_distance_real: float | None = None  # the real test images around the same training images
+    clusters_occupied_real: float | None = None
+    regulariser: float | None = None  # the last logged train/cdc or train/ewc (the term was on)
 
 
 def quiet_lightning() -> None:
@@ -195,11 +236,14 @@ def draw_grid(model, num_classes: int, seed: int = 1234) -> torch.Tensor:
 
 def run_arm(
     arm: Arm, seed: int, source: Path, extractor: Path, steps: int, workdir: Path,
-    extra: list[str] = (), keep_samples: bool = False,
+    extra: list[str] = (), keep_samples: bool = False, images: int = 100, raw_generator: bool = True,
 ) -> ArmResult:  # fmt: skip
-    """Fit ``arm`` for ``steps`` generator steps on the few-shot target, then test its EMA generator."""
+    """Fit ``arm`` for ``steps`` generator steps on ``images`` target images, then test its EMA generator
+    (and, with ``raw_generator``, the raw one)."""
     from lit_finetune.cli import cli_main
 
+    if images % len(TARGET_CLASSES):
+        raise ValueError(f"images must be a multiple of {len(TARGET_CLASSES)} (one share per class), got {images}")
     args = [
         "--config", str(CONFIGS / "dcgan" / arm.config), *QUIET,
         "--seed_everything", str(seed), "--data.init_args.seed", str(seed),
@@ -210,6 +254,10 @@ def run_arm(
         "--trainer.max_epochs", "-1",
         "--trainer.limit_val_batches", "0",  # nothing is selected on validation: the final EMA generator is tested
         *([] if arm.diffaugment else ["--model.init_args.diffaugment", ""]),
+        "--data.init_args.samples_per_class", str(images // len(TARGET_CLASSES)),
+        # CDC's anchors: one per training image, as the reference code (n_train)
+        *(["--model.init_args.cdc_anchors", str(images)] if arm.cdc else []),
+        *arm.overrides,
         *extra,
     ]  # fmt: skip
     with working_dir(workdir):
@@ -217,6 +265,8 @@ def run_arm(
         cli = cli_main(["fit", *args])
         fit_seconds = time.perf_counter() - start
         model, trainer = cli.model, cli.trainer
+        logged = trainer.callback_metrics
+        regulariser = next((float(logged[k]) for k in ("train/cdc", "train/ewc") if k in logged), None)
         opt_g, opt_d = trainer.optimizers
         source_state = torch.load(source, map_location="cpu", weights_only=True)["state_dict"]
         block0_equals_source = all(
@@ -226,9 +276,11 @@ def run_arm(
         start = time.perf_counter()
         metrics = trainer.test(model, datamodule=cli.datamodule, verbose=False)[0]
         test_seconds = time.perf_counter() - start
-        model.hparams.evaluate_ema = False  # what is the EMA worth at this scale? the raw generator, same test
-        fid_raw = trainer.test(model, datamodule=cli.datamodule, verbose=False)[0]["test/fid"]
-        model.hparams.evaluate_ema = True
+        fid_raw = None
+        if raw_generator:
+            model.hparams.evaluate_ema = False  # what is the EMA worth at this scale? the raw generator, same test
+            fid_raw = trainer.test(model, datamodule=cli.datamodule, verbose=False)[0]["test/fid"]
+            model.hparams.evaluate_ema = True
         samples = draw_grid(model, model.hparams.num_classes) if keep_samples else None
     counts = [metrics[f"test/class_count/{i}"] for i in range(len(SHORT_NAMES))]
     return ArmResult(
@@ -237,24 +289,30 @@ def run_arm(
         generator_steps=optimizer_steps(opt_g), discriminator_steps=optimizer_steps(opt_d),
         block0_equals_source=block0_equals_source, fit_seconds=fit_seconds, test_seconds=test_seconds,
         diffaugment_on=bool(getattr(model.augment, "policy", ())), samples=samples, fid_raw_generator=fid_raw,
+        images=len(cli.datamodule.train_set), regulariser=regulariser,
+        **{k: metrics.get(f"test/{k}") for k in DIVERSITY_KEYS},
     )  # fmt: skip
 
 
 def run_arms(
     arms: list[Arm], seeds: list[int], source: Path, extractor: Path, steps: int, workdir: Path,
-    extra: list[str] = (), log=print, save_to: Path | None = None,
+    extra: list[str] = (), log=print, save_to: Path | None = None, images: int = 100, raw_generator: bool = True,
 ) -> dict[str, list[ArmResult]]:  # fmt: skip
     """Every arm for every seed (seed-major, so a cut-off run has whole seeds); samples kept for the first seed."""
     results: dict[str, list[ArmResult]] = {arm.name: [] for arm in arms}
     for i, seed in enumerate(seeds):
         for arm in arms:
             where = workdir / f"seed{seed}" / arm.key
-            result = run_arm(arm, seed, source, extractor, steps, where, extra, keep_samples=i == 0)
+            result = run_arm(
+                arm, seed, source, extractor, steps, where, extra, keep_samples=i == 0, images=images,
+                raw_generator=raw_generator,
+            )  # fmt: skip
             results[arm.name].append(result)
             if save_to is not None:  # after every run: a cut-off benchmark keeps what it measured
                 torch.save({name: [asdict(r) for r in runs] for name, runs in results.items()}, save_to)
+            intra = "" if result.intra_cluster_distance is None else f"  intra {result.intra_cluster_distance:.3f}"
             log(
-                f"      seed {seed} {arm.name:<26} FID {result.fid:8.2f}  KID {result.kid_mean:.4f}  "
+                f"      N={images} seed {seed} {arm.name:<26} FID {result.fid:8.2f}  KID {result.kid_mean:.4f}{intra}  "
                 f"agree {result.label_agreement:.2f}  G/D steps {result.generator_steps}/{result.discriminator_steps}  "
                 f"fit {result.fit_seconds:.0f}s test {result.test_seconds:.0f}s"
             )
@@ -426,6 +484,273 @@ def figure(results: dict[str, list[ArmResult]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+# -- the few-shot regularisers (--fewshot) -------------------------------------------------------------
+def _cell(values: list[float | None], fmt: str = "{:.1f}", scale: float = 1.0) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "not measured"
+    mean, sd = _mean_std([scale * v for v in values])
+    return f"{fmt.format(mean)} ± {fmt.format(sd)}"
+
+
+def fewshot_tests(
+    results: dict[int, dict[str, list[ArmResult]]], metric: str
+) -> list[tuple[int, str, str, PairedTest, float]]:
+    """Each regulariser against each baseline at each N, paired by seed on ``metric`` (regulariser minus
+    baseline), with Holm's correction over the whole family: ``(N, arm, baseline, test, adjusted p)``."""
+    rows = []
+    for n, arms in results.items():
+        for arm in arms:
+            if arm in FEWSHOT_BASELINES:
+                continue
+            for base in FEWSHOT_BASELINES:
+                if base in arms:
+                    a, b = [getattr(r, metric) for r in arms[arm]], [getattr(r, metric) for r in arms[base]]
+                    rows.append((n, arm, base, paired_t_test(a, b)))
+    adjusted = holm([t.p for *_, t in rows])
+    return [(*row, p) for row, p in zip(rows, adjusted)]
+
+
+def fewshot_markdown(results: dict[int, dict[str, list[ArmResult]]], seeds: list[int], setup: str) -> str:
+    """Per N: the metrics of every arm (every run shown), the real images' diversity, class counts; then the
+    paired verdicts of each regulariser against each baseline on FID and on the intra-cluster distance."""
+    lines = []
+    for n, arms in results.items():
+        lines += [
+            f"**{n} target images** ({n // len(TARGET_CLASSES)} per class)",
+            "",
+            "| arm | FID ↓ | KID ×10³ ↓ | intra-cluster distance ↑ | clusters occupied ↑ | label agreement ↑ | "
+            "regulariser at the end | G / D steps | FID per seed | intra-cluster distance per seed |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, runs in arms.items():
+            steps = sorted({f"{r.generator_steps} / {r.discriminator_steps}" for r in runs})
+            reg = [r.regulariser for r in runs if r.regulariser is not None]
+            reg_cell = ", ".join(f"{v:.3g}" for v in reg) if reg else "—"
+            intra = ", ".join("—" if v is None else f"{v:.3f}" for v in (r.intra_cluster_distance for r in runs))
+            lines.append(
+                f"| {name} | {_cell([r.fid for r in runs])} | {_cell([r.kid_mean for r in runs], scale=1e3)} | "
+                f"{_cell([r.intra_cluster_distance for r in runs], '{:.3f}')} | "
+                f"{_cell([r.clusters_occupied for r in runs], '{:.0f}', 100)} % | "
+                f"{_cell([r.label_agreement for r in runs], '{:.1f}', 100)} % | {reg_cell} | {', '.join(steps)} | "
+                f"{', '.join(f'{r.fid:.1f}' for r in runs)} | {intra} |"
+            )
+        real = [r for runs in arms.values() for r in runs if r.intra_cluster_distance_real is not None]
+        if real:
+            lines.append(
+                f"| *real target test images* | | | {_cell([r.intra_cluster_distance_real for r in real], '{:.3f}')} | "
+                f"{_cell([r.clusters_occupied_real for r in real], '{:.0f}', 100)} % | | | | | |"
+            )
+        lines += ["", "| arm | " + " | ".join(SHORT_NAMES) + " |", "|---|" + "---|" * len(SHORT_NAMES)]
+        for name, runs in arms.items():
+            mean = [statistics.mean(r.class_counts[i] for r in runs) for i in range(len(SHORT_NAMES))]
+            lines.append(f"| {name} | " + " | ".join(f"{c:.0f}" for c in mean) + " |")
+        lines.append("")
+    lines += [
+        "Paired by seed (the same training images, source and budget), regulariser minus baseline; two-sided paired "
+        "t-tests with Holm's correction over each family of comparisons (all N, both regularisers, both baselines):",
+        "",
+        "| N | regulariser | baseline | FID difference ↓ (mean ± sd) | per seed | Holm p | intra-cluster distance "
+        "difference ↑ (mean ± sd) | per seed | Holm p |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    fid_tests = fewshot_tests(results, "fid")
+    intra_tests = fewshot_tests(results, "intra_cluster_distance") if all(
+        r.intra_cluster_distance is not None for arms in results.values() for runs in arms.values() for r in runs
+    ) else [None] * len(fid_tests)  # fmt: skip
+
+    def p_cell(p: float) -> str:
+        return "n/a (< 2 seeds)" if p != p else f"{p:.3f}"
+
+    for (n, arm, base, fid, fid_p), intra in zip(fid_tests, intra_tests):
+        intra_cells = "not measured | | "
+        if intra is not None:
+            t, p = intra[3], intra[4]
+            intra_cells = f"{t.mean:+.3f} ± {t.std:.3f} | {', '.join(f'{d:+.3f}' for d in t.diffs)} | {p_cell(p)}"
+        lines.append(
+            f"| {n} | {arm} | {base} | {fid.mean:+.1f} ± {fid.std:.1f} | "
+            f"{', '.join(f'{d:+.1f}' for d in fid.diffs)} | {p_cell(fid_p)} | {intra_cells} |"
+        )
+    lines += [
+        "",
+        "Intra-cluster distance: each generated test sample joins the cluster of its nearest training image in the "
+        "extractor's feature space (unit-normalised); the mean pairwise distance within each cluster, averaged over "
+        "clusters (an intra-LPIPS-like measure, Ojha et al. 2021; 0 = copies of the training images). Clusters "
+        "occupied: the share of training images that at least one sample is nearest to. The real row clusters the "
+        "real test images around the same training images: what a generator as diverse as the data reaches.",
+    ]
+    return "\n".join(lines) + "\n\n" + setup + "\n"
+
+
+def fewshot_figure(results: dict[int, dict[str, list[ArmResult]]], path: Path, title: str) -> None:
+    """One sample grid per (N, arm) (first seed; rows = target classes), FID and intra-cluster distance bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
+    sizes = list(results)
+    names = list(dict.fromkeys(name for arms in results.values() for name in arms))
+    fig = plt.figure(figsize=(2.3 * len(names) + 6.5, 2.5 * len(sizes) + 0.6), layout="constrained")
+    grid = fig.add_gridspec(len(sizes), len(names) + 2, width_ratios=[1] * len(names) + [1.6, 1.6])
+    for row, n in enumerate(sizes):
+        for col, name in enumerate(names):
+            ax = fig.add_subplot(grid[row, col])
+            runs = results[n].get(name, [])
+            if runs and runs[0].samples is not None:
+                image = make_grid(torch.as_tensor(runs[0].samples), nrow=GRID_COLUMNS, value_range=(-1, 1),
+                                  normalize=True, padding=1)  # fmt: skip
+                ax.imshow(image.permute(1, 2, 0).numpy())
+            ax.set_title(f"{name}, N={n}", fontsize=8)
+            ax.axis("off")
+        for col, (metric, label) in enumerate(
+            (("fid", "test FID ↓"), ("intra_cluster_distance", "intra-cluster distance ↑")), start=len(names)
+        ):
+            ax = fig.add_subplot(grid[row, col])
+            stats = [
+                _mean_std([getattr(r, metric) for r in results[n][name] if getattr(r, metric) is not None] or [0.0])
+                for name in names
+            ]
+            ax.barh(range(len(names)), [m for m, _ in stats], xerr=[sd for _, sd in stats], capsize=3,
+                    color=["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860"][: len(names)])  # fmt: skip
+            if metric == "intra_cluster_distance":
+                real = [r.intra_cluster_distance_real for runs in results[n].values() for r in runs]
+                real = [v for v in real if v is not None]
+                if real:
+                    ax.axvline(statistics.mean(real), color="k", ls="--", lw=1, label="real test images")
+                    ax.legend(fontsize=7, loc="lower right")
+            ax.set_yticks(range(len(names)), names if col == len(names) else [], fontsize=7)
+            ax.invert_yaxis()
+            ax.set_xlabel(f"{label}, N={n}", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+#: the seed of the run that sizes the regularisers (not a benchmark seed)
+CALIBRATION_SEED = 100
+
+
+def regulariser_scales(source: Path, steps: int, workdir: Path, extra: list[str] = ()) -> dict[str, float]:
+    """How large EWC's and CDC's terms are where plain fine-tuning ends: training quantities only, no test metric.
+
+    Fits TransferGAN + DiffAugment (``finetune.yaml``) for ``steps`` generator steps on 100 target images with
+    seed :data:`CALIBRATION_SEED`, then measures, against the source: ``sum F (theta - theta_src)^2`` over G
+    (Fisher as ``finetune_ewc.yaml`` estimates it; EWC's penalty is lambda times this), CDC's loss at the
+    reference weight 1000 (mean over 20 batches of the config's 4 extra samples) and the generator's last
+    adversarial loss. ``finetune_ewc.yaml``'s lambda = 20 was set from this measurement (so the penalty is
+    about the adversarial loss there) before any arm was tested; every run re-measures it.
+    """
+    import inspect
+
+    from lit_finetune import DCGAN
+    from lit_finetune.cli import cli_main
+
+    args = [
+        "--config", str(CONFIGS / "dcgan/finetune.yaml"), *QUIET, "--seed_everything", str(CALIBRATION_SEED),
+        "--data.init_args.seed", str(CALIBRATION_SEED), "--data.init_args.samples_per_class", "20",
+        "--model.init_args.conditional", "true", "--model.init_args.pretrained", str(source),
+        "--model.init_args.feature_extractor", "null", "--trainer.max_steps", str(2 * steps),
+        "--trainer.max_epochs", "-1", "--trainer.limit_val_batches", "0", *extra,
+    ]  # fmt: skip
+    with working_dir(workdir):
+        cli = cli_main(["fit", *args])
+    fitted = cli.model
+    names = set(inspect.signature(DCGAN).parameters)
+    hparams = {k: v for k, v in fitted.hparams.items() if k in names}
+    probe = DCGAN(**{**hparams, "ewc_generator": 1.0, "cdc_weight": 1000.0, "feature_extractor": None})
+    probe.load_pretrained_weights()  # the source's G and D: Fisher, anchors, CDC's frozen copy
+    probe.generator.load_state_dict(fitted.generator.state_dict())
+    probe.train()
+    rng = torch.Generator().manual_seed(0)
+    n, k, classes = 50, probe.hparams.cdc_batch, probe.hparams.num_classes
+    cdc = []
+    with torch.no_grad():
+        for _ in range(20):
+            z = torch.randn(n + k, probe.hparams.latent_dim, generator=rng)
+            y = torch.randint(classes, (n + k,), generator=rng)
+            _, features = probe.generator(z, y, return_features=True)
+            layer = torch.randint(len(features), (k,), generator=rng)
+            cdc.append(float(probe.cdc(features, z, y, layer, rows=slice(n, None))))
+    return {
+        "ewc_sum_f_dtheta2": float(probe.ewc_g().detach()), "cdc_loss_weight_1000": statistics.mean(cdc),
+        "g_loss": float(cli.trainer.callback_metrics["train/g_loss"]), "seed": CALIBRATION_SEED, "steps": steps,
+    }  # fmt: skip
+
+
+def fewshot_main(args: argparse.Namespace, run: provenance.Run, seeds: list[int], steps: int, profile: dict) -> None:
+    """``--fewshot``: the regularisers and their baselines at each N; writes ``<name>.md`` / ``.json`` / ``.png``."""
+    torch.set_num_threads(args.threads)
+    quiet_lightning()
+    if args.extractor is None or args.source is None:
+        raise SystemExit("--fewshot compares arms fine-tuned from one source: give --extractor and --source")
+    start = time.perf_counter()
+    arms = [a for a in ALL_ARMS if a.name in args.arms] if args.arms else FEWSHOT_ARMS
+    print(f"[calibration] TransferGAN + DiffAugment, seed {CALIBRATION_SEED}, 100 images", flush=True)
+    scales = regulariser_scales(args.source, steps, args.workdir / "calibration", profile.get("arm_args", []))
+    print(f"      {scales}", flush=True)
+    results: dict[int, dict[str, list[ArmResult]]] = {}
+    for n in args.images:
+        print(f"[N={n}] {len(arms)} arms x seeds {seeds}, {steps} generator steps each", flush=True)
+        results[n] = run_arms(
+            arms, seeds, args.source, args.extractor, steps, args.workdir / f"n{n}", profile.get("arm_args", []),
+            log=lambda s: print(s, flush=True), images=n, raw_generator=not args.no_raw_generator,
+        )  # fmt: skip
+    minutes = (time.perf_counter() - start) / 60
+    n_test = int(sum(next(iter(results[args.images[0]].values()))[0].class_counts))
+    setup = (
+        f"Profile `{args.profile}`, `--fewshot`. The conditional source DCGAN (latent 64, widths 32; given) is "
+        f"fine-tuned for {steps} generator steps (and as many discriminator steps) on Fashion-MNIST target classes "
+        f"5-9 with N = {', '.join(map(str, args.images))} training images (N/5 per class, picked by the seed; batch "
+        f"min(50, N): at N = 10 every batch is all 10 images), seeds {seeds}; every arm from its shipped config with "
+        "DiffAugment (color, translation, cutout): TransferGAN (`finetune.yaml`), FreezeD (`finetune_freezed.yaml`), "
+        "CDC (`finetune_cdc.yaml`: the reference code's kl_wt 1000, 4 extra samples, anchor regions every 4th batch "
+        "with std 0.1, one anchor per training image, patch D on the last 7x7 map) and EWC (`finetune_ewc.yaml`: "
+        "lambda 20, Fisher from 512 samples). The final EMA generator is tested on "
+        f"{n_test:,} target test images with as many class-matched samples (FID, KID, intra-cluster diversity in "
+        "the penultimate features of the in-project extractor; comparable only inside this project). "
+        "How large the regularisers are (training quantities only, no test metric): where plain fine-tuning "
+        f"(TransferGAN + DiffAugment, seed {CALIBRATION_SEED}, not a benchmark seed, N = 100, {steps} G steps) ends, "
+        f"sum F (theta - theta_src)^2 = {scales['ewc_sum_f_dtheta2']:.3f}, so EWC's lambda = 20 (set before any arm "
+        "was tested from a first such run, 0.045, which had EWC at lambda = 1 and CDC on: both under 5 % of the "
+        "adversarial loss) makes a penalty of "
+        f"{20 * scales['ewc_sum_f_dtheta2']:.2f} there, against an adversarial generator loss of "
+        f"{scales['g_loss']:.2f}; CDC's loss at the reference weight is {scales['cdc_loss_weight_1000']:.3f} there. "
+        f"Measured on {machine()}, {torch.get_num_threads()} torch thread(s); {minutes:.1f} min in all"
+        f"{'' if not args.no_raw_generator else ' (the raw-generator test skipped)'}."
+    )
+    text = fewshot_markdown(results, seeds, setup)
+    print("\n" + text)
+    title = f"Few-shot regularisers on Fashion-MNIST 5-9, {steps} G steps (seed {seeds[0]} samples)"
+    name = args.name or "gan_fewshot"
+    config = {"profile": args.profile, "steps": steps, "images": args.images, "arms": [a.name for a in arms],
+              "raw_generator": not args.no_raw_generator}  # fmt: skip
+    run.write(args.results / f"{name}.md", text, {"feature extractor": args.extractor, "source DCGAN": args.source},
+              data={"results": results, "seeds": seeds, "setup": setup, "title": title, "scales": scales},
+              config=config)  # fmt: skip
+    fewshot_figure(results, args.results / f"{name}.png", title)
+    print(f"wrote {args.results / name}.md and .png")
+
+
+def fewshot_merge_main(paths: list[Path], out: Path, name: str, run: provenance.Run) -> None:
+    """``--fewshot --merge``: one table from pieces (other seeds) of one few-shot configuration."""
+    pieces, summary = provenance.merge_pieces(paths)
+    tree, seeds = provenance.merge_seed_lists([p["results"] for p in pieces], [p["seeds"] for p in pieces])
+
+    def arm_result(r: dict) -> ArmResult:
+        return ArmResult(**{**r, "samples": None if r["samples"] is None else torch.tensor(r["samples"])})
+
+    results = {int(n): {arm: [arm_result(r) for r in runs] for arm, runs in arms.items()} for n, arms in tree.items()}
+    setup = provenance.merged_setup(summary, pieces)
+    text = fewshot_markdown(results, seeds, setup)
+    inputs = {k: Path(v["path"]) for k, v in summary["pieces"][0]["inputs"].items()}
+    data = {"results": results, "seeds": seeds, "setup": setup, "title": pieces[0]["title"]}
+    run.write(out / f"{name}.md", text, inputs, data=data, config=summary["config"], pieces=summary["pieces"])
+    fewshot_figure(results, out / f"{name}.png", pieces[0]["title"])
+    print(text + f"\nwrote {out / name}.md")
+
+
 def main(argv: list[str] | None = None) -> None:
     run = provenance.Run.start(__file__, argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -439,14 +764,26 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--merge", type=Path, nargs="+", metavar="PIECE_JSON",
                         help="merge pieces' gan_finetune.json (same commit, profile, steps, inputs) into one table")
+    parser.add_argument("--fewshot", action="store_true",
+                        help="the few-shot regularisers (CDC, EWC) against TransferGAN and FreezeD at --images N "
+                             "(default 10 and 100), into <name>.md (default gan_fewshot); needs --extractor and --source")
+    parser.add_argument("--images", type=int, nargs="+", default=list(FEWSHOT_IMAGES),
+                        help="--fewshot: target training images (multiples of 5)")
+    parser.add_argument("--arms", nargs="+", choices=[a.name for a in ALL_ARMS], help="--fewshot: other arms")
+    parser.add_argument("--no-raw-generator", action="store_true", help="--fewshot: skip the raw generator's test")
+    parser.add_argument("--name", help="--fewshot: results file name (default gan_fewshot)")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "gan_finetune")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
     profile = dict(PROFILES[args.profile])
     seeds = args.seeds or profile["seeds"]
     steps = args.steps or profile["steps"]
+    if args.fewshot and args.merge:
+        return fewshot_merge_main(args.merge, args.results, args.name or "gan_fewshot", run)
     if args.merge:
         return merge_main(args.merge, args.results, run)
+    if args.fewshot:
+        return fewshot_main(args, run, seeds, steps, profile)
     torch.set_num_threads(args.threads)
     quiet_lightning()
     start = time.perf_counter()

@@ -58,6 +58,49 @@ def test_arms_cover_the_protocol():
     assert len(bench.PROFILES["quick"]["seeds"]) >= 5 and len(bench.PROFILES["full"]["seeds"]) >= 5
 
 
+def test_regulariser_arms_come_from_their_configs():
+    assert [a.name for a in bench.REGULARISER_ARMS] == ["CDC + DiffAugment", "EWC + DiffAugment"]
+    assert all((REPO / "configs/dcgan" / a.config).is_file() and a.pretrained for a in bench.REGULARISER_ARMS)
+    assert [a.name for a in bench.FEWSHOT_ARMS] == [*bench.FEWSHOT_BASELINES, "CDC + DiffAugment", "EWC + DiffAugment"]
+    assert bench.FEWSHOT_IMAGES == (10, 100)
+    loss_only, patch_only = bench.CDC_ABLATION_ARMS  # CDC's parts alone: the config with one part switched off
+    assert loss_only.overrides == ("--model.init_args.cdc_patch_block", "null") and loss_only.cdc
+    assert patch_only.overrides == ("--model.init_args.cdc_weight", "0") and patch_only.cdc
+
+
+def _fake_result(fid: float, intra: float, **kwargs) -> bench.ArmResult:
+    return bench.ArmResult(
+        fid=fid, kid_mean=0.01, kid_std=0.001, label_agreement=0.9, class_counts=[0] * 5 + [2] * 5,
+        generator_steps=3, discriminator_steps=3, block0_equals_source=False, fit_seconds=1.0, test_seconds=1.0,
+        intra_cluster_distance=intra, clusters_occupied=0.5, intra_cluster_distance_real=0.3,
+        clusters_occupied_real=1.0, **kwargs,
+    )  # fmt: skip
+
+
+def test_fewshot_verdicts_pair_by_seed_with_holm_over_the_family():
+    base = {"TransferGAN + DiffAugment": [30.0, 40.0, 35.0], "FreezeD + DiffAugment": [31.0, 41.0, 33.0]}
+    regs = {"CDC + DiffAugment": [29.0, 38.0, 34.5], "EWC + DiffAugment": [30.0, 40.0, 35.0]}
+    arms = {**base, **regs}
+    results = {
+        n: {arm: [_fake_result(f + n / 100, 0.1 * i) for i, f in enumerate(fids)] for arm, fids in arms.items()}
+        for n in (10, 100)
+    }
+    tests = bench.fewshot_tests(results, "fid")
+    assert [(n, arm, b) for n, arm, b, *_ in tests] == [
+        (n, arm, b) for n in (10, 100) for arm in regs for b in base
+    ]  # fmt: skip
+    n, arm, b, test, p = tests[0]
+    assert test.diffs == pytest.approx((-1.0, -2.0, -0.5))  # CDC minus TransferGAN, seed by seed
+    raw = [t.p for *_, t, _ in tests]
+    assert [p for *_, p in tests] == pytest.approx(bench.holm(raw))  # one family of 8
+    text = bench.fewshot_markdown(results, [0, 1, 2], "Setup.")
+    lines = text.splitlines()
+    assert sum(line.startswith("| CDC + DiffAugment | ") for line in lines) == 2 * 2  # metrics and class counts, both N
+    assert "| 10 | CDC + DiffAugment | TransferGAN + DiffAugment | -1.2 ± 0.8 | -1.0, -2.0, -0.5 |" in text
+    assert "| 100 | EWC + DiffAugment | FreezeD + DiffAugment | +0.0 ± 1.7 | -1.0, -1.0, +2.0 |" in text
+    assert text.count("| *real target test images* |") == 2 and "**10 target images** (2 per class)" in text
+
+
 def test_every_arm_has_metrics_and_equal_steps(tiny_run):
     arms, results, _, _ = tiny_run
     assert list(results) == [a.name for a in arms]
@@ -153,3 +196,48 @@ def test_smoke_profile_pieces_record_provenance_and_merge(tmp_path):
     assert merged["seeds"] == [0, 1] and set(merged["results"]) == {a.name for a in bench.ARMS}
     for arm, runs in merged["results"].items():
         assert [r["fid"] for r in runs] == [one[0][arm][0]["fid"], one[1][arm][0]["fid"]]
+
+
+def test_fewshot_pieces_run_every_arm_record_diversity_and_merge(tmp_path):
+    """``--fewshot`` at N = 10, two pieces of one seed each (smoke profile: a few steps, 200 test images), then
+    ``--merge``: the regularisers ran (their terms logged), diversity measured, one table over both seeds."""
+    import json
+
+    import provenance
+    from conftest import assert_provenance
+    from lit_finetune import DCGAN, ImageClassifier
+
+    torch.manual_seed(0)
+    extractor = _save(ImageClassifier(num_classes=10), tmp_path / "extractor.ckpt")
+    source = _save(DCGAN(latent_dim=64, generator_width=32, discriminator_width=32, num_classes=5, conditional=True),
+                   tmp_path / "source.ckpt")  # fmt: skip
+    pieces = []
+    for seed in (0, 1):
+        out = tmp_path / f"piece{seed}"
+        argv = ["--profile", "smoke", "--fewshot", "--images", "10", "--no-raw-generator", "--extractor", extractor,
+                "--source", source, "--seeds", str(seed), "--steps", "2", "--workdir", str(tmp_path / "work"),
+                "--results", str(out)]  # fmt: skip
+        bench.main(argv)
+        inputs = {"feature extractor": extractor, "source DCGAN": source}
+        assert_provenance(out / "gan_fewshot.md", "gan_finetune.py", inputs)
+        pieces.append(out / "gan_fewshot.json")
+    scales = json.loads(pieces[0].read_text())["data"]["scales"]  # the regularisers' size where plain fine-tuning ends
+    assert scales["ewc_sum_f_dtheta2"] > 0 and scales["cdc_loss_weight_1000"] >= 0 and scales["seed"] == 100
+    data = json.loads(pieces[0].read_text())["data"]["results"]["10"]
+    assert list(data) == [a.name for a in bench.FEWSHOT_ARMS]
+    for arm, (run,) in data.items():
+        assert run["images"] == 10 and run["fid_raw_generator"] is None
+        assert 0 <= run["intra_cluster_distance"] <= 2 and 0 < run["clusters_occupied"] <= 1
+        assert run["intra_cluster_distance_real"] > 0 and run["clusters_occupied_real"] > 0
+        assert (run["regulariser"] is not None) == (arm in ("CDC + DiffAugment", "EWC + DiffAugment"))
+
+    bench.main(["--fewshot", "--merge", *map(str, pieces), "--results", str(tmp_path / "merged")])
+    text = (tmp_path / "merged" / "gan_fewshot.md").read_text()
+    assert provenance.missing(text) == [] and "Merged from 2 pieces" in text
+    assert (tmp_path / "merged" / "gan_fewshot.png").stat().st_size > 10_000
+    merged = json.loads((tmp_path / "merged" / "gan_fewshot.json").read_text())["data"]
+    assert merged["seeds"] == [0, 1]
+    one = [json.loads(p.read_text())["data"]["results"]["10"] for p in pieces]
+    for arm, runs in merged["results"]["10"].items():
+        assert [r["fid"] for r in runs] == [one[0][arm][0]["fid"], one[1][arm][0]["fid"]]
+    assert "| 10 | CDC + DiffAugment | TransferGAN + DiffAugment |" in text

@@ -3,6 +3,7 @@
 Train the extractor once: ``lit-finetune fit --config configs/metrics/feature_extractor.yaml``.
 """
 
+from lit_finetune.metrics.diversity import IntraClusterDiversity, intra_cluster_distance
 from lit_finetune.metrics.feature_extractor import (
     DEFAULT_EXTRACTOR_PATH,
     EXTRACTOR_COMMAND,
@@ -17,4 +18,6 @@ __all__ = [
     "ExtractorNotFoundError",
     "FeatureExtractor",
     "GenerativeMetrics",
+    "IntraClusterDiversity",
+    "intra_cluster_distance",
 ]

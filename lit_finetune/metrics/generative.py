@@ -14,6 +14,7 @@ from torchmetrics import Metric
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from lit_finetune.metrics.diversity import IntraClusterDiversity
 from lit_finetune.metrics.feature_extractor import DEFAULT_EXTRACTOR_PATH, FeatureExtractor
 
 
@@ -95,6 +96,11 @@ class GenerativeMetrics(nn.Module):
     (checkpoints stay small and load strictly whether or not metrics were built), and a parent's
     ``train()`` cannot touch it. It stays float32 whatever dtype the parent is cast to.
 
+    **Memorisation.** After :meth:`set_training_images` (the few training images of a few-shot
+    run), ``compute()`` also returns the intra-cluster diversity of the fakes and of the real
+    images around those training images (:class:`~lit_finetune.metrics.diversity.IntraClusterDiversity`,
+    on the same features: no extra extractor pass).
+
     **Sample sizes.** FID is biased upward at small sample sizes: compare runs only at equal
     numbers of real and fake images. KID is unbiased; its subsets hold
     ``min(kid_subset_size, #real, #fake)`` images, so it works for any count >= 2 (when a subset
@@ -142,6 +148,7 @@ class GenerativeMetrics(nn.Module):
             warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
             self.kid = KernelInceptionDistance(feature=features, subsets=kid_subsets, subset_size=kid_subset_size)
         self.stats = SampleStats(self.num_classes)
+        self.diversity = IntraClusterDiversity()
 
     @property
     def extractor(self) -> FeatureExtractor:
@@ -153,6 +160,11 @@ class GenerativeMetrics(nn.Module):
         self.extractor._apply(fn, recurse)
         self.extractor.float()
         return self
+
+    def set_training_images(self, images: torch.Tensor) -> None:
+        """The training images (``[-1, 1]``) whose clusters the intra-cluster diversity is measured in."""
+        features = torch.cat([self._extract(chunk)[0] for chunk in images.split(self.chunk_size)])
+        self.diversity.set_anchors(features)
 
     # -- accumulating, synced over processes ----------------------------------------------------
     def update(
@@ -171,6 +183,8 @@ class GenerativeMetrics(nn.Module):
                 self.fid.update(features, real=True)
                 self.kid.update(features, real=True)
                 self.stats.update(num_real=len(chunk))
+                if self.diversity.has_anchors:
+                    self.diversity.update(features, real=True)
         if fake is not None:
             labels = None if fake_labels is None else self._to_extractor_classes(fake_labels).split(self.chunk_size)
             for i, chunk in enumerate(fake.split(self.chunk_size)):
@@ -178,11 +192,14 @@ class GenerativeMetrics(nn.Module):
                 self.fid.update(features, real=False)
                 self.kid.update(features, real=False)
                 self.stats.update(fake_pred=pred, fake_labels=None if labels is None else labels[i])
+                if self.diversity.has_anchors:
+                    self.diversity.update(features)
 
     def compute(self) -> dict[str, torch.Tensor]:
         """``{"fid", "kid_mean", "kid_std"}`` over everything added on all processes, plus
         ``"label_agreement"`` (fraction of fakes the extractor classifies as their label) when
-        fake labels were given. Scalars, equal on every rank."""
+        fake labels were given, and ``"intra_cluster_distance"``, ``"clusters_occupied"`` (and their
+        ``_real`` twins) after :meth:`set_training_images`. Scalars, equal on every rank."""
         stats = self.stats.compute()
         num_real, num_fake = int(stats["num_real"]), int(stats["num_fake"])
         if num_real < 2 or num_fake < 2:
@@ -195,6 +212,8 @@ class GenerativeMetrics(nn.Module):
             out["kid_mean"], out["kid_std"] = self.kid.compute()
         if stats["labelled"] > 0:
             out["label_agreement"] = stats["agree"].float() / stats["labelled"]
+        if self.diversity.has_anchors:
+            out.update({k: v.to(out["fid"].device) for k, v in self.diversity.compute().items()})
         return out
 
     def compute_class_counts(self) -> torch.Tensor:
@@ -202,10 +221,11 @@ class GenerativeMetrics(nn.Module):
         return self.stats.compute()["fake_class_counts"].clone()
 
     def reset(self) -> None:
-        """Forget everything added (real images included)."""
+        """Forget everything added (real images included; the training images of the diversity stay)."""
         self.fid.reset()
         self.kid.reset()
         self.stats.reset()
+        self.diversity.reset()
 
     # -- one-off, on this process's images only --------------------------------------------------
     def predict(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""DCGAN pretraining and fine-tuning: TransferGAN, FreezeD, L2-SP, DiffAugment, an EMA generator."""
+"""DCGAN pretraining and fine-tuning: TransferGAN, FreezeD, L2-SP, CDC, EWC, DiffAugment, an EMA generator."""
 
 from __future__ import annotations
 
@@ -13,14 +13,17 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
+from lit_finetune.data.tensor_dataset import to_signed_float
 from lit_finetune.metrics import EXTRACTOR_COMMAND, GenerativeMetrics
 from lit_finetune.modules.base import Network, NoiseStream, TransferModule
 from lit_finetune.nets.dcgan import DCGANDiscriminator, DCGANGenerator
+from lit_finetune.transfer.cdc import DistanceConsistency, anchor_noise
 from lit_finetune.transfer.diffaugment import DiffAugment
+from lit_finetune.transfer.ewc import EWC, generator_fisher
 from lit_finetune.transfer.l2sp import L2SP
 from lit_finetune.transfer.param_groups import block_groups, weight_decay_groups
 from lit_finetune.transfer.pretrained import LoadReport, input_conv_keys, load_pretrained
@@ -34,6 +37,21 @@ DCGAN_ADAM = partial(torch.optim.Adam, lr=2e-4, betas=(0.5, 0.999))
 
 #: seed of the evaluation noise (ints only: Python salts the hash of strings per process)
 EVALUATION_NOISE_SEED = 20_201_005
+#: the intra-cluster diversity is measured around the training images when there are at most this many
+#: (a few-shot measure: with more, extracting their features at every setup costs more than it tells)
+DIVERSITY_MAX_TRAIN_IMAGES = 1000
+#: keys of a DCGAN that belong to this run, never to a source it loads
+RUN_STATE_PREFIXES = ("generator_ema.", "ema_updates", "l2sp_g.", "l2sp_d.", "ewc_g.", "cdc.", "cdc_anchor_z", "fixed_")
+
+#: mixed with a run's noise seed into the seed of CDC's anchors (ints only: Python salts the hash of strings)
+CDC_ANCHOR_SEED = 20_210_617
+
+
+def cdc_anchors_for(noise_seed: int, num_anchors: int, latent_dim: int) -> torch.Tensor:
+    """CDC's anchor latents for a run with noise seed ``noise_seed``: the same in every process."""
+    rng = torch.Generator().manual_seed(hash((CDC_ANCHOR_SEED, int(noise_seed))) % (2**63))
+    return torch.randn(num_anchors, latent_dim, generator=rng)
+
 
 class TrainingDiverged(RuntimeError):
     """A loss became NaN or infinite; training stopped before the update that would spread it."""
@@ -75,6 +93,16 @@ class DCGAN(TransferModule):
     * FreezeD: freeze the lowest discriminator blocks with
       ``LayerFreezing(["discriminator.blocks.0", ...], unfreeze_at_epoch=None)``;
     * L2-SP toward the pretrained weights: ``l2sp_generator`` / ``l2sp_discriminator``;
+    * EWC on G (Li et al. 2020): ``ewc_generator``, an L2-SP pull weighted by each parameter's
+      Fisher information on the source, estimated when the source is read (the source D's
+      ``log sigmoid D(G(z))`` on ``ewc_fisher_samples`` samples) and kept in the checkpoint
+      (see :mod:`lit_finetune.transfer.ewc`);
+    * CDC (Ojha et al. 2021): ``cdc_weight``, cross-domain distance consistency against a frozen
+      copy of the source G (kept in the checkpoint; :mod:`lit_finetune.transfer.cdc`), and, with
+      ``cdc_patch_block``, its anchor-based discriminator: every ``cdc_anchor_every``-th batch draws
+      ``z`` near ``cdc_anchors`` fixed anchors and uses the image-level D; the others draw ``z`` as
+      usual and use a patch-level D on ``discriminator.blocks[cdc_patch_block]``'s map (real and
+      fake, D and G steps alike);
     * DiffAugment: ``diffaugment="color,translation,cutout"``, the same random differentiable
       augmentation on real and fake images, in both the D and the G step.
 
@@ -118,6 +146,21 @@ class DCGAN(TransferModule):
         n_critic: discriminator steps per generator step.
         pretrained: a DCGAN checkpoint (or state dict) to fine-tune from; read at fit start.
         l2sp_generator, l2sp_discriminator: L2-SP coefficients toward the pretrained weights.
+        ewc_generator: EWC's lambda: ``lambda * sum F (theta - theta_src)^2`` over G (0: off; needs ``pretrained``).
+            The Fisher's scale depends on the source (Li et al. use 5e8 for StyleGAN); ``finetune_ewc.yaml``'s
+            20 makes the penalty about the adversarial loss (1) where plain fine-tuning ends.
+        ewc_fisher_samples: samples of ``z`` the Fisher is estimated from.
+        cdc_weight: weight of CDC's distance consistency loss (the reference code's ``kl_wt``, 1000; 0: off;
+            needs ``pretrained``).
+        cdc_batch: extra samples per generator step the loss compares pairwise (reference: 4; at least 3).
+            They join the generator step's batch (one forward, one set of BatchNorm statistics), and the
+            source copy runs on the same batch.
+        cdc_patch_block: the discriminator block whose output map the patch-level head reads (e.g. -1, the
+            last); ``None``: no anchor-based patch discriminator (the image-level D throughout).
+        cdc_anchor_every: with the patch discriminator, every n-th batch samples the anchor regions (reference: 4).
+        cdc_anchors: number of anchor latents (reference: 10, one per training image there); drawn when a fit
+            starts, from the run's noise seed, and kept in the checkpoint.
+        cdc_anchor_std: std of the anchor regions around each anchor (reference: 0.1).
         diffaugment: DiffAugment policy, e.g. ``"color,translation,cutout"`` (empty: off).
         ema_decay: decay of the generator's moving average (0: the EMA copies G every step).
         ema_warmup: warm the decay up as ``min(ema_decay, (1 + t) / (10 + t))``.
@@ -132,8 +175,12 @@ class DCGAN(TransferModule):
             ``lit-finetune fit --config configs/metrics/feature_extractor.yaml`` writes it). With it,
             validation (every ``metrics_every_n_epochs`` validated epochs) and test log FID, KID,
             the extractor's count of generated samples per class and, when conditional, how often
-            it assigns a sample the label it was generated for. As many fakes as real images are
-            drawn from the EMA generator (class-matched when conditional). ``None``: no metrics.
+            it assigns a sample the label it was generated for; with at most
+            ``DIVERSITY_MAX_TRAIN_IMAGES`` (1000) training images also the intra-cluster diversity
+            (``intra_cluster_distance``, ``clusters_occupied`` and their ``_real`` twins for the real
+            images; :mod:`lit_finetune.metrics.diversity`): few-shot GANs fail by memorising. As many
+            fakes as real images are drawn from the EMA generator (class-matched when conditional).
+            ``None``: no metrics.
         metrics_every_n_epochs: compute validation metrics in every n-th validated epoch (with
             ``check_val_every_n_epoch=None``: in every n-th validation).
         evaluate_ema: evaluate (and sample from) the EMA generator; ``False`` uses the raw one, e.g. to
@@ -164,6 +211,14 @@ class DCGAN(TransferModule):
         pretrained: str | None = None,
         l2sp_generator: float = 0.0,
         l2sp_discriminator: float = 0.0,
+        ewc_generator: float = 0.0,
+        ewc_fisher_samples: int = 512,
+        cdc_weight: float = 0.0,
+        cdc_batch: int = 4,
+        cdc_patch_block: int | None = None,
+        cdc_anchor_every: int = 4,
+        cdc_anchors: int = 10,
+        cdc_anchor_std: float = 0.1,
         diffaugment: str = "",
         ema_decay: float = 0.999,
         ema_warmup: bool = True,
@@ -195,6 +250,24 @@ class DCGAN(TransferModule):
             raise ValueError(f"ema_bn_batches must be >= 1, got {ema_bn_batches}")
         if accumulate_grad_batches < 1:
             raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+        if (ewc_generator > 0 or cdc_weight > 0) and pretrained is None:
+            raise ValueError(
+                f"ewc_generator={ewc_generator} / cdc_weight={cdc_weight} regularise toward a source generator, and "
+                "pretrained is None: set pretrained=<source DCGAN checkpoint or zoo name>, or set both to 0."
+            )
+        if ewc_generator < 0 or cdc_weight < 0 or ewc_fisher_samples < 1:
+            raise ValueError(
+                f"need ewc_generator >= 0, cdc_weight >= 0 and ewc_fisher_samples >= 1; got {ewc_generator}, "
+                f"{cdc_weight} and {ewc_fisher_samples}"
+            )
+        if cdc_batch < 3:
+            raise ValueError(f"cdc_batch must be >= 3 (each sample is compared with 2 others or more), got {cdc_batch}")
+        if cdc_patch_block is not None and (cdc_anchor_every < 2 or cdc_anchors < 1 or cdc_anchor_std < 0):
+            raise ValueError(
+                f"the anchor-based patch discriminator needs cdc_anchor_every >= 2 (1 would never use the patch "
+                f"level), cdc_anchors >= 1 and cdc_anchor_std >= 0; got {cdc_anchor_every}, {cdc_anchors} and "
+                f"{cdc_anchor_std}"
+            )
         if accumulate_grad_batches > 1 and n_critic > 1:
             raise ValueError(
                 f"accumulate_grad_batches={accumulate_grad_batches} needs n_critic=1 (got {n_critic}): with several "
@@ -223,7 +296,7 @@ class DCGAN(TransferModule):
         classes = num_classes if conditional else None
         self.generator = DCGANGenerator(latent_dim, image_size, in_channels, generator_width, classes)
         self.discriminator = DCGANDiscriminator(
-            image_size, in_channels, discriminator_width, classes, conditioning, spectral_norm
+            image_size, in_channels, discriminator_width, classes, conditioning, spectral_norm, cdc_patch_block
         )
         self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
         #: EMA updates so far (the decay warm-up's clock); a buffer, so checkpoints resume it
@@ -234,6 +307,12 @@ class DCGAN(TransferModule):
         self.noise_stream = NoiseStream()  # z and DiffAugment: each DDP rank draws its own
         self.l2sp_g = L2SP(self.generator, l2sp_generator) if l2sp_generator > 0 else None
         self.l2sp_d = L2SP(self.discriminator, l2sp_discriminator) if l2sp_discriminator > 0 else None
+        self.ewc_g = EWC(self.generator, ewc_generator) if ewc_generator > 0 else None
+        self.cdc = DistanceConsistency(self.generator, cdc_weight) if cdc_weight > 0 else None
+        if cdc_patch_block is not None:
+            # the anchors of the image-level D's regions; redrawn from the noise seed when a fit starts
+            anchors = torch.randn(cdc_anchors, latent_dim, generator=torch.Generator().manual_seed(0))
+            self.register_buffer("cdc_anchor_z", anchors)
         # fixed noise (and labels) so sample grids are comparable across epochs and runs
         fixed = torch.Generator().manual_seed(0)
         self.register_buffer("fixed_z", torch.randn(num_sample_images, latent_dim, generator=fixed))
@@ -248,11 +327,11 @@ class DCGAN(TransferModule):
     def networks(self) -> list[Network]:
         networks = []
         for name, net, anchored in (
-            ("generator", self.generator, self.l2sp_g),
-            ("discriminator", self.discriminator, self.l2sp_d),
+            ("generator", self.generator, self.l2sp_g is not None or self.ewc_g is not None),
+            ("discriminator", self.discriminator, self.l2sp_d is not None),
         ):
             groups = block_groups(net, name, expand=["blocks"])  # one group per block: FreezeD freezes by block
-            groups = weight_decay_groups(groups, anchored=[name] if anchored is not None else [])
+            groups = weight_decay_groups(groups, anchored=[name] if anchored else [])
             networks.append(
                 Network(
                     name,
@@ -267,7 +346,8 @@ class DCGAN(TransferModule):
 
     # -- pretrained weights ------------------------------------------------------------------------
     def read_pretrained(self, source: str) -> LoadReport:
-        """Load G and D (TransferGAN); the EMA starts from the loaded G, L2-SP anchors at it.
+        """Load G and D (TransferGAN); the EMA starts from the loaded G, L2-SP and EWC anchor at it (EWC's
+        Fisher is estimated here, with the loaded D), CDC's frozen copy is taken from it.
 
         A conditional module may start from an unconditional source (the usual case: pretrain on
         unlabelled source images, then learn ``G(z, y)`` on few labelled target images). The label
@@ -287,18 +367,28 @@ class DCGAN(TransferModule):
                     keep = self.hparams.in_channels * entry.per_channel
                     label_channels = partial(_zero_extended, dim=entry.dim, keep=keep)
                     adapt[f"discriminator.{entry.key}"] = ("label channels zero", label_channels)
-        report = load_pretrained(
-            self, source, exclude=["generator_ema.", "ema_updates", "l2sp_g.", "l2sp_d.", "fixed_"], adapt=adapt
-        )  # fmt: skip
+        report = load_pretrained(self, source, exclude=list(RUN_STATE_PREFIXES), adapt=adapt)
         embed = self.discriminator.embed
         if embed is not None and "discriminator.embed.weight" in report.missing:
             with torch.no_grad():
                 embed.weight.zero_()  # the projection term <embed(y), features> starts at 0
         self.reset_ema()
-        for reg in (self.l2sp_g, self.l2sp_d):
+        for reg in (self.l2sp_g, self.l2sp_d, self.ewc_g):
             if reg is not None:
                 reg.reset_anchor()
+        if self.ewc_g is not None:
+            self.ewc_g.set_fisher(self.estimate_generator_fisher(), self.hparams.ewc_fisher_samples)
+        if self.cdc is not None:
+            self.cdc.reset_source(self.generator)
         return report
+
+    def estimate_generator_fisher(self) -> dict[str, torch.Tensor]:
+        """EWC's Fisher of G's parameters at their current values, from D's ``log sigmoid D(G(z))``
+        (:func:`~lit_finetune.transfer.ewc.generator_fisher`; labels cycle over the classes when conditional)."""
+        classes = self.hparams.num_classes if self.hparams.conditional else None
+        return generator_fisher(
+            self.generator, self.discriminator, self.hparams.latent_dim, self.hparams.ewc_fisher_samples, classes
+        )
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -461,6 +551,9 @@ class DCGAN(TransferModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
+        if self.hparams.cdc_patch_block is not None:
+            # a function of the run's noise seed: a resumed fit (same seed, restored stream) draws the same anchors
+            self.cdc_anchor_z.copy_(cdc_anchors_for(self.noise_stream.state["seed"], *self.cdc_anchor_z.shape))
         # The EMA copy is in eval mode on purpose (it is never trained); say nothing about it, but let
         # Lightning's warning through when any other module is in eval mode at the start of training.
         in_eval = [name for name, module in self.named_modules() if not module.training]
@@ -468,6 +561,44 @@ class DCGAN(TransferModule):
             warnings.filterwarnings(
                 "ignore", message=rf"Found {len(in_eval)} module\(s\) in eval mode", category=PossibleUserWarning
             )
+
+    def _latents(self, n: int, noise: torch.Generator, anchored: bool) -> torch.Tensor:
+        """``n`` latents: from CDC's anchor regions when ``anchored``, else from N(0, I)."""
+        if anchored:
+            return anchor_noise(self.cdc_anchor_z, n, self.hparams.cdc_anchor_std, noise)
+        return torch.randn(n, self.hparams.latent_dim, device=self.device, generator=noise)
+
+    def _critic(self, images: torch.Tensor, y: torch.Tensor | None, patch: bool) -> torch.Tensor:
+        """D's logits: image-level ``(B,)``, or patch-level ``(B, h, w)`` (CDC's patch discriminator)."""
+        return self.discriminator.patch_logits(images, y) if patch else self.discriminator(images, y)
+
+    def _generator_step_loss(
+        self, n: int, y: torch.Tensor | None, noise: torch.Generator, anchored: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The generator's loss (adversarial + regularisers) and the regularisers' values, for logging."""
+        z = self._latents(n, noise, anchored)
+        extra: dict[str, torch.Tensor] = {}
+        if self.cdc is None:
+            fake = self.generator(z, y)
+        else:
+            # CDC's samples join the batch: one forward, and the source copy sees the same batch statistics
+            k = self.hparams.cdc_batch
+            z_all = torch.cat([z, torch.randn(k, self.hparams.latent_dim, device=self.device, generator=noise)])
+            y_all = None
+            if y is not None:
+                y_cdc = torch.randint(self.hparams.num_classes, (k,), device=self.device, generator=noise)
+                y_all = torch.cat([y, y_cdc])
+            images, features = self.generator(z_all, y_all, return_features=True)
+            fake = images[:n]
+            layer = torch.randint(len(features), (k,), device=self.device, generator=noise)  # one layer per anchor
+            extra["train/cdc"] = self.cdc(features, z_all, y_all, layer, rows=slice(n, None))
+        patch = self.hparams.cdc_patch_block is not None and not anchored
+        g_loss = generator_loss(self.hparams.loss, self._critic(self.augment(fake, noise), y, patch))
+        if self.l2sp_g is not None:
+            g_loss = g_loss + self.l2sp_g()
+        if self.ewc_g is not None:
+            extra["train/ewc"] = self.ewc_g()
+        return g_loss + sum(extra.values()), extra
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         real, labels = batch
@@ -478,24 +609,27 @@ class DCGAN(TransferModule):
         accumulate = self.hparams.accumulate_grad_batches
         step = (batch_idx + 1) % accumulate == 0 or self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
         noise = self.noise_generator()
+        # CDC's anchor-based D: every cdc_anchor_every-th batch (counted by the checkpointed noise stream, so a
+        # resumed fit keeps the rhythm) samples the anchor regions with the image-level D, the rest the patch level
+        anchored = patch = False
+        if self.hparams.cdc_patch_block is not None:
+            anchored = (self.noise_stream.state["batches"] - 1) % self.hparams.cdc_anchor_every == 0
+            patch = not anchored
         # each update runs with only its own network's parameters requiring gradients (toggled before the
         # forward, so the graph holds no gradient path into the other network's weights)
         for _ in range(self.hparams.n_critic):
             with self.toggled_optimizer(opt_d):
-                z = torch.randn(n, self.hparams.latent_dim, device=self.device, generator=noise)
+                z = self._latents(n, noise, anchored)
                 with torch.no_grad():
                     fake = self.generator(z, y)
-                real_logits = self.discriminator(self.augment(real, noise), y)
-                d_loss = discriminator_loss(kind, real_logits, self.discriminator(self.augment(fake, noise), y))
+                real_logits = self._critic(self.augment(real, noise), y, patch)
+                d_loss = discriminator_loss(kind, real_logits, self._critic(self.augment(fake, noise), y, patch))
                 if self.l2sp_d is not None:
                     d_loss = d_loss + self.l2sp_d()
                 self._check_finite("discriminator loss", d_loss)
                 self._update(opt_d, d_loss, step)
         with self.toggled_optimizer(opt_g):
-            z = torch.randn(n, self.hparams.latent_dim, device=self.device, generator=noise)
-            g_loss = generator_loss(kind, self.discriminator(self.augment(self.generator(z, y), noise), y))
-            if self.l2sp_g is not None:
-                g_loss = g_loss + self.l2sp_g()
+            g_loss, regularisers = self._generator_step_loss(n, y, noise, anchored)
             self._check_finite("generator loss", g_loss)
             self._update(opt_g, g_loss, step)
         if step:
@@ -507,6 +641,9 @@ class DCGAN(TransferModule):
             self.step_schedulers("step")
         losses = {"train/d_loss": d_loss.detach(), "train/g_loss": g_loss.detach()}
         self.log_train_step(lambda: losses, batch_idx, prog_bar=True, batch_size=n)  # on the steps that are read
+        if regularisers:
+            values = {k: v.detach() for k, v in regularisers.items()}
+            self.log_train_step(lambda: values, batch_idx, batch_size=n)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -592,6 +729,47 @@ class DCGAN(TransferModule):
             counts = self.generative_metrics.compute_class_counts()
             self.log_dict({f"test/class_count/{i}": c.float() for i, c in enumerate(counts)}, sync_dist=False)
         self.generative_metrics.reset()
+
+    def _training_images(self) -> torch.Tensor | None:
+        """The datamodule's training images in ``[-1, 1]`` (``None``: too many, or a datamodule without them)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "train_set"):
+            return None
+        if datamodule.train_set is None:
+            # a test (or validate) run of a fitted module: its clusters are its training images, which
+            # datamodules read only for "fit" (a cheap read for the in-memory datasets this measure is for)
+            datamodule.setup("fit")
+        images = getattr(datamodule.train_set, "images", None)
+        if images is None or len(images) > DIVERSITY_MAX_TRAIN_IMAGES:
+            return None
+        return to_signed_float(images).to(self.device)
+
+    def _prepare_diversity(self) -> None:
+        """Give the metrics the training images (once per training set): the intra-cluster diversity's clusters."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        train_set = getattr(datamodule, "train_set", None)
+        if train_set is not None and train_set is getattr(self, "_diversity_train_set", None):
+            return
+        images = self._training_images()
+        train_set = getattr(datamodule, "train_set", None)
+        self._diversity_train_set = train_set
+        if images is None:
+            if not getattr(self, "_diversity_skip_said", False):
+                rank_zero_info(
+                    "DCGAN: intra-cluster diversity not measured (it needs a datamodule with in-memory training "
+                    f"images, at most {DIVERSITY_MAX_TRAIN_IMAGES}: a few-shot measure)."
+                )
+                self._diversity_skip_said = True
+            return
+        self.generative_metrics.set_training_images(images)
+
+    def on_validation_epoch_start(self) -> None:
+        if self._metrics_on():
+            self._prepare_diversity()
+
+    def on_test_epoch_start(self) -> None:
+        if self._metrics_on():
+            self._prepare_diversity()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, "val")

@@ -5,7 +5,8 @@ L2-SP and freezing address them by name:
 
 * generator: ``embed`` (conditional only), ``project``, ``blocks.0`` ... , ``to_image``;
 * discriminator: ``blocks.0`` (input side) ... ``blocks.{n-1}``, ``embed`` (projection only),
-  ``head``. FreezeD's "freeze the lowest k blocks" is ``blocks.0`` ... ``blocks.{k-1}``.
+  ``head``, and with ``patch_block`` a patch-level head ``patch_head`` (+ ``patch_embed``). FreezeD's
+  "freeze the lowest k blocks" is ``blocks.0`` ... ``blocks.{k-1}``.
 
 Widths follow the DCGAN layout: the feature map at resolution ``r`` has
 ``width * (image_size // 2) // r`` channels: ``width`` channels in the hidden map next to the image,
@@ -130,15 +131,28 @@ class DCGANGenerator(nn.Module):
         )
         dcgan_init_(self)
 
-    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, z: torch.Tensor, y: torch.Tensor | None = None, return_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Images; with ``return_features`` also the hidden maps (the outputs of ``project`` and of each
+        block, from the coarsest to the finest), e.g. for CDC's distance consistency.
+
+        A keyword of ``forward`` rather than a method of its own, so a compiled generator
+        (``nn.Module.compile``) runs it compiled too.
+        """
         if z.ndim != 2 or z.shape[1] != self.latent_dim:
             raise ValueError(f"DCGANGenerator: z must have shape (B, {self.latent_dim}), got {tuple(z.shape)}")
         y = _check_labels(y, self.num_classes, z.shape[0], "DCGANGenerator")
         if self.embed is not None:
             z = torch.cat([z, self.embed(y).to(z.dtype)], dim=1)
         x = self.project(z[:, :, None, None])
-        x = self.blocks(x)
-        return self.to_image(x)
+        if not return_features:
+            return self.to_image(self.blocks(x))
+        features = [x]
+        for block in self.blocks:
+            x = block(x)
+            features.append(x)
+        return self.to_image(x), features
 
 
 class DCGANDiscriminator(nn.Module):
@@ -153,6 +167,12 @@ class DCGANDiscriminator(nn.Module):
             or ``"concat"`` (one-hot label maps concatenated to the input channels).
         spectral_norm: spectral normalisation (Miyato et al. 2018) on every conv, linear and
             projection-embedding weight; the blocks then have no BatchNorm, as in SNGAN.
+        patch_block: adds a patch-level head on the output of ``blocks[patch_block]`` (e.g. ``-1``,
+            the last block), for CDC's anchor-based adversarial loss (Ojha et al. 2021):
+            :meth:`patch_logits` gives one logit per position of that map, i.e. per image patch of
+            the block's receptive field. The head is a 3x3 convolution to one channel (the reference
+            code's ``Extra`` head), plus, with projection conditioning, a per-class projection of the
+            map's channels (``patch_embed``, Miyato & Koyama's term at every position). ``None``: no head.
 
     The first block has no BatchNorm (DCGAN paper); every block ends in LeakyReLU(0.2).
     """
@@ -169,9 +189,15 @@ class DCGANDiscriminator(nn.Module):
         num_classes: int | None = None,
         conditioning: str = "projection",
         spectral_norm: bool = False,
+        patch_block: int | None = None,
     ) -> None:
         super().__init__()
         side, n_down = _check_layout(image_size)
+        if patch_block is not None and not -n_down <= patch_block < n_down:
+            raise ValueError(
+                f"patch_block must index one of the {n_down} discriminator blocks of a {image_size} px image "
+                f"({-n_down}..{n_down - 1}), got {patch_block}"
+            )
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
         self.image_size = image_size
@@ -192,6 +218,15 @@ class DCGANDiscriminator(nn.Module):
             nn.init.normal_(self.embed.weight, 0.0, 0.02)
         # A linear layer on the flattened (side x side) map: the DCGAN paper's final valid conv.
         self.head = nn.Linear(self.num_features, 1)
+        self.patch_block = None if patch_block is None else patch_block % n_down
+        self.patch_head: nn.Conv2d | None = None
+        self.patch_embed: nn.Embedding | None = None
+        if self.patch_block is not None:
+            patch_channels = widths[self.patch_block]
+            self.patch_head = nn.Conv2d(patch_channels, 1, kernel_size=3, padding=1)
+            if self.conditioning == "projection":
+                self.patch_embed = nn.Embedding(num_classes, patch_channels)
+                nn.init.normal_(self.patch_embed.weight, 0.0, 0.02)
         dcgan_init_(self)
         if spectral_norm:
             for m in self.modules():
@@ -212,17 +247,33 @@ class DCGANDiscriminator(nn.Module):
                 f"got {x.shape[2]}x{x.shape[3]}"
             )
 
-    def features(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """The penultimate features (B, num_features): the last block's map, flattened.
-
-        ``y`` is needed only with ``conditioning="concat"`` (it is part of the input there).
-        """
+    def _input(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Checked images (with the one-hot label maps under ``"concat"``) and checked labels."""
         self._check_images(x)
         y = _check_labels(y, self.num_classes, x.shape[0], "DCGANDiscriminator")
         if self.conditioning == "concat":
             maps = F.one_hot(y, self.num_classes).to(x.dtype)[:, :, None, None]
             x = torch.cat([x, maps.expand(-1, -1, *x.shape[2:])], dim=1)
+        return x, y
+
+    def features(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The penultimate features (B, num_features): the last block's map, flattened.
+
+        ``y`` is needed only with ``conditioning="concat"`` (it is part of the input there).
+        """
+        x, _ = self._input(x, y)
         return torch.flatten(self.blocks(x), 1)
+
+    def patch_logits(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch-level logits (B, h, w): one per position of ``blocks[patch_block]``'s output map."""
+        if self.patch_head is None:
+            raise ValueError("DCGANDiscriminator has no patch head: build it with patch_block=<block index>, e.g. -1")
+        x, y = self._input(x, y)
+        h = self.blocks[: self.patch_block + 1](x)
+        logits = self.patch_head(h).squeeze(1)
+        if self.patch_embed is not None:
+            logits = logits + torch.einsum("bc,bchw->bhw", self.patch_embed(y).to(h.dtype), h)
+        return logits
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         h = self.features(x, y)

@@ -1,6 +1,8 @@
-"""Fine-tuning mechanics shared by all modules: pretrained loading, L2-SP, parameter groups."""
+"""Fine-tuning mechanics shared by all modules: pretrained loading, L2-SP, EWC, CDC, parameter groups."""
 
+from lit_finetune.transfer.cdc import DistanceConsistency, anchor_noise, distance_consistency_loss
 from lit_finetune.transfer.diffaugment import DiffAugment
+from lit_finetune.transfer.ewc import EWC, empirical_fisher, generator_fisher
 from lit_finetune.transfer.l2sp import L2SP
 from lit_finetune.transfer.lr_factors import (
     add_lr_factor_fn,
@@ -33,6 +35,8 @@ from lit_finetune.transfer.pretrained import (
 
 __all__ = [
     "DiffAugment",
+    "DistanceConsistency",
+    "EWC",
     "PEFT",
     "PEFT_METHODS",
     "L2SP",
@@ -41,8 +45,12 @@ __all__ = [
     "add_lr_factor_fn",
     "block_groups",
     "check_groups_cover",
+    "anchor_noise",
     "delta_state_dict",
+    "distance_consistency_loss",
     "effective_lr",
+    "empirical_fisher",
+    "generator_fisher",
     "install_lr_factor_hooks",
     "install_lr_scale",
     "is_torchvision_weight_name",

@@ -93,3 +93,8 @@ def holm(pvalues: Sequence[float]) -> list[float]:
         running = max(running, min(1.0, (m - rank) * pvalues[i]))
         adjusted[i] = running
     return adjusted
+
+
+def format_p(p: float) -> str:
+    """A p-value as the tables print it: three decimals, and ``p < 0.001`` rather than a rounded zero."""
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"

@@ -390,7 +390,7 @@ def summary_table(rows: list[Comparison], n_seeds: int) -> str:
         means = ", ".join(f"{arm} {statistics.mean(v):{c.fmt}}" for arm, v in c.values.items())
         diffs = []
         for arm, t in c.tests().items():
-            p = f", paired t p = {t.p:.2f}" if n_seeds >= 3 else ""
+            p = f", paired t {stats.format_p(t.p)}" if n_seeds >= 3 else ""
             diffs.append(f"{arm} − {c.baseline}: {', '.join(signed(d, c.fmt) for d in t.diffs)} "
                          f"(mean {signed(t.mean, c.fmt)}{p})")  # fmt: skip
         lines.append(f"| {c.section} | {c.metric} ({c.better} is better) | {means} | {'; '.join(diffs)} |")
@@ -433,8 +433,8 @@ def markdown(results: dict, p: Profile, timing: dict, setup: str) -> str:
 A reduced tour (`python benchmarks/tour.py`, profile `{results['profile']}`): {len(seeds)} seeds ({seeds};
 {results['seed_note']}), fewer steps and test images than the full benchmarks, which remain the source of the
 README's claims ([transfer_vs_scratch](transfer_vs_scratch.md), [gan_finetune](gan_finetune.md),
-[vae_transfer](vae_transfer.md), [gan_augmented](gan_augmented.md)). With {len(seeds)} seeds a difference is a
-pair of runs per seed, not a tested claim{'' if len(seeds) >= 3 else ' (no p-value is shown under 3 seeds)'}.
+[vae_transfer](vae_transfer.md), [gan_augmented](gan_augmented.md)). With {len(seeds)} seeds of a reduced run, a
+difference is a sanity check, not a claim{'' if len(seeds) >= 3 else ' (no p-value is shown under 3 seeds)'}: the p-values are uncorrected.
 Target: Fashion-MNIST classes 5-9, {p.shots} labelled images per class (a seed picks them; every arm of a
 seed sees the same ones). Figure: [tour.png](tour.png).
 

@@ -125,8 +125,7 @@ def _paired(a: list[float], b: list[float], scale: float = 1.0, unit: str = "", 
     """``a - b`` paired by seed: mean, the seed least favourable to ``a`` and the paired t-test's p."""
     test = stats.paired_t_test(a, b)
     worst = max(test.diffs) if lower_is_better else test.worst
-    p = "p < 0.001" if test.p < 0.001 else f"p = {test.p:.3f}"
-    return f"{scale * test.mean:+.1f}{unit} paired (worst seed {scale * worst:+.1f}, {p})"
+    return f"{scale * test.mean:+.1f}{unit} paired (worst seed {scale * worst:+.1f}, {stats.format_p(test.p)})"
 
 
 def _transfer_vs_scratch(data: dict[str, Any]) -> Row:

@@ -33,6 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 #: the documents whose result blocks this fills (the README has only the headline block)
 DOCUMENTS = (REPO / "README.md", REPO / "docs" / "results.md")
 HEADLINE = "headline"
+#: a results file's own title (``#`` or ``##``), dropped when it is copied under a section heading
+TITLE = re.compile(r"\A#{1,2} [^\n]*\n+")
 BLOCK = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 # which script writes each results file (to say what to rerun)
 SCRIPTS = {
@@ -41,6 +43,7 @@ SCRIPTS = {
     "transfer_sweep": "benchmarks/transfer_sweep.py",
     "compression": "benchmarks/compression.py",
     "gan_finetune": "benchmarks/gan_finetune.py",
+    "gan_fewshot": "benchmarks/gan_finetune.py --fewshot --extractor E.ckpt --source S.ckpt",
     "vae_transfer": "benchmarks/vae_transfer.py",
     "gan_augmented": "benchmarks/gan_augmented.py",
     "fashion_mnist_full": "benchmarks/full_dataset.py",
@@ -92,7 +95,8 @@ def update(readme: Path = REPO / "README.md", results: Path = REPO / "benchmarks
         if not source.is_file() or source in problems:
             return match.group(0)
         updated.append(match["name"])
-        return match.group(1) + source.read_text().rstrip() + "\n" + match.group(4)
+        body = TITLE.sub("", source.read_text().rstrip())  # the document's section heading stands for the file's title
+        return match.group(1) + body + "\n" + match.group(4)
 
     readme.write_text(BLOCK.sub(fill, text))
     if problems:
@@ -143,6 +147,21 @@ def _gan_finetune(data: dict[str, Any]) -> Row:
               f"from scratch (lower is better); " + _paired(tuned, scratch, lower_is_better=True))
     return ("Does a source GAN help on 100 target images?", answer, str(len(tuned)),
             "gan-fine-tuning-scratch-vs-transfergan-vs-freezed-with-and-without-diffaugment")
+
+
+def _gan_fewshot(data: dict[str, Any]) -> Row:
+    n = str(min(int(k) for k in data["results"]))
+    cell = data["results"][n]
+    base = "FreezeD + DiffAugment"
+    fid = {arm: [r["fid"] for r in runs] for arm, runs in cell.items()}
+    parts = [f"at {n} target images, FID {base.split()[0]} {statistics.fmean(fid[base]):.1f}"]
+    for arm in ("CDC + DiffAugment", "EWC + DiffAugment"):
+        if arm in fid:
+            parts.append(f"{arm.split()[0]} {statistics.fmean(fid[arm]):.1f}, "
+                         f"{_paired(fid[arm], fid[base], lower_is_better=True)}")
+    return ("Do few-shot GAN regularisers (CDC, EWC) beat FreezeD?", "; ".join(parts) + " (lower is better; "
+            "uncorrected p; Holm and the diversity measure in the details)", str(len(fid[base])),
+            "few-shot-gan-regularisers-cdc-and-ewc-against-transfergan-and-freezed")
 
 
 def _vae_transfer(data: dict[str, Any]) -> Row:
@@ -200,6 +219,7 @@ def _speed(data: dict[str, Any]) -> Row:
 HEADLINES: dict[str, Callable[[dict[str, Any]], Row]] = {
     "transfer_vs_scratch": _transfer_vs_scratch,
     "gan_finetune": _gan_finetune,
+    "gan_fewshot": _gan_fewshot,
     "vae_transfer": _vae_transfer,
     "gan_augmented": _gan_augmented,
     "compression": _compression,

@@ -1,4 +1,4 @@
-"""The full classifier transfer benchmark: six arms x N labelled images per class x two targets.
+"""The full classifier transfer benchmark: eleven arms x N labelled images per class x two targets.
 
 One source model is pretrained on Fashion-MNIST classes 0-4 (``configs/classifier/pretrain_source.yaml``
 through the CLI, as the main job does). From it, each arm trains a ResNet on
@@ -699,8 +699,12 @@ def merge_results(pieces: Sequence[dict[str, Any]]) -> tuple[Results, list[int]]
 def merge_main(args: argparse.Namespace, run: provenance.Run) -> Path:
     """``--merge``: one table from piece JSON files (same commit, profile, source), written to ``--results``."""
     pieces, summary = provenance.merge_pieces(args.merge)  # same commit, profile, source checkpoint
-    if len({p["source"] for p in pieces}) > 1:
-        raise provenance.PieceMismatch("pieces describe their source differently")
+    # merge_pieces checked that every piece read the same source checkpoints (sha256); a piece that reused them
+    # (--pretrained / --meta-pretrained) describes them as "given", the piece that trained them says how
+    trained = sorted({p["source"] for p in pieces if not p["source"].startswith("given")})
+    if len(trained) > 1:
+        raise provenance.PieceMismatch(f"pieces describe their source differently: {trained}")
+    source = trained[0] if trained else pieces[0]["source"]
     results, seeds = merge_results(pieces)
     name = summary["config"]["profile"]
     shots = tuple(sorted({n for cells in results.values() for n in cells}))
@@ -711,9 +715,9 @@ def merge_main(args: argparse.Namespace, run: provenance.Run) -> Path:
         for i, p in enumerate(pieces, 1)
     )
     minutes = f"{sum(p['duration_s'] for p in summary['pieces']) / 60:.1f} min over {len(pieces)} pieces (see Provenance)"
-    text = markdown(results, name, profile, where, minutes, pieces[0]["source"])
+    text = markdown(results, name, profile, where, minutes, source)
     path = args.results / "transfer_sweep.md"
-    run.write(path, text, data={"results": results, "seeds": seeds, "source": pieces[0]["source"], "where": where},
+    run.write(path, text, data={"results": results, "seeds": seeds, "source": source, "where": where},
               config=summary["config"], pieces=summary["pieces"])  # fmt: skip
     plot(results, args.results / "transfer_sweep.png")
     print("\n" + text + f"\nwrote {path} and transfer_sweep.png")

@@ -139,6 +139,20 @@ def test_pieces_write_provenance_and_merge_into_one_table(sweep, source, fashion
     for arm, runs in data["results"]["fashion"]["5"]["runs"].items():
         assert runs == [one[0][arm][0], one[1][arm][0]]  # every run kept, in seed order
 
+    # the piece that trained the sources describes them, the others were given the same files (same sha256):
+    # the merge keeps the trained description; two pieces that trained theirs differently are refused
+    trained = json.loads(pieces[0].read_text())
+    trained["data"]["source"] = "3 epochs of `pretrain_source.yaml` (1.9 min)"
+    pieces[0].write_text(json.dumps(trained))
+    sweep.main(["--merge", *map(str, pieces), "--results", str(tmp_path / "merged2")])
+    merged2 = json.loads((tmp_path / "merged2" / "transfer_sweep.json").read_text())["data"]
+    assert merged2["source"] == trained["data"]["source"]
+    retrained = json.loads(pieces[1].read_text())
+    retrained["data"]["source"] = "5 epochs of `pretrain_source.yaml` (3.0 min)"
+    pieces[1].write_text(json.dumps(retrained))
+    with pytest.raises(provenance.PieceMismatch, match="describe their source differently"):
+        sweep.main(["--merge", *map(str, pieces), "--results", str(tmp_path / "refused")])
+
     # pieces from another commit (or the same seed twice) are refused
     other = json.loads(pieces[1].read_text())
     other["provenance"]["commit"] = "0" * 40

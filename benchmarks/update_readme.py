@@ -44,6 +44,7 @@ SCRIPTS = {
     "compression": "benchmarks/compression.py",
     "gan_finetune": "benchmarks/gan_finetune.py",
     "gan_fewshot": "benchmarks/gan_finetune.py --fewshot --extractor E.ckpt --source S.ckpt",
+    "gan_fewshot_cdc_ablation": "benchmarks/gan_finetune.py --fewshot --name gan_fewshot_cdc_ablation --arms ...",
     "vae_transfer": "benchmarks/vae_transfer.py",
     "gan_augmented": "benchmarks/gan_augmented.py",
     "fashion_mnist_full": "benchmarks/full_dataset.py",

@@ -62,6 +62,37 @@ def copy_zoo_home(source: Path, target: Path, monkeypatch) -> Path:
     return target
 
 
+def fit_with_step_checkpoints(model, datamodule, tmp_path: Path, max_steps: int, ckpt_path: str | None = None):
+    """Fit ``model`` for ``max_steps`` optimizer steps, writing ``tmp_path/steps/step=K.ckpt`` every 2 steps
+    (mid-epoch resume points, atomically); validation off. Returns the trainer."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lit_finetune.checkpoint_io import AtomicCheckpointIO
+
+    steps = ModelCheckpoint(dirpath=tmp_path / "steps", filename="{step}", every_n_train_steps=2, save_top_k=-1)
+    trainer = quiet_trainer(
+        tmp_path, max_steps=max_steps, max_epochs=-1, deterministic=True, callbacks=[steps], limit_val_batches=0,
+        plugins=[AtomicCheckpointIO()],
+    )  # fmt: skip
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    return trainer
+
+
+def assert_same_training_state(full, full_trainer, resumed, resumed_trainer) -> None:
+    """A resumed fit ended where the uninterrupted one did: every tensor of the module's state (networks, EMA,
+    buffers), each optimizer's LRs and state, and each scheduler's state."""
+    import torch
+
+    a, b = full.state_dict(), resumed.state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    for opt_a, opt_b in zip(full_trainer.optimizers, resumed_trainer.optimizers, strict=True):
+        assert [g["lr"] for g in opt_a.param_groups] == [g["lr"] for g in opt_b.param_groups]
+        for sa, sb in zip(opt_a.state.values(), opt_b.state.values(), strict=True):
+            assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    for ca, cb in zip(full_trainer.lr_scheduler_configs, resumed_trainer.lr_scheduler_configs, strict=True):
+        assert ca.scheduler.state_dict() == cb.scheduler.state_dict()
+
+
 @pytest.fixture
 def tiny_target(fashion_root):
     """Target-domain datamodule small enough for a few-second fit."""

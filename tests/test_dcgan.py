@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from conftest import quiet_trainer, save_lightning_checkpoint
+from conftest import assert_same_training_state, quiet_trainer, save_lightning_checkpoint
 from lit_finetune import DCGAN
 from lit_finetune.callbacks import LayerFreezing
 from lit_finetune.checkpoint_io import AtomicCheckpointIO
@@ -120,12 +120,7 @@ def test_resume_continues_both_optimizers_the_ema_and_schedulers_exactly(tmp_pat
     full, full_trainer = _resume_run(tmp_path / "full", gan_data, max_epochs=3)
     _resume_run(tmp_path / "part", gan_data, max_epochs=2)
     resumed, resumed_trainer = _resume_run(tmp_path / "part", gan_data, 3, str(tmp_path / "part/ckpt/last.ckpt"))
-    a, b = full.state_dict(), resumed.state_dict()
-    assert [k for k in a if not torch.equal(a[k], b[k])] == []  # G, D and the EMA generator
-    for opt_a, opt_b in zip(full_trainer.optimizers, resumed_trainer.optimizers):
-        for (_, sa), (_, sb) in zip(opt_a.state.items(), opt_b.state.items()):
-            assert all(torch.equal(sa[k], sb[k]) for k in sa)  # Adam moments of both networks
-        assert [g["lr"] for g in opt_a.param_groups] == [g["lr"] for g in opt_b.param_groups]
+    assert_same_training_state(full, full_trainer, resumed, resumed_trainer)  # G, D, EMA, Adam moments, LRs
 
 
 def test_fine_tuned_checkpoint_samples_and_resumes_without_its_source(tmp_path, gan_data):

@@ -10,14 +10,18 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.amp import GradScaler
 
-from conftest import quiet_trainer, shift_generator
+from conftest import (
+    assert_same_training_state,
+    fit_with_step_checkpoints,
+    quiet_trainer,
+    shift_generator,
+)
 from lit_finetune import DCGAN
 from lit_finetune.callbacks import LayerFreezing
-from lit_finetune.checkpoint_io import AtomicCheckpointIO
 from lit_finetune.data import FashionMNISTDataModule
 
 TINY = dict(latent_dim=16, generator_width=8, discriminator_width=8)
@@ -132,13 +136,7 @@ def _step_run(tmp_path, gan_data, max_steps, ckpt_path=None, ema_batchnorm="reco
         generator_lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, 0.9),
         discriminator_lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, 0.8),
     )  # fmt: skip
-    steps = ModelCheckpoint(dirpath=tmp_path / "steps", filename="{step}", every_n_train_steps=2, save_top_k=-1)
-    trainer = quiet_trainer(
-        tmp_path, max_steps=max_steps, max_epochs=-1, deterministic=True, callbacks=[steps], limit_val_batches=0,
-        plugins=[AtomicCheckpointIO()],
-    )  # fmt: skip
-    trainer.fit(model, datamodule=gan_data, ckpt_path=ckpt_path)
-    return model, trainer
+    return model, fit_with_step_checkpoints(model, gan_data, tmp_path, max_steps, ckpt_path)
 
 
 @pytest.mark.parametrize("ema_batchnorm", ["recompute", "average"])
@@ -149,14 +147,7 @@ def test_mid_epoch_resume_is_exact_for_g_d_ema_optimizers_and_step_schedulers(tm
     saved = torch.load(mid, weights_only=True)
     assert int(saved["state_dict"]["ema_updates"]) == 3  # the EMA of the step it saves, not the one before
     resumed, resumed_trainer = _step_run(tmp_path / "part", gan_data, 14, str(mid), ema_batchnorm)
-    a, b = full.state_dict(), resumed.state_dict()
-    assert [k for k in a if not torch.equal(a[k], b[k])] == []
-    for opt_a, opt_b in zip(full_trainer.optimizers, resumed_trainer.optimizers):
-        assert [g["lr"] for g in opt_a.param_groups] == [g["lr"] for g in opt_b.param_groups]
-        for sa, sb in zip(opt_a.state.values(), opt_b.state.values()):
-            assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    for ca, cb in zip(full_trainer.lr_scheduler_configs, resumed_trainer.lr_scheduler_configs):
-        assert ca.scheduler.state_dict() == cb.scheduler.state_dict()
+    assert_same_training_state(full, full_trainer, resumed, resumed_trainer)
     assert full_trainer.lr_scheduler_configs[0].scheduler.last_epoch == 7  # stepped once per G update
 
 

@@ -12,12 +12,16 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from conftest import quiet_trainer, save_lightning_checkpoint
+from conftest import (
+    assert_same_training_state,
+    fit_with_step_checkpoints,
+    quiet_trainer,
+    save_lightning_checkpoint,
+)
 from lit_finetune import DCGAN
-from lit_finetune.checkpoint_io import AtomicCheckpointIO
 from lit_finetune.data import FashionMNISTDataModule
 from lit_finetune.nets.dcgan import DCGANDiscriminator, DCGANGenerator
-from lit_finetune.transfer.cdc import DistanceConsistency, anchor_noise, distance_consistency_loss
+from lit_finetune.transfer.cdc import anchor_noise, distance_consistency_loss
 from lit_finetune.transfer.ewc import EWC, generator_fisher
 
 TINY = dict(latent_dim=16, generator_width=8, discriminator_width=8)
@@ -269,13 +273,7 @@ def _step_run(tmp_path, gan_data, source, max_steps, ckpt_path=None):
         **COND, pretrained=source, diffaugment="translation", ema_decay=0.9, cdc_weight=1000.0, cdc_patch_block=-1,
         cdc_anchor_every=2, ewc_generator=1e6, ewc_fisher_samples=16,
     )  # fmt: skip
-    steps = ModelCheckpoint(dirpath=tmp_path / "steps", filename="{step}", every_n_train_steps=2, save_top_k=-1)
-    trainer = quiet_trainer(
-        tmp_path, max_steps=max_steps, max_epochs=-1, deterministic=True, callbacks=[steps], limit_val_batches=0,
-        plugins=[AtomicCheckpointIO()],
-    )  # fmt: skip
-    trainer.fit(model, datamodule=gan_data, ckpt_path=ckpt_path)
-    return model, trainer
+    return model, fit_with_step_checkpoints(model, gan_data, tmp_path, max_steps, ckpt_path)
 
 
 def test_mid_epoch_resume_is_exact_with_cdc_patch_d_and_ewc(tmp_path, gan_data, source):
@@ -283,8 +281,4 @@ def test_mid_epoch_resume_is_exact_with_cdc_patch_d_and_ewc(tmp_path, gan_data, 
     full, full_trainer = _step_run(tmp_path / "full", gan_data, source, 12)
     mid = tmp_path / "full/steps/step=6.ckpt"
     resumed, resumed_trainer = _step_run(tmp_path / "part", gan_data, source, 12, str(mid))
-    a, b = full.state_dict(), resumed.state_dict()
-    assert [k for k in a if not torch.equal(a[k], b[k])] == []
-    for opt_a, opt_b in zip(full_trainer.optimizers, resumed_trainer.optimizers):
-        for sa, sb in zip(opt_a.state.values(), opt_b.state.values()):
-            assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert_same_training_state(full, full_trainer, resumed, resumed_trainer)

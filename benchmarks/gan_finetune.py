@@ -406,8 +406,7 @@ def markdown(
         kid_subset = statistics.mean(1e3 * r.kid_std for r in runs)
         agree, agree_sd = _mean_std([100 * r.label_agreement for r in runs])
         steps = sorted({f"{r.generator_steps} / {r.discriminator_steps}" for r in runs})
-        raw = [r.fid_raw_generator for r in runs if r.fid_raw_generator is not None]
-        raw_cell = "{:.1f} ± {:.1f}".format(*_mean_std(raw)) if raw else "not measured"
+        raw_cell = _cell([r.fid_raw_generator for r in runs])  # "not measured" when no run tested the raw G
         lines.append(
             f"| {name} | {fid:.1f} ± {fid_sd:.1f} | {kid:.1f} ± {kid_sd:.1f} | {kid_subset:.1f} | "
             f"{agree:.1f} ± {agree_sd:.1f} % | {raw_cell} | {', '.join(steps)} | {', '.join(f'{r.fid:.1f}' for r in runs)} |"

@@ -29,7 +29,6 @@ init), Holm-corrected over all comparisons of the table (``benchmarks/stats.py``
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import gzip
 import logging

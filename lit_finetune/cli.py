@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 import lit_finetune.callbacks  # noqa: F401  (registers LayerFreezing, LRWarmup... for --trainer.callbacks)
 import lit_finetune.data  # noqa: F401  (registers the datamodules for --data)
 from lit_finetune.compress.export import ExportError
-from lit_finetune.data.base import DatasetNotFoundError, ImageDataModule
+from lit_finetune.data.base import DatasetNotFoundError
 from lit_finetune.metrics import ExtractorNotFoundError
 from lit_finetune.modules.base import TransferModule
 from lit_finetune.modules.loading import checked_module_class, read_hparams

@@ -14,6 +14,11 @@ FASHION_ROOT = Path(os.environ.get("FASHION_MNIST_ROOT", "/usr/share/datasets/fa
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+#: the pytest-xdist worker running this process ("gw0", ...), or None in a plain run
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER is not None:
+    # two workers on a 2-core machine: one thread each (and in their subprocesses), not two each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
@@ -27,8 +32,14 @@ def fashion_root() -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def zoo_home(tmp_path_factory) -> Path:
     """Every test sees its own empty zoo cache ($LIT_FINETUNE_HOME) with smoke-sized builds, never
-    ~/.cache/lit_finetune: a config that names ``zoo:...`` builds that entry once per test run, in seconds."""
-    home = tmp_path_factory.mktemp("zoo_home")
+    ~/.cache/lit_finetune: a config that names ``zoo:...`` builds that entry once per test run, in seconds.
+    Under pytest-xdist the workers share one home (the run's base folder), so each entry is still built once:
+    the zoo's own build lock makes a second worker wait for the first one's build."""
+    if XDIST_WORKER is None:
+        home = tmp_path_factory.mktemp("zoo_home")
+    else:
+        home = tmp_path_factory.getbasetemp().parent / "zoo_home"
+        home.mkdir(exist_ok=True)
     patch = pytest.MonkeyPatch()
     patch.setenv("LIT_FINETUNE_HOME", str(home))
     patch.setenv("LIT_FINETUNE_ZOO_SMOKE", "1")

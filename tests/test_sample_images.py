@@ -10,7 +10,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from PIL import Image
@@ -144,7 +144,7 @@ def _wait_until_written(save_dir: Path, timeout: float = 30.0) -> None:
     raise AssertionError(f"no finished offline W&B run under {save_dir} after {timeout} s")
 
 
-def test_wandb_offline_run_gets_the_grids(wandb_offline):
+def test_wandb_offline_run_gets_the_grids(wandb_offline):  # noqa: F811  (the fixture imported above)
     import wandb
 
     save_dir = wandb_offline / "wandb_runs"

@@ -65,8 +65,8 @@ def test_not_a_checkpoint_and_malicious_pickle_are_refused(tmp_path):
         ImageClassifier(num_classes=2, pretrained=str(tmp_path / "missing.ckpt")).load_pretrained_weights()
 
 
-def _resnet18_cache_file(torch_home) -> "Path":
-    """Where torch.hub looks for torchvision's ResNet-18 ImageNet weights under ``torch_home``."""
+def _resnet18_cache_file(torch_home):
+    """Where torch.hub looks for torchvision's ResNet-18 ImageNet weights under ``torch_home`` (a Path)."""
     from pathlib import Path
     from urllib.parse import urlparse
 

@@ -66,6 +66,20 @@ def test_channel_and_num_classes_mismatch_are_clear(tmp_path, tiny_target):
         ImageClassifier(num_classes=2)(torch.zeros(1, 3, 28, 28))
 
 
+def test_class_names_travel_with_the_checkpoint(tmp_path, tiny_target):
+    model = ImageClassifier(num_classes=5)
+    trainer = quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(model, datamodule=tiny_target)
+    assert model.class_names == ["Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    loaded = ImageClassifier.load_from_checkpoint(tmp_path / "model.ckpt", weights_only=True)
+    assert loaded.class_names == model.class_names  # without the datamodule: predictions and exports name them
+    checkpoint = torch.load(tmp_path / "model.ckpt", weights_only=True)
+    del checkpoint["class_names"]  # a checkpoint written before names were kept
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    assert ImageClassifier.load_from_checkpoint(tmp_path / "old.ckpt").class_names == ["0", "1", "2", "3", "4"]
+
+
 def test_predict_writes_labels_for_a_folder(tmp_path, fashion_root):
     import numpy as np
     from PIL import Image

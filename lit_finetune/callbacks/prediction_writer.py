@@ -32,7 +32,9 @@ class PredictionWriter(BasePredictionWriter):
     ) -> None:
         dm = trainer.datamodule
         paths = getattr(dm, "predict_paths", []) or []
-        names = getattr(dm, "class_names", None) or getattr(pl_module, "class_names", None) or []
+        # the model's names first: they are those of its outputs (copied from the datamodule in setup when the
+        # counts match, else kept from its checkpoint), where the datamodule may hold another label set
+        names = getattr(pl_module, "class_names", None) or getattr(dm, "class_names", None) or []
         # Lightning nests both in one list per dataloader (there is one predict dataloader here)
         if predictions and isinstance(predictions[0], list):
             predictions = predictions[0]

@@ -35,6 +35,8 @@ TORCHVISION_KEY_MAP = {"": "backbone.", "fc.": "head."}
 #: the statistics that make input normalisation the identity on ``[-1, 1]`` images
 IDENTITY_MEAN, IDENTITY_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 INPUT_STATS = ("input_mean", "input_std")
+#: checkpoint (and delta) key of the class names a model was trained with (see ``on_save_checkpoint``)
+CLASS_NAMES_KEY = "class_names"
 
 
 def _stats_to_channels(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
@@ -260,7 +262,10 @@ class ImageClassifier(TransferModule):
             # the stored updates are the unmerged ones (merged base weights are not stored): the model
             # rebuilt on the source's weights must add them
             delta["peft.merged_flag"] = torch.zeros((), dtype=torch.bool)
-        state = {"lit_finetune_delta": 1, "hyper_parameters": dict(self.hparams), "state_dict": delta}
+        state = {
+            "lit_finetune_delta": 1, "hyper_parameters": dict(self.hparams), "state_dict": delta,
+            CLASS_NAMES_KEY: list(self.class_names),
+        }  # fmt: skip
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda f: torch.save(state, f))
@@ -288,7 +293,24 @@ class ImageClassifier(TransferModule):
         if missing:
             raise ValueError(f"{path} holds keys this model lacks: {sorted(missing)[:5]}")
         model.load_state_dict(state["state_dict"], strict=False)
+        model._restore_class_names(state.get(CLASS_NAMES_KEY))
         return model
+
+    # -- class names ------------------------------------------------------------------------------
+    # The datamodule's class names (e.g. "Sandal", "Bag") are copied in `setup` and kept in checkpoints and
+    # deltas, so a model loaded later (predictions, exports, confusion matrices) still names its classes
+    # without the datamodule it was trained with.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[CLASS_NAMES_KEY] = list(self.class_names)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._restore_class_names(checkpoint.get(CLASS_NAMES_KEY))
+
+    def _restore_class_names(self, names: list[str] | None) -> None:
+        if names is not None and len(names) == len(self.class_names):  # older checkpoints have none
+            self.class_names = [str(name) for name in names]
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -303,8 +325,10 @@ class ImageClassifier(TransferModule):
                         "use lit_finetune.callbacks.LayerFreezing (which keeps the selection) or set peft=None."
                     )
         dm = getattr(self.trainer, "datamodule", None)
-        if getattr(dm, "class_names", None):
-            self.class_names = list(dm.class_names)
+        names = getattr(dm, "class_names", None)
+        # names of another length (a datamodule without real names) leave the model's own
+        if names and len(names) == len(self.class_names):
+            self.class_names = list(names)
 
     # -- steps ----------------------------------------------------------------------------------
     def _shared_step(

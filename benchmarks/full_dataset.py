@@ -31,10 +31,12 @@ default ``$FASHION_MNIST_ROOT`` or Debian's ``/usr/share/datasets/fashion-mnist`
 A GPU machine without the dataset or without LightningCLI's pure-Python dependencies
 (``jsonargparse``, ``docstring_parser``, ``typeshed_client``) gets them from a bundle made here:
 
-    python benchmarks/full_dataset.py --bundle runs/gpu_bundle      # IDX files + those packages, ~35 MB
+    python benchmarks/full_dataset.py --bundle runs/gpu_bundle      # IDX files + those packages + the commit, ~35 MB
     # there, from the repository root (runs/ is git-ignored: carry runs/gpu_bundle):
     PYTHONPATH=.:runs/gpu_bundle/site python3 benchmarks/full_dataset.py --profile gpu \
         --data-root runs/gpu_bundle/fashion-mnist --out "$OUT"
+
+``benchmarks/gpu_session.py`` runs this profile and ``gpu_check.py``'s pieces in one device call.
 """
 
 from __future__ import annotations
@@ -310,6 +312,9 @@ def main(argv: list[str] | None = None) -> Path | None:
         parser.error(f"--data-root {args.data_root!r} is not a folder (it must hold the Fashion-MNIST IDX files)")
     if args.bundle is not None:
         files = bundle(args.bundle, args.data_root)
+        commit, dirty = provenance.git_state()  # the device's copy has no history: its results record this one
+        files.append(args.bundle / "COMMIT")
+        files[-1].write_text(commit + ("-dirty" if dirty else "") + "\n")
         size = sum(f.stat().st_size for f in files) / 2**20
         print(f"bundled {len(files)} files ({size:.1f} MiB) into {args.bundle}")
         return args.bundle

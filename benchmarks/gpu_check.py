@@ -23,7 +23,8 @@ variant, OneCycleLR over each schedule, validated every epoch on the 5,000 held-
 end from the datamodule's setup to the end of the fit, compilation included; the headline is the shortest
 schedule whose final validation accuracy reached 93 % (selected on validation), with its test accuracy.
 
-Run on a CUDA machine in pieces (each well under 8 minutes), then merge:
+``benchmarks/gpu_session.py`` runs the three pieces below and the full-dataset GPU profile in one device call.
+By hand, run on a CUDA machine in pieces (each well under 8 minutes), then merge:
 
     python benchmarks/full_dataset.py --bundle runs/gpu_bundle     # here: the IDX files travel in runs/
     # on the device (carry runs/gpu_bundle), one piece per call:
@@ -357,7 +358,8 @@ def merge(paths: list[Path], out: Path, run: provenance.Run) -> Path:
     for data in datas:
         merged["rows"] += data.get("rows", [])
         merged["flops"].update(data.get("flops", {}))
-        merged["device_batches"] += data.get("device_batches", [])
+        # pieces on one machine at one commit build the same batches: show each distinct check once
+        merged["device_batches"] += [b for b in data.get("device_batches", []) if b not in merged["device_batches"]]
         merged["tta"] += data.get("tta", [])
         merged["peak_bf16_tflops"] = merged.get("peak_bf16_tflops") or data.get("peak_bf16_tflops")
         merged["setup"].append(data["setup"])

@@ -60,7 +60,9 @@ def load_1min() -> float | None:
 
 
 def git_state(repo: Path = REPO) -> tuple[str, bool | None]:
-    """(commit, whether tracked files differ from it); ``("unknown", None)`` outside a git checkout."""
+    """(commit, whether tracked files differ from it). Outside a git checkout (a device machine gets a copy of the
+    files, not the history): ``$LIT_FINETUNE_COMMIT`` (``<commit>`` or ``<commit>-dirty``, written into the GPU
+    bundle by ``full_dataset.py --bundle``) if set, else ``("unknown", None)``."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
         status = subprocess.run(
@@ -68,7 +70,10 @@ def git_state(repo: Path = REPO) -> tuple[str, bool | None]:
             cwd=repo, capture_output=True, text=True, check=True,
         )  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
-        return "unknown", None
+        given = os.environ.get("LIT_FINETUNE_COMMIT", "").strip()
+        if not given:
+            return "unknown", None
+        return given.removesuffix("-dirty"), given.endswith("-dirty")
     return commit.stdout.strip(), bool(status.stdout.strip())
 
 

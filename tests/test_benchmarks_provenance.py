@@ -34,6 +34,15 @@ def test_git_state_sees_a_dirty_tree(tmp_path):
     assert provenance.git_state(tmp_path / "nowhere") == ("unknown", None)
 
 
+def test_without_git_history_the_commit_comes_from_the_bundle(tmp_path, monkeypatch):
+    """A device machine gets the files, not the history: the commit written into the GPU bundle is recorded."""
+    monkeypatch.setenv("LIT_FINETUNE_COMMIT", "a" * 40 + "-dirty")
+    assert provenance.git_state(tmp_path / "nowhere") == ("a" * 40, True)
+    monkeypatch.setenv("LIT_FINETUNE_COMMIT", "b" * 40)
+    assert provenance.git_state(tmp_path / "nowhere") == ("b" * 40, False)
+    assert provenance.git_state(REPO)[0] != "b" * 40  # a checkout's own commit wins
+
+
 def test_write_and_read_back(tmp_path):
     source = tmp_path / "in.bin"
     source.write_bytes(b"x" * 10)

@@ -269,3 +269,21 @@ def test_exported_classifier_refuses_fit_and_mismatched_data(trained, tmp_path):
     with pytest.raises(RuntimeError, match="validates, tests and predicts"):
         ExportedClassifier(path, num_classes=5).configure_optimizers()
     assert json.loads(json.dumps(load_exported(path).meta))["image_size"] == 28
+
+
+@pytest.mark.parametrize("peft", ["lora", "adapters"])
+def test_export_and_int8_keep_the_peft_updates(tmp_path, peft):
+    """Adapters and LoRA factors live beside the backbone's weights: the plain copy must fold them in."""
+    torch.manual_seed(0)
+    model = ImageClassifier(num_classes=5, peft=peft).eval()
+    with torch.no_grad():  # as if trained: the added factors move away from their zero start
+        for p in model.peft.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.rand(6, 1, 28, 28) * 2 - 1
+    with torch.no_grad():
+        ref = model(x)
+        loaded = load_exported(export_model(model, tmp_path / "model.pt2"))
+        torch.testing.assert_close(loaded(x), ref, rtol=1e-5, atol=1e-5)
+        int8 = quantize_int8(model, [x])
+        assert (int8(x).argmax(1) == ref.argmax(1)).float().mean() >= 0.8  # int8 rounds; the updates stay
+    assert not model.peft.merged  # the model itself is left as it was

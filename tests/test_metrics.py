@@ -17,7 +17,7 @@ import yaml
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from conftest import REPO
+from conftest import REPO, save_lightning_checkpoint
 from lit_finetune import ImageClassifier
 from lit_finetune.cli import cli_main
 from lit_finetune.data import FashionMNISTDataModule
@@ -336,3 +336,18 @@ def test_extractor_loads_a_net_not_the_lightning_module(tmp_path):
     x = torch.rand(4, 1, 28, 28) * 2 - 1
     assert torch.allclose(extractor(x), direct(x), atol=1e-6)
     assert torch.allclose(extractor.classify(x), classifier(x), atol=1e-5)
+
+
+
+def test_extractor_from_a_peft_checkpoint_keeps_its_updates(tmp_path):
+    from lit_finetune.metrics import FeatureExtractor
+
+    torch.manual_seed(0)
+    classifier = ImageClassifier(num_classes=10, peft="lora").eval()
+    with torch.no_grad():
+        for p in classifier.peft.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    extractor = FeatureExtractor.from_checkpoint(save_lightning_checkpoint(classifier, tmp_path / "lora.ckpt"))
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(extractor.classify(x), classifier(x), rtol=1e-5, atol=1e-5)

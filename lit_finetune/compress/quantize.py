@@ -25,6 +25,7 @@ from torch import nn
 
 from lit_finetune.compress.pruning import has_pruning_masks, remove_pruning
 from lit_finetune.nets.resnet import ResNetClassifierNet
+from lit_finetune.transfer.peft import merge_into_state
 
 #: int8 backends torch's quantised kernels know; which of them this build has: ``torch.backends.quantized.supported_engines``
 QUANT_BACKENDS = ("x86", "fbgemm", "onednn", "qnnpack")
@@ -38,8 +39,9 @@ def classifier_network(model: nn.Module) -> nn.Module:
     """A plain, CPU, eval-mode copy of a classifier for inference, compression and export.
 
     An :class:`~lit_finetune.ImageClassifier` becomes a :class:`~lit_finetune.nets.ResNetClassifierNet`
-    (input normalisation, backbone, head: the same weights, no metrics, no L2-SP anchor, no input checks
-    with Python control flow, so FX and ``torch.export`` trace it); any other ``nn.Module`` is copied.
+    (input normalisation, backbone, head: the same weights, PEFT updates merged in, no metrics, no L2-SP anchor,
+    no input checks with Python control flow, so FX and ``torch.export`` trace it); any other ``nn.Module`` is
+    copied.
     Pruning masks are made permanent in the copy. The module's ``num_classes``, ``in_channels``,
     ``image_size`` and ``class_names`` are kept as attributes (what an exported file records).
     """
@@ -50,8 +52,10 @@ def classifier_network(model: nn.Module) -> nn.Module:
         net = ResNetClassifierNet(
             hp.num_classes, hp.backbone, hp.in_channels, hp.image_size, small_input=model.small_input
         )
-        state = {k: v for k, v in remove_pruning(copy.deepcopy(model)).state_dict().items() if k in net.state_dict()}
-        net.load_state_dict(state)
+        # PEFT updates (adapters, LoRA) live outside the backbone's weights until merged: fold them in, or the
+        # copy would compute the source backbone with the new head
+        state, _ = merge_into_state(remove_pruning(copy.deepcopy(model)).state_dict())
+        net.load_state_dict({k: v for k, v in state.items() if k in net.state_dict()})
         net.class_names = list(model.class_names)
     else:
         net = copy.deepcopy(model)

@@ -15,6 +15,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import nn
 
 from lit_finetune.nets.resnet import ResNetClassifierNet
+from lit_finetune.transfer.peft import merge_into_state
 from lit_finetune.transfer.pretrained import PretrainedLoadError, load_checkpoint_file
 from lit_finetune.zoo import resolve_source
 
@@ -88,7 +89,8 @@ class FeatureExtractor(nn.Module):
             hparams.get("image_size", 28), hparams.get("small_input"),
         )  # fmt: skip
         wanted = net.state_dict().keys()
-        net.load_state_dict({k: v for k, v in checkpoint["state_dict"].items() if k in wanted}, strict=True)
+        state, _ = merge_into_state(checkpoint["state_dict"])  # a PEFT classifier's updates folded into its weights
+        net.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=True)
         return cls(net)
 
     def train(self, mode: bool = True) -> FeatureExtractor:

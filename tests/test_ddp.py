@@ -265,6 +265,8 @@ class RankStateWriter(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         state = {k: v.detach().clone().cpu() for k, v in pl_module.state_dict().items()}
+        if hasattr(pl_module, "cost"):  # MetaPretrainer: what meta-training cost, as this rank counted it
+            state.update({f"cost.{k}": torch.tensor(v) for k, v in pl_module.cost.items()})
         torch.save(state, self.out_dir / f"rank{trainer.global_rank}_end.pt")
 
 
@@ -447,3 +449,5 @@ def test_meta_pretraining_on_two_processes_averages_the_outer_update(
     params = [{k: e[k] for k in init} for e in end]
     _assert_same(params[0], params[1], "ranks disagree after meta-training")
     assert any(not torch.equal(params[0][k], v) for k, v in init.items() if k.startswith("backbone."))
+    # the cost counts every rank's episodes: 2 ranks x 2 epochs x 2 batches x 1 episode (support 3 + query 3)
+    assert [int(e["cost.episodes"]) for e in end] == [8, 8] and [int(e["cost.images"]) for e in end] == [48, 48]

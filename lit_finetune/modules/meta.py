@@ -49,7 +49,8 @@ class MetaPretrainer(ImageClassifier):
 
     Logged: ``train/loss``, ``train/acc`` (query images after adaptation), ``val/loss``, ``val/acc`` (the same
     on validation episodes, with ``eval_inner_steps``), ``test/...``; the cost so far
-    (``meta/episodes``, ``meta/images``: support and query images drawn) also travels in checkpoints.
+    (``meta/episodes``, ``meta/images``: support and query images drawn by all processes) also travels in
+    checkpoints.
 
     Precision: 32-bit and bf16 (the outer direction is not a loss gradient, so fp16's loss scaling does
     not apply: ``16-mixed`` is refused).
@@ -166,8 +167,10 @@ class MetaPretrainer(ImageClassifier):
         optimizer.zero_grad(set_to_none=True)
         self.step_schedulers("step")
 
-        self.cost["episodes"] += episodes
-        self.cost["images"] += episodes * (batch[0].shape[1] + batch[2].shape[1])  # support + query images drawn
+        # every process drew as many episodes as this one (DDP), and the update averaged them all
+        drawn = episodes * self.trainer.world_size
+        self.cost["episodes"] += drawn
+        self.cost["images"] += drawn * (batch[0].shape[1] + batch[2].shape[1])  # support + query images drawn
         self.cost["train_seconds"] += time.perf_counter() - started
         self.log("train/loss", torch.stack(losses).mean(), prog_bar=True)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)

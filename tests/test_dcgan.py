@@ -90,6 +90,31 @@ def test_conditional_from_unconditional_source_reports_new_label_weights(tmp_pat
     assert model.sample(5, labels=labels).shape == (5, 1, 28, 28)
 
 
+def test_l2sp_pulls_back_only_what_the_source_provided(tmp_path):
+    """L2-SP holds the pretrained part (Li et al.): the label embeddings the source lacks are not pulled toward
+    their fresh values, whatever a checkpoint round trip does."""
+    source, _ = _save_source(tmp_path)
+    model = DCGAN(**TINY, num_classes=5, conditional=True, pretrained=source, l2sp_generator=1.0,
+                  l2sp_discriminator=1.0)  # fmt: skip
+    model.load_pretrained_weights()
+    assert "embed.weight" not in model.l2sp_g.pulled_names and "embed.weight" not in model.l2sp_d.pulled_names
+    assert "project.conv.weight" in model.l2sp_g.pulled_names  # adapted (label rows added): still the source's
+    with torch.no_grad():
+        model.generator.embed.weight.add_(1.0)
+        model.discriminator.embed.weight.add_(1.0)
+    assert model.l2sp_g().item() == 0 and model.l2sp_d().item() == 0
+    with torch.no_grad():
+        model.generator.project.conv.weight.add_(0.1)
+    assert model.l2sp_g().item() > 0
+    reloaded = DCGAN(**TINY, num_classes=5, conditional=True, l2sp_generator=1.0, l2sp_discriminator=1.0)
+    state = model.state_dict()
+    reloaded.load_state_dict(state)
+    assert reloaded.l2sp_g.pulled_names == model.l2sp_g.pulled_names
+    del state["l2sp_g.pulled"]  # a checkpoint from before the flag: every parameter was anchored
+    reloaded.load_state_dict(state)
+    assert reloaded.l2sp_g.pulled_names == reloaded.l2sp_g._names
+
+
 def test_divergence_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, gan_data):
     model = DCGAN(**TINY)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last", monitor=None, save_top_k=1, enable_version_counter=False)

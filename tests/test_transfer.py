@@ -45,6 +45,23 @@ def test_torchvision_layout_state_dict_maps_fc_to_head_and_adapts_channels(tmp_p
     assert not report.unexpected
 
 
+def test_l2sp_leaves_the_new_small_input_stem_free(tmp_path):
+    """A torchvision-layout source has a 7x7 stem; at 28x28 the model's 3x3 stem is new (kept fresh): L2-SP pulls
+    back the backbone weights the source gave, not that stem's random start."""
+    net, _ = build_resnet("resnet18", in_channels=3, small_input=False)
+    torch.save(net.state_dict(), tmp_path / "tv.pt")
+    model = ImageClassifier(num_classes=5, backbone="resnet18", pretrained=str(tmp_path / "tv.pt"), l2sp_alpha=1.0)
+    report = model.load_pretrained_weights()
+    assert [k.split(" ")[0] for k in report.reshaped] == ["backbone.conv1.weight"]
+    assert "conv1.weight" not in model.l2sp.pulled_names and "layer1.0.conv1.weight" in model.l2sp.pulled_names
+    with torch.no_grad():
+        model.backbone.conv1.weight.add_(1.0)
+    assert model.l2sp_penalty().item() == 0
+    with torch.no_grad():
+        model.backbone.layer1[0].conv1.weight.add_(0.1)
+    assert model.l2sp_penalty().item() > 0
+
+
 def test_not_a_checkpoint_and_malicious_pickle_are_refused(tmp_path):
     (tmp_path / "junk.ckpt").write_bytes(b"definitely not a checkpoint")
     with pytest.raises(PretrainedLoadError, match="not a readable PyTorch checkpoint"):

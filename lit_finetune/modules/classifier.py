@@ -75,8 +75,9 @@ class ImageClassifier(TransferModule):
         load_head: also load the pretrained head when its shape fits (off: a new task gets a new head).
         small_input: force the small-input stem on or off (``None``: by ``image_size``).
         label_smoothing: cross-entropy label smoothing.
-        l2sp_alpha: L2-SP coefficient toward the pretrained backbone (0 disables it). The
-            anchored backbone gets no weight decay (L2-SP replaces it); see
+        l2sp_alpha: L2-SP coefficient toward the pretrained backbone (0 disables it); weights the
+            source lacks (a new stem) are not pulled. The anchored backbone gets no weight decay (L2-SP
+            replaces it); see
             :func:`~lit_finetune.transfer.weight_decay_groups`.
         backbone_lr_ratio: backbone LR as a fraction of the head's (discriminative LR).
         layer_decay: extra LR factor per backbone block below the top one (1 disables it).
@@ -203,8 +204,8 @@ class ImageClassifier(TransferModule):
         if weight_name and self.hparams.input_normalization == "auto":
             for name, stats in zip(INPUT_STATS, (IMAGENET_MEAN, IMAGENET_STD)):
                 getattr(self, name).copy_(_per_channel(stats, self.in_channels))
-        if self.l2sp is not None:
-            self.l2sp.reset_anchor()
+        if self.l2sp is not None:  # the small-input stem is new with torchvision weights: not pulled back
+            self.l2sp.reset_anchor(report.parameters_from_source(self))
         return report
 
     # -- model ----------------------------------------------------------------------------------

@@ -145,7 +145,8 @@ class DCGAN(TransferModule):
         loss: ``"nonsaturating"`` or ``"hinge"``.
         n_critic: discriminator steps per generator step.
         pretrained: a DCGAN checkpoint (or state dict) to fine-tune from; read at fit start.
-        l2sp_generator, l2sp_discriminator: L2-SP coefficients toward the pretrained weights.
+        l2sp_generator, l2sp_discriminator: L2-SP coefficients toward the pretrained weights (layers the
+            source lacks, e.g. label embeddings or CDC's patch head, are not pulled).
         ewc_generator: EWC's lambda: ``lambda * sum F (theta - theta_src)^2`` over G (0: off; needs ``pretrained``).
             The Fisher's scale depends on the source (Li et al. use 5e8 for StyleGAN); ``finetune_ewc.yaml``'s
             20 makes the penalty about the adversarial loss (1) where plain fine-tuning ends.
@@ -373,9 +374,11 @@ class DCGAN(TransferModule):
             with torch.no_grad():
                 embed.weight.zero_()  # the projection term <embed(y), features> starts at 0
         self.reset_ema()
-        for reg in (self.l2sp_g, self.l2sp_d, self.ewc_g):
-            if reg is not None:
-                reg.reset_anchor()
+        for l2sp in (self.l2sp_g, self.l2sp_d):  # new layers (label embedding, CDC's patch head) are not pulled
+            if l2sp is not None:
+                l2sp.reset_anchor(report.parameters_from_source(self))
+        if self.ewc_g is not None:
+            self.ewc_g.reset_anchor()
         if self.ewc_g is not None:
             self.ewc_g.set_fisher(self.estimate_generator_fisher(), self.hparams.ewc_fisher_samples)
         if self.cdc is not None:

@@ -121,7 +121,7 @@ class VAE(TransferModule):
         """Load the encoder and decoder; the L2-SP anchor is re-taken from them."""
         report = load_pretrained(self, source, exclude=["l2sp.", "fixed_z"])
         if self.l2sp is not None:
-            self.l2sp.reset_anchor()
+            self.l2sp.reset_anchor(report.parameters_from_source(self))
         return report
 
     # -- the model -------------------------------------------------------------------------------

@@ -61,6 +61,16 @@ class LoadReport:
         """Share of the model's parameters (not buffers; excluded keys left out) filled from the source."""
         return self.loaded_params / self.total_params if self.total_params else 0.0
 
+    @property
+    def filled(self) -> set[str]:
+        """The model's keys this load filled from the source: loaded or adapted (those read "<key> (<how>)")."""
+        return {*self.loaded, *(entry.split(" ", 1)[0] for entry in self.adapted)}
+
+    def parameters_from_source(self, model: nn.Module) -> list[nn.Parameter]:
+        """``model``'s parameters that this load filled, e.g. what L2-SP may pull back."""
+        filled = self.filled
+        return [p for name, p in model.named_parameters() if name in filled]
+
     def __str__(self) -> str:
         lines = [
             f"load_pretrained({self.source}): {len(self.loaded)} tensors loaded, {len(self.adapted)} adapted; "
@@ -344,7 +354,7 @@ def load_pretrained(
     ]
     if strict and not report.clean:
         raise PretrainedLoadError(f"strict load failed:\n{report}")
-    filled = set(report.loaded) | {entry.split(" ", 1)[0] for entry in report.adapted}
+    filled = report.filled
     counted = {k: p.numel() for k, p in model.named_parameters() if not any(k.startswith(e) for e in exclude)}
     report.total_params = sum(counted.values())
     report.loaded_params = sum(n for k, n in counted.items() if k in filled)

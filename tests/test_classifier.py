@@ -1,4 +1,5 @@
 import itertools
+import warnings
 
 import lightning as L
 import pytest
@@ -99,3 +100,22 @@ def test_predict_writes_labels_for_a_folder(tmp_path, fashion_root):
     assert rows[0] == "index,file,label,class_name,confidence" and len(rows) == 6
     assert rows[1].split(",")[1].endswith("img0.png")
     assert rows[1].split(",")[3] in dm.class_names
+
+
+def test_using_a_model_before_its_source_is_read_warns_once(tmp_path):
+    """``pretrained`` is read when a Trainer's fit/validate/test/predict starts: ``model(x)`` right after the
+    constructor computes with the random start, and says so once; after loading it is silent."""
+    source = ImageClassifier(num_classes=5)
+    torch.save(source.state_dict(), tmp_path / "src.pt")
+    x = torch.zeros(2, 1, 28, 28)
+    model = ImageClassifier(num_classes=5, pretrained=str(tmp_path / "src.pt"))
+    with pytest.warns(UserWarning, match=r"before its pretrained weights .*load_pretrained_weights\(\)"):
+        model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x)  # once
+        loaded = ImageClassifier(num_classes=5, pretrained=str(tmp_path / "src.pt"))
+        loaded.load_pretrained_weights()
+        loaded(x)
+        assert torch.equal(loaded.backbone.conv1.weight, source.backbone.conv1.weight)  # the head is new
+        ImageClassifier(num_classes=5)(x)  # no source, nothing to warn about

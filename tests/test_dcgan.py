@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import lightning as L
 import pytest
@@ -330,3 +331,15 @@ def test_evaluation_noise_is_fixed_per_batch_differs_per_rank_and_leaves_the_glo
     losses = [trainer.validate(model, datamodule=gan_data, verbose=False)[0]["val/d_loss"] for _ in range(2)]
     assert losses[0] == losses[1]
     assert torch.equal(state, torch.get_rng_state())
+
+
+def test_sampling_before_the_source_is_read_warns(tmp_path):
+    source, _ = _save_source(tmp_path)
+    model = DCGAN(**TINY, pretrained=source)
+    with pytest.warns(UserWarning, match="before its pretrained weights"):
+        model.sample(2)
+    model = DCGAN(**TINY, pretrained=source)
+    model.load_pretrained_weights()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.sample(2)

@@ -11,11 +11,18 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_finetune.log_steps import train_step_values_read
 from lit_finetune.transfer.lr_factors import install_lr_scale
 from lit_finetune.transfer.param_groups import check_groups_cover
 from lit_finetune.transfer.pretrained import LoadReport
+
+
+def _warn_if_source_unread(module: TransferModule, args: Any) -> None:
+    """Forward pre-hook of a module built with ``pretrained`` (a function, not a lambda: DDP spawn pickles it)."""
+    module.warn_if_source_unread()
+
 
 #: checkpoint key of the global random number generator states (see ``on_save_checkpoint``)
 RNG_KEY = "lit_finetune_rng_states"
@@ -182,6 +189,9 @@ class TransferModule(L.LightningModule):
         #: what the last pretrained load did (``None`` until weights were read)
         self.load_report: LoadReport | None = None
         self._weights_resolved = pretrained is None
+        self._unread_source_warned = False
+        if pretrained is not None:  # outside a Trainer, using the networks before the source is read is a trap
+            self.register_forward_pre_hook(_warn_if_source_unread)
         #: the per-rank training noise of a module that draws any (see :meth:`noise_generator`)
         self.noise_stream: NoiseStream | None = None
         # manual optimisation: (scheduler, monitored metric) of each scheduler; Lightning drops `monitor` there
@@ -217,9 +227,29 @@ class TransferModule(L.LightningModule):
     def load_pretrained_weights(self) -> LoadReport | None:
         """Read ``pretrained`` now (once); later calls and restored checkpoints do nothing."""
         if not self._weights_resolved:
-            self.load_report = self.read_pretrained(self.pretrained)
-            self._weights_resolved = True
+            self._weights_resolved = True  # set first: reading may run the networks (e.g. EWC's Fisher)
+            try:
+                self.load_report = self.read_pretrained(self.pretrained)
+            except BaseException:
+                self._weights_resolved = False
+                raise
         return self.load_report
+
+    def warn_if_source_unread(self) -> None:
+        """Warn once when the networks are used outside a Trainer before ``pretrained`` was read.
+
+        The source is read when a fit, validate, test or predict starts (so a checkpoint restored by the
+        Trainer is never overwritten by it); ``model(x)`` or ``sample()`` right after the constructor would
+        silently use the random initialisation. Called before ``forward`` and by the sampling methods.
+        """
+        if self._weights_resolved or self._unread_source_warned or self._trainer is not None:
+            return
+        self._unread_source_warned = True
+        rank_zero_warn(
+            f"{type(self).__name__} is used before its pretrained weights ({self.pretrained!r}) were read, so it "
+            "computes with its random initialisation: they are read when a Trainer's fit, validate, test or predict "
+            "starts. Call model.load_pretrained_weights() first to use them outside a Trainer."
+        )
 
     #: checkpoint key of :attr:`noise_stream`
     noise_stream_key: str = NOISE_STREAM_KEY

@@ -440,6 +440,7 @@ class DCGAN(TransferModule):
         The EMA generator comes with BatchNorm statistics of its own weights (``ema_batchnorm``).
         It is what :class:`~lit_finetune.GANAugmentedClassifier` draws its synthetic images from.
         """
+        self.warn_if_source_unread()
         if not (self.hparams.evaluate_ema if ema is None else ema):
             return self.generator
         self.refresh_ema_batchnorm()

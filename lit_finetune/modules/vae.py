@@ -137,11 +137,13 @@ class VAE(TransferModule):
     @torch.no_grad()
     def sample(self, n: int, labels: torch.Tensor | None = None) -> torch.Tensor:
         """``n`` images from the prior (mean images, in ``[-1, 1]``); ``labels`` is ignored (unconditional)."""
+        self.warn_if_source_unread()
         return self.decode(torch.randn(n, self.hparams.latent_dim, device=self.device))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """``decode(mu(x))``: the reconstruction's mean image, in ``[-1, 1]``."""
+        self.warn_if_source_unread()
         return self.decode(self.encode(x)[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -138,6 +140,7 @@ def test_delta_checkpoint_round_trip_is_small_and_exact(source, data, tmp_path):
     model.eval()
     assert torch.equal(rebuilt(_images()), model(_images()))
     assert rebuilt.class_names == model.class_names == data.class_names  # "Sandal", ..., not "0", ...
+    assert torch.load(delta, weights_only=True)["hyper_parameters"]["pretrained"] == str(Path(path).resolve())
     assert "l2sp." not in "".join(torch.load(delta, weights_only=True)["state_dict"])
     # the source moved: say where it is now
     moved = tmp_path / "moved.ckpt"

@@ -263,8 +263,12 @@ class ImageClassifier(TransferModule):
             # the stored updates are the unmerged ones (merged base weights are not stored): the model
             # rebuilt on the source's weights must add them
             delta["peft.merged_flag"] = torch.zeros((), dtype=torch.bool)
+        hparams = dict(self.hparams)
+        source = hparams.get("pretrained")
+        if source is not None and Path(source).is_file():  # a relative path would only work from this folder
+            hparams["pretrained"] = str(Path(source).resolve())
         state = {
-            "lit_finetune_delta": 1, "hyper_parameters": dict(self.hparams), "state_dict": delta,
+            "lit_finetune_delta": 1, "hyper_parameters": hparams, "state_dict": delta,
             CLASS_NAMES_KEY: list(self.class_names),
         }  # fmt: skip
         path = Path(path)

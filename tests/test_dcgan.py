@@ -295,6 +295,19 @@ def test_metrics_gating_with_validation_every_n_steps(tmp_path, gan_data, tiny_e
     trainer.fit(model, datamodule=gan_data)  # 4 batches (2 optimizer steps each), validated after each
     assert computed == [True, False, True, False]
     assert "val/fid" in trainer.callback_metrics
+
+
+def test_a_standalone_validate_after_fit_computes_the_metrics(tmp_path, gan_data, tiny_extractor):
+    """After a fit, current_epoch is max_epochs: the every-n-th-epoch gate must not skip FID in trainer.validate()."""
+    model = DCGAN(**TINY, feature_extractor=tiny_extractor, metrics_every_n_epochs=2)
+    trainer = quiet_trainer(tmp_path, max_epochs=3, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0,
+                            logger=False, enable_checkpointing=False)  # fmt: skip
+    trainer.fit(model, datamodule=gan_data)  # epochs 0 and 2 get metrics; current_epoch ends at 3
+    assert trainer.current_epoch == 3
+    metrics = trainer.validate(model, datamodule=gan_data, verbose=False)[0]
+    assert "val/fid" in metrics and any(k.startswith("val/kid") for k in metrics)
+
+
 def test_sample_cli_labels_out_of_range_is_a_one_line_error(tmp_path):
     """`lit-finetune-sample --labels 5 9` on a 5-class generator: one line naming the valid labels, no traceback."""
     import subprocess

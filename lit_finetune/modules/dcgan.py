@@ -691,7 +691,7 @@ class DCGAN(TransferModule):
     def _metrics_on(self) -> bool:
         if self.generative_metrics is None or self.trainer.sanity_checking:
             return False
-        if self.trainer.testing:
+        if self.trainer.testing or self.trainer.state.fn != TrainerFn.FITTING:  # test, or a standalone validate
             return True
         return self._validation_index() % self.hparams.metrics_every_n_epochs == 0
 
@@ -701,8 +701,6 @@ class DCGAN(TransferModule):
         every = self.trainer.check_val_every_n_epoch
         if every is not None:
             return self.current_epoch // every
-        if self.trainer.state.fn != TrainerFn.FITTING:  # a standalone trainer.validate()
-            return 0
         return (self.trainer.fit_loop.epoch_loop.total_batch_idx + 1) // self.trainer.val_check_batch - 1
 
     def evaluation_noise(self, n: int, batch_idx: int) -> torch.Tensor:

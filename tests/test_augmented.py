@@ -151,6 +151,25 @@ def test_filter_leaves_a_slot_empty_when_the_teacher_always_disagrees():
     assert stats["synthetic_filled"] == pytest.approx(0.2)
 
 
+def test_cas_mode_skips_a_batch_the_teacher_rejects_whole(tiny_target, tmp_path):
+    """A synthetic-only batch with every draw rejected has nothing to train on: skipped with the fix named, no NaN
+    loss, no update, and the epoch still ends."""
+
+    class Uniform(nn.Module):
+        def forward(self, x):
+            return torch.zeros(len(x), 5)  # probability 0.2 for every class: below any threshold above it
+
+    model = GANAugmentedClassifier(5, generator=MarkedGenerator(), teacher=Uniform(), confidence_threshold=0.5,
+                                   synthetic_only=True, filter_max_rounds=2)  # fmt: skip
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+                            enable_checkpointing=False)  # fmt: skip
+    with pytest.warns(UserWarning, match="rejected every synthetic image.*lower confidence_threshold"):
+        trainer.fit(model, datamodule=tiny_target)
+    assert trainer.state.finished
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if k.startswith(("backbone.", "head.")))
+
+
 def test_cas_mode_trains_on_no_real_image(tiny_target, tmp_path):
     model = GANAugmentedClassifier(5, generator=MarkedGenerator(), synthetic_only=True)
     seen = record_training_batches(model)

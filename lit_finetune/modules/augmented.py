@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lit_finetune.modules.base import NoiseStream
@@ -90,7 +90,9 @@ class GANAugmentedClassifier(ImageClassifier):
         confidence_threshold: the filter's threshold τ. A teacher trained with label smoothing ε over
             K classes gives its top class at most about ``1 - ε + ε / K`` (0.92 for ε = 0.1, K = 5), so
             τ near that cap rejects nearly everything; the benchmark uses 0.8.
-        filter_max_rounds: draws per slot before a slot is left empty.
+        filter_max_rounds: draws per slot before a slot is left empty. With ``synthetic_only``, a batch whose
+            slots are all left empty is skipped with a warning (on one process) or stops the fit with the fix
+            (under DDP, where one rank cannot skip a step alone).
         synthetic_seed: seed of the synthetic stream; ``None`` draws one from the global RNG at the
             first fit (so ``seed_everything`` fixes it).
         **classifier_args: :class:`ImageClassifier`'s arguments (``backbone``, ``pretrained``,
@@ -275,6 +277,16 @@ class GANAugmentedClassifier(ImageClassifier):
         stats = {"synthetic_acceptance": kept / drawn, "synthetic_filled": kept / n}
         return images[accepted], labels[accepted], stats
 
+    def _skip_empty_synthetic_batch(self) -> None:
+        """The teacher rejected every draw of a synthetic-only batch: nothing to train on (a mean over no image
+        is NaN). Lightning skips the step when training_step returns None, on one process only."""
+        fix = (f"lower confidence_threshold (now {self.hparams.confidence_threshold}) or raise filter_max_rounds "
+               f"(now {self.hparams.filter_max_rounds})")  # fmt: skip
+        if self.trainer.world_size > 1:
+            raise RuntimeError(f"The teacher rejected every synthetic image of a batch (synthetic_only): {fix}.")
+        rank_zero_warn(f"The teacher rejected every synthetic image of a batch, which is skipped: {fix}.")
+        return None
+
     # -- training ------------------------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -286,5 +298,7 @@ class GANAugmentedClassifier(ImageClassifier):
         if stats:
             self.log_train_step(lambda: {f"train/{k}": v for k, v in stats.items()}, batch_idx, batch_size=n)
         if self.hparams.synthetic_only:
+            if len(x_syn) == 0:
+                return self._skip_empty_synthetic_batch()
             return super().training_step((x_syn, y_syn), batch_idx)
         return super().training_step((torch.cat([x, x_syn]), torch.cat([y, y_syn])), batch_idx)

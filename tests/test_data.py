@@ -92,6 +92,18 @@ def test_a_val_split_that_gives_no_validation_image_names_the_fix():
     assert sorted(labels[val]) == [0, 1, 2, 3, 4]
 
 
+def test_val_split_zero_means_no_validation_and_repeated_classes_are_refused(fashion_root, tmp_path):
+    from conftest import quiet_trainer
+    from lit_finetune import ImageClassifier
+
+    with pytest.raises(ValueError, match=r"names \[5\] more than once: list each class id once"):
+        FashionMNISTDataModule(root=str(fashion_root), classes=[5, 5, 6])
+    dm = FashionMNISTDataModule(root=str(fashion_root), classes=[5, 6], samples_per_class=4, val_split=0, batch_size=8)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, logger=False, enable_checkpointing=False)
+    trainer.fit(ImageClassifier(num_classes=2), datamodule=dm)  # trains on every image, validates nothing
+    assert trainer.state.finished and not any(k.startswith("val/") for k in trainer.callback_metrics)
+
+
 def test_channels_and_size_conversion(fashion_root):
     dm = FashionMNISTDataModule(root=str(fashion_root), classes=[0], val_split=10, image_size=32, channels=3)
     dm.setup("fit")

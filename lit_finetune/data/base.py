@@ -128,7 +128,8 @@ class ImageDataModule(L.LightningDataModule):
         classes: original class ids to keep, relabelled ``0..k-1`` in the given order
             (``None`` keeps all).
         samples_per_class: few-shot size: this many training images per class (``None``: all).
-        val_split: validation images taken from train: a fraction per class, or a total count.
+        val_split: validation images taken from train: a fraction per class, or a total count; ``0``: no
+            validation (the Trainer then runs none).
         image_size: square side the images are resized to, once, at setup.
         channels: 1 (grayscale) or 3 (RGB); converted at setup.
         batch_size: training batch size (evaluation uses the same).
@@ -178,6 +179,9 @@ class ImageDataModule(L.LightningDataModule):
         if samples_per_class is not None and samples_per_class < 1:
             raise ValueError(f"samples_per_class must be >= 1 or None, got {samples_per_class}")
         self.classes = list(classes) if classes is not None else None
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            repeated = sorted({c for c in self.classes if self.classes.count(c) > 1})
+            raise ValueError(f"classes {self.classes} names {repeated} more than once: list each class id once.")
         self.samples_per_class = samples_per_class
         self.val_split = val_split
         self.image_size = image_size
@@ -280,7 +284,10 @@ class ImageDataModule(L.LightningDataModule):
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not built the {name} split yet.")
         if len(dataset) == 0:
-            raise ValueError(f"The {name} split of {type(self).__name__} is empty; check classes/val_split.")
+            raise ValueError(
+                f"The {name} split of {type(self).__name__} is empty; check classes/val_split (for no validation: "
+                "val_split=0, or the Trainer's limit_val_batches=0)."
+            )
         # the shuffled (training) loader is resumable mid-epoch; evaluation loaders always run whole
         loader_class = ResumableDataLoader if shuffle else DataLoader
         return loader_class(
@@ -298,7 +305,9 @@ class ImageDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True, name="train")
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_split == 0:  # no validation asked for: Lightning skips the loop for an empty list
+            return []
         return self._loader(self.val_set, shuffle=False, name="validation")
 
     def test_dataloader(self) -> DataLoader:

@@ -273,6 +273,19 @@ def test_cycles_and_failed_builds_are_errors_that_say_what_to_do(tmp_path, monke
     assert status(lookup(VAE))[0] == "missing" and not any((tmp_path / "home/zoo/.builds").iterdir())
 
 
+def test_relative_home_and_configs_reach_the_build_as_absolute_paths(tmp_path, monkeypatch):
+    """A build runs in its own folder: relative $LIT_FINETUNE_HOME / $LIT_FINETUNE_CONFIGS must mean there what they
+    mean where they were set (else the child misses the configs or reads another cache)."""
+    shutil.copytree(REPO / "configs", tmp_path / "my_configs")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LIT_FINETUNE_HOME", "cache")
+    monkeypatch.setenv("LIT_FINETUNE_CONFIGS", "my_configs")
+    assert zoo.home() == tmp_path / "cache" and zoo.configs_dir() == tmp_path / "my_configs"
+    env = zoo._child_env(lookup(VAE))
+    assert env["LIT_FINETUNE_HOME"] == str(tmp_path / "cache")
+    assert env["LIT_FINETUNE_CONFIGS"] == str(tmp_path / "my_configs")
+
+
 def test_cli_list_path_verify(zoo_built, capsys):
     assert zoo.main(["list"]) == 0
     out = capsys.readouterr().out

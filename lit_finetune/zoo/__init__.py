@@ -235,13 +235,14 @@ def resolve_source(source: T, role: str = "") -> T | str:
 
 # -- places ----------------------------------------------------------------------------------------------
 def home() -> Path:
-    """The cache root: ``$LIT_FINETUNE_HOME``, default ``~/.cache/lit_finetune``."""
-    return Path(os.environ.get(HOME_ENV) or Path.home() / ".cache" / "lit_finetune").expanduser()
+    """The cache root: ``$LIT_FINETUNE_HOME``, default ``~/.cache/lit_finetune``; absolute (builds run in
+    another working folder, and a relative home would be another cache there)."""
+    return Path(os.environ.get(HOME_ENV) or Path.home() / ".cache" / "lit_finetune").expanduser().absolute()
 
 
 def configs_dir() -> Path:
-    """The shipped configs: ``$LIT_FINETUNE_CONFIGS``, default ``configs/`` beside the package."""
-    folder = Path(os.environ.get(CONFIGS_ENV) or Path(__file__).resolve().parents[2] / "configs")
+    """The shipped configs: ``$LIT_FINETUNE_CONFIGS``, default ``configs/`` beside the package; absolute."""
+    folder = Path(os.environ.get(CONFIGS_ENV) or Path(__file__).resolve().parents[2] / "configs").expanduser().absolute()
     if not folder.is_dir():
         raise ZooError(
             f"The shipped configs are not in {str(folder)!r}, so zoo entries cannot be built. Install lit_finetune "
@@ -505,6 +506,9 @@ def _child_env(entry: ZooEntry) -> dict[str, str]:
     package_root = str(Path(__file__).resolve().parents[2])  # the child runs this very package
     env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
     env[_CHAIN_ENV] = ",".join(_chain())  # includes entry.key: the child must not build it again
+    env[HOME_ENV] = str(home())  # absolute: the child runs in the build folder, where a relative path means another
+    if env.get(CONFIGS_ENV):
+        env[CONFIGS_ENV] = str(configs_dir())
     return env
 
 

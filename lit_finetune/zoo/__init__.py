@@ -242,7 +242,8 @@ def home() -> Path:
 
 def configs_dir() -> Path:
     """The shipped configs: ``$LIT_FINETUNE_CONFIGS``, default ``configs/`` beside the package; absolute."""
-    folder = Path(os.environ.get(CONFIGS_ENV) or Path(__file__).resolve().parents[2] / "configs").expanduser().absolute()
+    folder = Path(os.environ.get(CONFIGS_ENV) or Path(__file__).resolve().parents[2] / "configs")
+    folder = folder.expanduser().absolute()
     if not folder.is_dir():
         raise ZooError(
             f"The shipped configs are not in {str(folder)!r}, so zoo entries cannot be built. Install lit_finetune "

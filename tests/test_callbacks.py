@@ -123,6 +123,13 @@ def test_gradual_unfreezing_and_lr_scale(tmp_path, tiny_target):
     assert last["backbone.layer4"] == pytest.approx(0.5 * last["head"])
     with pytest.raises(ValueError, match="one per module"):
         LayerFreezing(["a", "b"], unfreeze_at_epoch=[1, 2, 3])
+    # a module inside another would get two schedules, and the outer one's frozen gradients would win silently
+    with pytest.raises(ValueError, match="'backbone' contains 'backbone.layer4'; list modules that do not contain"):
+        LayerFreezing(["backbone.layer4", "backbone"], unfreeze_at_epoch=[1, 2])
+    with pytest.raises(ValueError, match="'backbone' contains 'backbone'"):
+        LayerFreezing(["backbone", "backbone"])
+    LayerFreezing(["backbone.layer4", "backbone.layer3"])  # siblings are fine, as are names sharing a prefix:
+    LayerFreezing(["backbone.layer1", "backbone.layer10"])
 
 
 def test_unknown_module_name_is_clear(tmp_path, tiny_target):

@@ -71,7 +71,8 @@ class LayerFreezing(BaseFinetuning):
     Args:
         modules: dotted names of submodules of the LightningModule to freeze, e.g.
             ``["backbone"]`` or, for gradual unfreezing from the top,
-            ``["backbone.layer4", "backbone.layer3", "backbone.layer2", "backbone.layer1"]``.
+            ``["backbone.layer4", "backbone.layer3", "backbone.layer2", "backbone.layer1"]``; none may
+            contain another (each parameter has one schedule).
         unfreeze_at_epoch: epoch at which each module starts training: one int for all, a list
             (one per module) for gradual unfreezing, or ``None`` to keep them frozen (linear probe).
         train_bn: keep BatchNorm layers of frozen modules training (affine and statistics).
@@ -92,6 +93,14 @@ class LayerFreezing(BaseFinetuning):
     ) -> None:
         super().__init__()
         self.module_names = [modules] if isinstance(modules, str) else list(modules)
+        for i, outer in enumerate(self.module_names):
+            for j, inner in enumerate(self.module_names):
+                if i != j and (inner == outer or inner.startswith(outer + ".")):
+                    # one parameter would have two schedules, and the outer module's would win silently
+                    raise ValueError(
+                        f"LayerFreezing: {outer!r} contains {inner!r}; list modules that do not contain each other, "
+                        f"e.g. {inner!r} and the other blocks of {outer!r}, each with its own unfreeze epoch."
+                    )
         n = len(self.module_names)
         if unfreeze_at_epoch is None or isinstance(unfreeze_at_epoch, int):
             self.milestones: list[int | None] = [unfreeze_at_epoch] * n

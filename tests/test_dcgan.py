@@ -91,6 +91,25 @@ def test_conditional_from_unconditional_source_reports_new_label_weights(tmp_pat
     assert model.sample(5, labels=labels).shape == (5, 1, 28, 28)
 
 
+@pytest.mark.parametrize("spectral_norm", [False, True])
+def test_conditional_adaptation_starts_as_the_source_discriminator(tmp_path, spectral_norm):
+    """The projection term starts at 0, so D(x, y) = source D(x): under spectral norm through the term's gain (the
+    normalised embedding cannot be 0)."""
+    source, _ = _save_source(tmp_path, spectral_norm=spectral_norm)
+    model = DCGAN(**TINY, num_classes=5, conditional=True, pretrained=source, spectral_norm=spectral_norm)
+    model.load_pretrained_weights()
+    unconditional = DCGAN(**TINY, spectral_norm=spectral_norm)
+    unconditional.load_state_dict(torch.load(source, weights_only=True)["state_dict"])
+    x, y = torch.rand(4, 1, 28, 28) * 2 - 1, torch.tensor([0, 1, 2, 3])
+    model.eval(), unconditional.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.discriminator(x, y), unconditional.discriminator(x), rtol=0, atol=1e-6)
+    assert (model.discriminator.embed_gain is not None) == spectral_norm
+    fresh = DCGAN(**TINY, num_classes=5, conditional=True, spectral_norm=spectral_norm)
+    if spectral_norm:  # a conditional D trained from scratch uses its projection at full weight
+        assert fresh.discriminator.embed_gain.item() == 1.0
+
+
 def test_l2sp_pulls_back_only_what_the_source_provided(tmp_path):
     """L2-SP holds the pretrained part (Li et al.): the label embeddings the source lacks are not pulled toward
     their fresh values, whatever a checkpoint round trip does."""

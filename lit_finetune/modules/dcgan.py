@@ -353,8 +353,9 @@ class DCGAN(TransferModule):
         A conditional module may start from an unconditional source (the usual case: pretrain on
         unlabelled source images, then learn ``G(z, y)`` on few labelled target images). The label
         then enters with zero weight: G's first layer keeps the source's weights for ``z`` and gets
-        zeros for the label embedding, and D's projection embedding starts at zero, so the module
-        starts as exactly the source G and D and learns to use labels (reported as ``adapted``).
+        zeros for the label embedding, and D's projection term starts at zero (its embedding, or under
+        spectral norm its gain), so the module starts as exactly the source G and D and learns to use
+        labels (reported as ``adapted``).
         With ``conditioning="concat"`` D's first convolution keeps the source's image filters
         unscaled and gets zero weights for the label channels, so D(x, y) = source D(x) too.
         """
@@ -369,10 +370,13 @@ class DCGAN(TransferModule):
                     label_channels = partial(_zero_extended, dim=entry.dim, keep=keep)
                     adapt[f"discriminator.{entry.key}"] = ("label channels zero", label_channels)
         report = load_pretrained(self, source, exclude=list(RUN_STATE_PREFIXES), adapt=adapt)
-        embed = self.discriminator.embed
-        if embed is not None and "discriminator.embed.weight" in report.missing:
-            with torch.no_grad():
-                embed.weight.zero_()  # the projection term <embed(y), features> starts at 0
+        embed, gain = self.discriminator.embed, self.discriminator.embed_gain
+        if embed is not None and not any(k.startswith("discriminator.embed.") for k in report.filled):
+            with torch.no_grad():  # the projection term <embed(y), features> starts at 0
+                if gain is not None:
+                    gain.zero_()  # spectral norm keeps the embedding itself at norm 1
+                else:
+                    embed.weight.zero_()
         self.reset_ema()
         for l2sp in (self.l2sp_g, self.l2sp_d):  # new layers (label embedding, CDC's patch head) are not pulled
             if l2sp is not None:

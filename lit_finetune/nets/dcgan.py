@@ -4,7 +4,7 @@ Both are plain ``nn.Module``s with their stages as named children, so that param
 L2-SP and freezing address them by name:
 
 * generator: ``embed`` (conditional only), ``project``, ``blocks.0`` ... , ``to_image``;
-* discriminator: ``blocks.0`` (input side) ... ``blocks.{n-1}``, ``embed`` (projection only),
+* discriminator: ``blocks.0`` (input side) ... ``blocks.{n-1}``, ``embed`` (projection only; with spectral norm also ``embed_gain``),
   ``head``, and with ``patch_block`` a patch-level head ``patch_head`` (+ ``patch_embed``). FreezeD's
   "freeze the lowest k blocks" is ``blocks.0`` ... ``blocks.{k-1}``.
 
@@ -228,10 +228,15 @@ class DCGANDiscriminator(nn.Module):
                 self.patch_embed = nn.Embedding(num_classes, patch_channels)
                 nn.init.normal_(self.patch_embed.weight, 0.0, 0.02)
         dcgan_init_(self)
+        #: with spectral norm, a learned factor on the projection term: SN keeps the embedding at spectral norm 1,
+        #: so only this factor can start the term at 0 (a conditional D adapted from an unconditional source)
+        self.embed_gain: nn.Parameter | None = None
         if spectral_norm:
             for m in self.modules():
                 if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding)):
                     _spectral_norm(m)
+            if self.embed is not None:
+                self.embed_gain = nn.Parameter(torch.ones(()))
 
     def _check_images(self, x: torch.Tensor) -> None:
         if x.ndim != 4:
@@ -279,7 +284,8 @@ class DCGANDiscriminator(nn.Module):
         h = self.features(x, y)
         logits = self.head(h).squeeze(1)
         if self.embed is not None:
-            logits = logits + (self.embed(y).to(h.dtype) * h).sum(dim=1)
+            projection = (self.embed(y).to(h.dtype) * h).sum(dim=1)
+            logits = logits + (projection if self.embed_gain is None else self.embed_gain.to(h.dtype) * projection)
         return logits
 
 

@@ -4,9 +4,9 @@ Both are plain ``nn.Module``s with their stages as named children, so that param
 L2-SP and freezing address them by name:
 
 * generator: ``embed`` (conditional only), ``project``, ``blocks.0`` ... , ``to_image``;
-* discriminator: ``blocks.0`` (input side) ... ``blocks.{n-1}``, ``embed`` (projection only; with spectral norm also ``embed_gain``),
-  ``head``, and with ``patch_block`` a patch-level head ``patch_head`` (+ ``patch_embed``). FreezeD's
-  "freeze the lowest k blocks" is ``blocks.0`` ... ``blocks.{k-1}``.
+* discriminator: ``blocks.0`` (input side) ... ``blocks.{n-1}``, ``embed`` (projection only; with
+  spectral norm also ``embed_gain``), ``head``, and with ``patch_block`` a patch-level head ``patch_head``
+  (+ ``patch_embed``). FreezeD's "freeze the lowest k blocks" is ``blocks.0`` ... ``blocks.{k-1}``.
 
 Widths follow the DCGAN layout: the feature map at resolution ``r`` has
 ``width * (image_size // 2) // r`` channels: ``width`` channels in the hidden map next to the image,

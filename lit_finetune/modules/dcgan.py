@@ -113,9 +113,9 @@ class DCGAN(TransferModule):
     schedulers of the same step, and resuming from it is exact. Two things make the average
     worth sampling from:
 
-    * a decay warm-up, ``min(ema_decay, (1 + t) / (10 + t))`` after ``t`` updates (as timm and
-      most GAN code bases do): with a constant 0.999 a short run's EMA is mostly its first,
-      random weights;
+    * a decay warm-up, ``min(ema_decay, (1 + t) / (10 + t))`` after ``t`` updates (TensorFlow's
+      ``ExponentialMovingAverage(num_updates=t)`` rule; timm's EMA warms up in another form): with a
+      constant 0.999 a short run's EMA is mostly its first, random weights;
     * BatchNorm statistics that belong to the averaged weights (``ema_batchnorm``):
       ``"recompute"`` (default) runs the EMA generator in train mode over ``ema_bn_batches``
       batches of fresh, fixed-seed noise before it is used (BigGAN's "standing statistics",

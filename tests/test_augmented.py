@@ -430,3 +430,25 @@ def test_draws_before_a_fit_do_not_shift_the_fits_synthetic_stream(tiny_target, 
         return [x[is_marked(x)] for x, _ in seen]
 
     assert all(torch.equal(a, b) for a, b in zip(fit(False), fit(True), strict=True))
+
+
+def test_a_generator_trained_on_other_classes_is_refused(tiny_target, fashion_root, tmp_path):
+    """The class count alone would pass G(z, y) trained on classes 5-9 to a classifier of classes 0-4: its labels would
+    name other classes. A DCGAN's generator knows its data's class names (kept in its checkpoint) and they must match."""
+    from lit_finetune.data import FashionMNISTDataModule
+
+    gan = DCGAN(latent_dim=8, num_classes=5, conditional=True, generator_width=8, discriminator_width=8)
+    trainer = quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False)
+    trainer.fit(gan, datamodule=tiny_target)  # classes 5-9: Sandal ... Ankle boot
+    trainer.save_checkpoint(tmp_path / "g.ckpt")
+    source_classes = FashionMNISTDataModule(root=str(fashion_root), classes=[0, 1, 2, 3, 4], samples_per_class=4,
+                                            val_split=10, batch_size=10)  # fmt: skip
+    for generator in (str(tmp_path / "g.ckpt"), gan.generator_network()):  # from its checkpoint, or in memory
+        assert list(GANAugmentedClassifier(5, generator=generator).generator.class_names) == tiny_target.class_names
+        model = GANAugmentedClassifier(5, generator=generator, synthetic_ratio=0.5)
+        with pytest.raises(ValueError, match=r"are the classes \['Sandal'.*data has \['T-shirt/top'.*same order"):
+            quiet_trainer(tmp_path, max_steps=1, logger=False).fit(model, datamodule=source_classes)
+    model = GANAugmentedClassifier(5, generator=str(tmp_path / "g.ckpt"), synthetic_ratio=0.5)
+    quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False).fit(
+        model, datamodule=tiny_target
+    )  # the same classes: fine

@@ -199,6 +199,13 @@ class GANAugmentedClassifier(ImageClassifier):
                 f"The generator was trained on {classes} classes, the classifier has num_classes={self.num_classes}. "
                 "Train the generator on the classifier's data (same classes, same order)."
             )
+        names = getattr(generator, "class_names", None)  # a DCGAN's generator_network() knows its data's names
+        if names and self.class_names_from_data and list(names) != self.class_names:
+            raise ValueError(
+                f"The generator's labels 0..{len(names) - 1} are the classes {list(names)}, the classifier's data has "
+                f"{self.class_names}: its samples would carry other classes' labels. Train the generator on the "
+                "classifier's data (same classes, same order)."
+            )
         z = torch.zeros(self.num_classes, self._latent_dim(generator), device=self.device)
         try:
             with torch.no_grad():

@@ -24,6 +24,8 @@ def _warn_if_source_unread(module: TransferModule, args: Any) -> None:
     module.warn_if_source_unread()
 
 
+#: checkpoint (and delta) key of the class names of the data a module was trained on (see ``setup``)
+CLASS_NAMES_KEY = "class_names"
 #: checkpoint key of the global random number generator states (see ``on_save_checkpoint``)
 RNG_KEY = "lit_finetune_rng_states"
 #: checkpoint key of a module's :class:`NoiseStream` (its seed and how many batches it has drawn)
@@ -188,6 +190,11 @@ class TransferModule(L.LightningModule):
         self.compile_mode = compile_mode
         #: what the last pretrained load did (``None`` until weights were read)
         self.load_report: LoadReport | None = None
+        #: the names of the classes, by label: the datamodule's (copied in ``setup`` and kept in checkpoints, so a
+        #: model loaded without its data still names them, e.g. "Sandal") or, until data was seen, "0".."k-1"
+        self.class_names: list[str] = [str(i) for i in range(num_classes or 0)]
+        #: whether :attr:`class_names` came from a datamodule (and so can be compared with another model's)
+        self.class_names_from_data = False
         self._weights_resolved = pretrained is None
         self._unread_source_warned = False
         if pretrained is not None:  # outside a Trainer, using the networks before the source is read is a trap
@@ -273,6 +280,7 @@ class TransferModule(L.LightningModule):
         self._rng_to_restore = checkpoint.get(RNG_KEY) if resuming else None
         if self.noise_stream is not None:
             self.noise_stream.load_state_dict(checkpoint.get(self.noise_stream_key), resume=resuming)
+        self.restore_class_names(checkpoint)
 
     # -- compiled networks -------------------------------------------------------------------------
     def compile_networks(self) -> None:
@@ -346,6 +354,16 @@ class TransferModule(L.LightningModule):
             if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(states["cuda"])
 
+    def class_names_record(self) -> dict[str, list[str]]:
+        """``{"class_names": [...]}`` for a checkpoint when they came from data, else ``{}``."""
+        return {CLASS_NAMES_KEY: list(self.class_names)} if self.class_names_from_data else {}
+
+    def restore_class_names(self, checkpoint: Mapping[str, Any]) -> None:
+        """Take the class names a checkpoint (or delta) records; older ones record none."""
+        names = checkpoint.get(CLASS_NAMES_KEY)
+        if names is not None and len(names) == len(self.class_names):
+            self.class_names, self.class_names_from_data = [str(n) for n in names], True
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # LightningCLI rebuilds the model of `--ckpt_path` from the checkpoint's hyper-parameters and
         # their `_class_path`; checkpoints written from plain Python lack it and would build this base class.
@@ -359,6 +377,7 @@ class TransferModule(L.LightningModule):
             checkpoint[RNG_KEY]["cuda"] = torch.cuda.get_rng_state_all()
         if self.noise_stream is not None and self.noise_stream.state is not None:
             checkpoint[self.noise_stream_key] = self.noise_stream.state_dict()
+        checkpoint.update(self.class_names_record())
 
     # Lightning restores ``ckpt_path`` (calling on_load_checkpoint) after ``setup`` and before these
     # hooks, so reading here is what skips the source whenever a checkpoint is restored. Callbacks'
@@ -434,6 +453,9 @@ class TransferModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None:
             return
+        names = getattr(dm, "class_names", None)
+        if names and self.num_classes is not None and len(names) == self.num_classes:
+            self.class_names, self.class_names_from_data = [str(n) for n in names], True
         channels = getattr(dm, "channels", self.in_channels)
         if channels != self.in_channels:
             raise ValueError(

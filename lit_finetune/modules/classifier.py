@@ -35,8 +35,6 @@ TORCHVISION_KEY_MAP = {"": "backbone.", "fc.": "head."}
 #: the statistics that make input normalisation the identity on ``[-1, 1]`` images
 IDENTITY_MEAN, IDENTITY_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 INPUT_STATS = ("input_mean", "input_std")
-#: checkpoint (and delta) key of the class names a model was trained with (see ``on_save_checkpoint``)
-CLASS_NAMES_KEY = "class_names"
 
 
 def _stats_to_channels(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
@@ -144,7 +142,6 @@ class ImageClassifier(TransferModule):
         self.backbone, num_features = build_resnet(backbone, in_channels, small_input=self.small_input)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(num_features, num_classes)
-        self.class_names = [str(i) for i in range(num_classes)]
 
         if pretrained is not None and is_torchvision_weight_name(pretrained) and backbone not in TORCHVISION_RESNETS:
             raise ValueError(f"Torchvision weights {pretrained!r} need a torchvision backbone {TORCHVISION_RESNETS}.")
@@ -269,7 +266,7 @@ class ImageClassifier(TransferModule):
             hparams["pretrained"] = str(Path(source).resolve())
         state = {
             "lit_finetune_delta": 1, "hyper_parameters": hparams, "state_dict": delta,
-            CLASS_NAMES_KEY: list(self.class_names),
+            **self.class_names_record(),
         }  # fmt: skip
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -298,24 +295,8 @@ class ImageClassifier(TransferModule):
         if missing:
             raise ValueError(f"{path} holds keys this model lacks: {sorted(missing)[:5]}")
         model.load_state_dict(state["state_dict"], strict=False)
-        model._restore_class_names(state.get(CLASS_NAMES_KEY))
+        model.restore_class_names(state)
         return model
-
-    # -- class names ------------------------------------------------------------------------------
-    # The datamodule's class names (e.g. "Sandal", "Bag") are copied in `setup` and kept in checkpoints and
-    # deltas, so a model loaded later (predictions, exports, confusion matrices) still names its classes
-    # without the datamodule it was trained with.
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint[CLASS_NAMES_KEY] = list(self.class_names)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self._restore_class_names(checkpoint.get(CLASS_NAMES_KEY))
-
-    def _restore_class_names(self, names: list[str] | None) -> None:
-        if names is not None and len(names) == len(self.class_names):  # older checkpoints have none
-            self.class_names = [str(name) for name in names]
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -329,11 +310,6 @@ class ImageClassifier(TransferModule):
                         f"step, and {type(callback).__name__} would make all of a module trainable when it unfreezes: "
                         "use lit_finetune.callbacks.LayerFreezing (which keeps the selection) or set peft=None."
                     )
-        dm = getattr(self.trainer, "datamodule", None)
-        names = getattr(dm, "class_names", None)
-        # names of another length (a datamodule without real names) leave the model's own
-        if names and len(names) == len(self.class_names):
-            self.class_names = list(names)
 
     # -- steps ----------------------------------------------------------------------------------
     def _shared_step(

@@ -442,13 +442,18 @@ class DCGAN(TransferModule):
         """The network ``G(z, y)`` that samples: the EMA generator or the raw one (default: ``evaluate_ema``).
 
         The EMA generator comes with BatchNorm statistics of its own weights (``ema_batchnorm``).
-        It is what :class:`~lit_finetune.GANAugmentedClassifier` draws its synthetic images from.
+        It is what :class:`~lit_finetune.GANAugmentedClassifier` draws its synthetic images from; its
+        ``class_names`` attribute says what its labels mean (the training data's class names, or ``None``).
         """
         self.warn_if_source_unread()
         if not (self.hparams.evaluate_ema if ema is None else ema):
-            return self.generator
-        self.refresh_ema_batchnorm()
-        return self.generator_ema
+            network = self.generator
+        else:
+            self.refresh_ema_batchnorm()
+            network = self.generator_ema
+        # what its labels mean, for a classifier that takes its samples (None: not trained on named data)
+        network.class_names = list(self.class_names) if self.class_names_from_data else None
+        return network
 
     def image_samples(self) -> dict[str, torch.Tensor]:
         """Fixed-noise grids for :class:`~lit_finetune.callbacks.SampleImages`."""

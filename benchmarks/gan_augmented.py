@@ -1023,7 +1023,7 @@ def runs_from_json(tree: dict[str, Any]) -> Results:
 
 def merge_main(paths: list[Path], out: Path, run: provenance.Run) -> tuple[Results, dict[int, list[Selection]]]:
     """``--merge``: one table from pieces (other seeds or N) of one profile; where each ran goes into the text."""
-    pieces, summary = provenance.merge_pieces(paths)
+    pieces, summary = provenance.merge_pieces(paths, run=run)
     trees = [{"results": p["results"], "selections": p["selections"]} for p in pieces]
     tree, seeds = provenance.merge_seed_lists(trees, [p["seeds"] for p in pieces])
     results = runs_from_json(tree["results"])

@@ -734,7 +734,7 @@ def fewshot_main(args: argparse.Namespace, run: provenance.Run, seeds: list[int]
 
 def fewshot_merge_main(paths: list[Path], out: Path, name: str, run: provenance.Run) -> None:
     """``--fewshot --merge``: one table from pieces (other seeds) of one few-shot configuration."""
-    pieces, summary = provenance.merge_pieces(paths)
+    pieces, summary = provenance.merge_pieces(paths, run=run)
     tree, seeds = provenance.merge_seed_lists([p["results"] for p in pieces], [p["seeds"] for p in pieces])
 
     def arm_result(r: dict) -> ArmResult:
@@ -839,7 +839,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def merge_main(paths: list[Path], out: Path, run: provenance.Run) -> None:
     """``--merge``: one table from pieces (other seeds) of one profile; where each ran goes into the text."""
-    pieces, summary = provenance.merge_pieces(paths)
+    pieces, summary = provenance.merge_pieces(paths, run=run)
     tree, seeds = provenance.merge_seed_lists([p["results"] for p in pieces], [p["seeds"] for p in pieces])
 
     def arm_result(r: dict) -> ArmResult:

@@ -353,7 +353,7 @@ def setup_text(args: argparse.Namespace, seconds: float) -> str:
 
 def merge(paths: list[Path], out: Path, run: provenance.Run) -> Path:
     """One table from pieces run with the same settings (and commit): rows, FLOPs, checks and fits united."""
-    datas, summary = provenance.merge_pieces(paths)
+    datas, summary = provenance.merge_pieces(paths, run=run)
     merged: dict[str, Any] = {"rows": [], "flops": {}, "device_batches": [], "tta": [], "setup": []}
     for data in datas:
         merged["rows"] += data.get("rows", [])

@@ -116,6 +116,13 @@ class Run:
         name = str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
         return cls(name, [str(a) for a in (sys.argv[1:] if argv is None else argv)])
 
+    merged_at: tuple[str, bool | None] | None = None
+
+    def adopt_pieces(self, commit: str, dirty: bool) -> None:
+        """Record the pieces' commit (a merge publishes their figures); keep the merge's own as ``merged_at``."""
+        self.merged_at = self.git_at_start
+        self.git_at_start = (commit, dirty)
+
     @property
     def command(self) -> str:
         return shlex.join(["python", self.script, *self.argv])
@@ -136,7 +143,9 @@ class Run:
             "load_1min_start": self.load_start, "load_1min_end": load_1min(), "machine": machine(),
             "torch": torch.__version__, "lightning": lightning.__version__,
             "duration_s": round(time.perf_counter() - self.started, 1), "inputs": hashed,
-            "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra,
+            "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **({"merged_at": {"commit": self.merged_at[0], "dirty": self.merged_at[1]}} if self.merged_at else {}),
+            **extra,
         }  # fmt: skip
 
     def write(
@@ -245,12 +254,16 @@ class PieceMismatch(ValueError):
     """Pieces of a profile that cannot be merged: other commits or other configurations."""
 
 
-def merge_pieces(paths: Sequence[Path], config_key: str = "config") -> tuple[list[Any], dict[str, Any]]:
+def merge_pieces(
+    paths: Sequence[Path], config_key: str = "config", run: Run | None = None
+) -> tuple[list[Any], dict[str, Any]]:
     """Load piece ``.json`` files; check they share commit and configuration; return their data and a summary.
 
     Each piece's provenance must hold ``config_key`` (the run's settings apart from the subset it ran, e.g.
     profile and steps but not seeds). The summary goes into the merged file's provenance as ``pieces``:
-    per piece its file, command, commit, machine, threads, load and duration.
+    per piece its file, command, commit, machine, threads, load and duration. ``run`` (the merge's own) then
+    records the pieces' commit, and dirty if any piece was: the figures are theirs; the commit the merge ran
+    at goes beside it as ``merged_at``.
     """
     if len(paths) < 1:
         raise PieceMismatch("no pieces to merge")
@@ -271,6 +284,7 @@ def merge_pieces(paths: Sequence[Path], config_key: str = "config") -> tuple[lis
         raise PieceMismatch(f"pieces used different inputs (sha256): {sorted(hashes)}")
     summary = {
         "commit": records[0]["commit"],
+        "dirty": any(bool(r.get("dirty")) for r in records),
         config_key: records[0][config_key],
         "pieces": [
             {"file": str(path), **{k: r[k] for k in ("command", "dirty", "machine", "torch_threads", "load_1min_start",
@@ -278,4 +292,6 @@ def merge_pieces(paths: Sequence[Path], config_key: str = "config") -> tuple[lis
             for path, r in zip(paths, records)
         ],
     }  # fmt: skip
+    if run is not None:
+        run.adopt_pieces(summary["commit"], summary["dirty"])
     return [piece["data"] for piece in pieces], summary

@@ -61,7 +61,8 @@ class PairedTest:
 
 
 def paired_t_test(a: Sequence[float], b: Sequence[float]) -> PairedTest:
-    """Paired two-sided t-test of ``mean(a - b) = 0``; ``a[i]`` and ``b[i]`` share seed ``i``."""
+    """Paired two-sided t-test of ``mean(a - b) = 0``; ``a[i]`` and ``b[i]`` share seed ``i``. Differences without
+    spread get the exact sign-flip p-value instead (see below), never 0."""
     if len(a) != len(b):
         raise ValueError(f"paired samples need equal lengths, got {len(a)} and {len(b)}")
     d = tuple(x - y for x, y in zip(a, b))
@@ -71,9 +72,12 @@ def paired_t_test(a: Sequence[float], b: Sequence[float]) -> PairedTest:
     if len(d) < 2:
         return PairedTest(d, mean, 0.0, math.nan, math.nan)
     std = statistics.stdev(d)
-    if std == 0:  # every seed moved by the same amount: certain if nonzero, nothing if zero
+    if std == 0:
+        # Every seed moved by the same amount (scores are quantised: one test image more on each seed). The t-test
+        # would say p = 0 for any n; the exact sign-flip test says what n seeds can show: all n signs alike has
+        # probability 2 / 2^n under the null (0.25 for 3 seeds). No difference at all: p = 1.
         t = math.copysign(math.inf, mean) if mean else 0.0
-        return PairedTest(d, mean, 0.0, t, 0.0 if mean else 1.0)
+        return PairedTest(d, mean, 0.0, t, min(1.0, 2.0 / 2 ** len(d)) if mean else 1.0)
     t = mean / (std / math.sqrt(len(d)))
     return PairedTest(d, mean, std, t, t_two_sided_p(t, len(d) - 1))
 

@@ -698,7 +698,7 @@ def merge_results(pieces: Sequence[dict[str, Any]]) -> tuple[Results, list[int]]
 
 def merge_main(args: argparse.Namespace, run: provenance.Run) -> Path:
     """``--merge``: one table from piece JSON files (same commit, profile, source), written to ``--results``."""
-    pieces, summary = provenance.merge_pieces(args.merge)  # same commit, profile, source checkpoint
+    pieces, summary = provenance.merge_pieces(args.merge, run=run)  # same commit, profile, source checkpoint
     # merge_pieces checked that every piece read the same source checkpoints (sha256); a piece that reused them
     # (--pretrained / --meta-pretrained) describes them as "given", the piece that trained them says how
     trained = sorted({p["source"] for p in pieces if not p["source"].startswith("given")})

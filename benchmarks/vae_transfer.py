@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def merge_main(paths: list[Path], out: Path, run: provenance.Run) -> None:
     """``--merge``: one table from pieces (other seeds or N) of one profile; where each ran goes into the text."""
-    pieces, summary = provenance.merge_pieces(paths)
+    pieces, summary = provenance.merge_pieces(paths, run=run)
     tree, seeds = provenance.merge_seed_lists([p["results"] for p in pieces], [p["seeds"] for p in pieces])
     def arm_result(r: dict) -> ArmResult:  # the JSON form back to the dataclasses (scores are nested)
         return ArmResult(**{k: Scores(**v) if k in ("final", "best") else v for k, v in r.items()})

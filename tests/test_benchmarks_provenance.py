@@ -7,6 +7,7 @@ Also the tiny runs of the two scripts without a test file of their own (``transf
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -70,6 +71,21 @@ def test_merge_pieces_checks_configuration_and_names_where_each_ran(tmp_path):
     c = _piece(tmp_path, "c", {"steps": 4})
     with pytest.raises(provenance.PieceMismatch, match="different configurations"):
         provenance.merge_pieces([a, c])
+
+
+def test_a_merge_records_the_commit_its_pieces_ran_at(tmp_path, monkeypatch):
+    """The merged figures are the pieces': their commit (and dirty if any piece was) is recorded, the merge's own
+    commit beside it."""
+    a, b = _piece(tmp_path, "a", {"steps": 3}), _piece(tmp_path, "b", {"steps": 3})
+    for path, dirty in ((a, False), (b, True)):
+        piece = json.loads(Path(path).read_text())
+        piece["provenance"].update(commit="c" * 40, dirty=dirty)
+        Path(path).write_text(json.dumps(piece))
+    run = provenance.Run.start(REPO / "benchmarks" / "speed.py", ["--merge", a, b])
+    _, summary = provenance.merge_pieces([a, b], run=run)
+    record = run.record()
+    assert (record["commit"], record["dirty"]) == ("c" * 40, True) == (summary["commit"], summary["dirty"])
+    assert record["merged_at"]["commit"] == provenance.git_state()[0] != "c" * 40
 
 
 def test_transfer_vs_scratch_tiny_run_records_provenance(tmp_path, fashion_root, monkeypatch):

@@ -48,7 +48,10 @@ def test_paired_t_test_known_value():
 
 
 def test_paired_t_test_edge_cases():
-    assert stats.paired_t_test([1, 2, 3], [0, 1, 2]).p == 0.0  # the same shift on every seed
+    # the same shift on every seed (one test image more each): the exact sign-flip p, 2 / 2^n, not a t-test's 0
+    assert stats.paired_t_test([1, 2, 3], [0, 1, 2]).p == 0.25
+    assert stats.paired_t_test([0.5] * 5, [0.3] * 5).p == pytest.approx(2 / 32)
+    assert stats.holm([stats.paired_t_test([1, 2], [0, 1]).p, 0.01]) == [0.5, 0.02]
     assert stats.paired_t_test([1, 2], [1, 2]).p == 1.0
     assert math.isnan(stats.paired_t_test([1.0], [0.0]).p)  # one seed: no test
     with pytest.raises(ValueError, match="equal lengths"):

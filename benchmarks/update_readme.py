@@ -48,9 +48,9 @@ SCRIPTS = {
     "vae_transfer": "benchmarks/vae_transfer.py",
     "gan_augmented": "benchmarks/gan_augmented.py",
     "fashion_mnist_full": "benchmarks/full_dataset.py",
-    "fashion_mnist_full_gpu": "benchmarks/full_dataset.py --profile gpu",
+    "fashion_mnist_full_gpu": "benchmarks/gpu_session.py (one device call; its docstring says how)",
     "fashion_mnist_full_recipe_val": "benchmarks/full_dataset.py --search",
-    "gpu_check": "benchmarks/gpu_check.py",
+    "gpu_check": "benchmarks/gpu_session.py (one device call; its docstring says how)",
     "speed": "benchmarks/speed.py",
     "overhead": "benchmarks/speed.py --models overhead --output benchmarks/results/overhead.md",
     "overhead_profile": "benchmarks/speed.py --models overhead --output benchmarks/results/overhead.md "
@@ -186,7 +186,9 @@ def _vae_transfer(data: dict[str, Any]) -> Row:
     tuned = [r["best"]["nll_iwae"] for r in cell["full transfer"]]
     scratch = [r["best"]["nll_iwae"] for r in cell["scratch"]]
     answer = (f"at {n} images per class, {statistics.fmean(tuned):.1f} vs {statistics.fmean(scratch):.1f} nats "
-              f"(transfer vs scratch, best-on-validation, lower is better); " + _paired(tuned, scratch, unit=" nats", lower_is_better=True))
+              f"(transfer vs scratch, best-on-validation, lower is better); "
+              + _paired(tuned, scratch, unit=" nats", lower_is_better=True)
+              + " (uncorrected p; the details give every N and arm as mean ± sd, untested)")
     return ("Does a source VAE help at few images?", answer, str(len(tuned)),
             "vae-transfer-scratch-vs-full-transfer-vs-frozen-encoder-vs-frozen-decoder-in-nats")
 
@@ -219,7 +221,8 @@ def _compression(data: dict[str, Any]) -> Row:
         pruned = [r["test_acc"]["fp32"] for r in runs[level]]
         if level in ("0.9", sparse):
             parts.append(f"{100 * float(level):.0f} % of the backbone pruned: {_paired(pruned, fp32, 100, ' points')}")
-    return ("What does compressing the fine-tuned classifier cost?", "; ".join(parts), str(len(fp32)),
+    return ("What does compressing the fine-tuned classifier cost?", "; ".join(parts) + " (uncorrected p; Holm over "
+            "the table in the details)", str(len(fp32)),
             "compressing-the-fine-tuned-classifier-pruning-int8-export")
 
 
@@ -258,6 +261,8 @@ def headline_table(results: Path = REPO / "benchmarks" / "results", link_to: str
         question, answer, seeds, anchor = row_of(piece["data"])
         machine = piece["provenance"]["machine"]
         where = machine.get("gpu") or f"{machine['cpu']}, {machine['cores']} cores, CPU only"
+        if piece["provenance"].get("dirty"):  # said where it is read, not only in the collapsed provenance block
+            where += f"; code with uncommitted changes at {piece['provenance']['commit'][:10]}"
         lines.append(f"| {question} | {answer} | {seeds} | {where} | [{name}]({link_to}#{anchor}) |")
     if absent:
         lines.append("")

@@ -88,6 +88,18 @@ def test_headline_rows_are_computed_from_the_saved_data(tmp_path):
     assert "Not in this table until rerun with provenance" in table and "benchmarks/gan_finetune.py" in table
 
 
+def test_a_headline_row_from_uncommitted_code_says_so(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    for dirty in (True, False):
+        run = provenance.Run.start(REPO / "benchmarks" / "transfer_vs_scratch.py", [])
+        run.git_at_start = ("d" * 40, dirty)
+        run.write(results / "transfer_vs_scratch.md", "| table |", {},
+                  data={"test_accuracy": {"fine-tuned": [0.9, 0.8], "scratch": [0.7, 0.6]}})  # fmt: skip
+        row = next(line for line in update_readme.headline_table(results).splitlines() if "transfer_vs" in line)
+        assert ("code with uncommitted changes at dddddddddd" in row) == dirty
+
+
 def test_headline_skips_results_without_provenance(tmp_path):
     results = tmp_path / "results"
     results.mkdir()

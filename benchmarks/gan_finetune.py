@@ -11,7 +11,8 @@
 4. The real-vs-real floor of the same extractor (``real_floor``): the target test images against as
    many class-matched real target *training* images (the arms' sample sizes), and two disjoint
    class-stratified halves of the test images (half the sample size, which shows FID's sample-size bias).
-5. Write ``benchmarks/results/gan_finetune.md`` (tables) and ``gan_finetune.png`` (one sample grid per
+5. Write ``benchmarks/results/gan_finetune.md`` (tables; FID paired by seed over a fixed family of 9 comparisons,
+   :data:`MAIN_COMPARISONS`, Holm's correction over them) and ``gan_finetune.png`` (one sample grid per
    arm for the first seed, and FID bars with the std over seeds).
 
 Arms (every one from the shipped configs, only the treatment changes):
@@ -89,7 +90,7 @@ from transfer_vs_scratch import QUIET, machine, working_dir  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance  # noqa: E402
-from stats import PairedTest, holm, paired_t_test  # noqa: E402
+from stats import PairedTest, holm, paired_t_test, paired_table  # noqa: E402
 CONFIGS = REPO / "configs"
 #: extractor class names, short (Fashion-MNIST ids 0-9)
 SHORT_NAMES = ("top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
@@ -390,11 +391,41 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+#: the main table's paired FID comparisons, fixed before any result (``(a, b)`` for ``a - b``): with and without
+#: DiffAugment, each source-initialised arm against scratch and FreezeD against TransferGAN; then DiffAugment's
+#: effect for each initialisation
+MAIN_COMPARISONS = (
+    *((f"{a}{aug}", f"{b}{aug}") for aug in ("", " + DiffAugment")
+      for a, b in (("TransferGAN", "scratch"), ("FreezeD", "scratch"), ("FreezeD", "TransferGAN"))),
+    *((f"{init} + DiffAugment", init) for init in ("scratch", "TransferGAN", "FreezeD")),
+)  # fmt: skip
+
+
+def paired_lines(results: dict[str, list[ArmResult]]) -> list[str]:
+    """FID paired by seed over :data:`MAIN_COMPARISONS`, one Holm family (a comparison whose arms did not run is
+    left out)."""
+    family = [
+        ((f"{a} − {b}",), [r.fid for r in results[a]], [r.fid for r in results[b]])
+        for a, b in MAIN_COMPARISONS
+        if results.get(a) and results.get(b)
+    ]
+    if not family:
+        return []
+    intro = (
+        "Paired differences of FID (lower is better, so a negative difference favours the first arm), paired by seed "
+        "(the same 100 images and source): the family, fixed in advance, is TransferGAN − scratch, FreezeD − scratch "
+        "and FreezeD − TransferGAN, each without and with DiffAugment, and DiffAugment's effect for each "
+        "initialisation (X + DiffAugment − X)."
+    )
+    return ["", *paired_table(family, ["comparison (FID)"], intro, lower_is_better=True)]
+
+
 def markdown(
     results: dict[str, list[ArmResult]], seeds: list[int], real_counts: list[int] | None, setup: str,
     floors: list[Floor] = (),
 ) -> str:  # fmt: skip
-    """The metrics table, the real-vs-real floor, the per-class count table and the setup paragraph."""
+    """The metrics table, the real-vs-real floor, the paired FID differences (Holm over their family), the
+    per-class count table and the setup paragraph."""
     lines = [
         "| arm | FID ↓ | KID ×10³ ↓ | KID subset std ×10³ | label agreement ↑ | FID, raw G (no EMA) | G / D steps "
         "| FID per seed |",
@@ -425,6 +456,7 @@ def markdown(
             f"| {f.what} | {f.num_a:,} vs {f.num_b:,} | {f.fid:.2f} | {1e3 * f.kid_mean:.2f} ± {1e3 * f.kid_std:.2f} |"
             for f in floors
         ]
+    lines += paired_lines(results)
     counts = [
         "Generated samples per class as the extractor's classifier sees them (mean over seeds; class-matched "
         "sampling, so a perfect generator matches the real row):",

@@ -217,7 +217,8 @@ def merged_setup(summary: Mapping[str, Any], pieces: Sequence[Mapping[str, Any]]
         for i, p in enumerate(summary["pieces"], 1)
     ]
     return (
-        f"Merged from {len(pieces)} pieces at commit {summary['commit'][:10]} ({'; '.join(parts)}). "
+        f"Merged from {len(pieces)} piece{'' if len(pieces) == 1 else 's'} at commit {summary['commit'][:10]} "
+        f"({'; '.join(parts)}). "
         f"Piece 1's setup (its own seeds, timings and machine): {pieces[0]['setup']}"
     )
 

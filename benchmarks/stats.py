@@ -59,6 +59,10 @@ class PairedTest:
         """The most unfavourable single difference (the lowest)."""
         return min(self.diffs)
 
+    def least_favourable(self, lower_is_better: bool = False) -> float:
+        """The single difference least favourable to ``a``: the highest where lower is better, else the lowest."""
+        return max(self.diffs) if lower_is_better else min(self.diffs)
+
 
 def paired_t_test(a: Sequence[float], b: Sequence[float]) -> PairedTest:
     """Paired two-sided t-test of ``mean(a - b) = 0``; ``a[i]`` and ``b[i]`` share seed ``i``. Differences without
@@ -102,3 +106,38 @@ def holm(pvalues: Sequence[float]) -> list[float]:
 def format_p(p: float) -> str:
     """A p-value as the tables print it: three decimals, and ``p < 0.001`` rather than a rounded zero."""
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def paired_table(
+    family: Sequence[tuple[Sequence[str], Sequence[float], Sequence[float]]], columns: Sequence[str], intro: str,
+    lower_is_better: bool, digits: int = 1,
+) -> list[str]:  # fmt: skip
+    """A table of paired differences with Holm's correction over all its rows, as markdown lines.
+
+    ``family``: one ``(label cells, a, b)`` per row, ``a[i]`` and ``b[i]`` from seed ``i``; each row is the
+    two-sided paired t-test of ``a - b``, and every row of the table is one family for Holm (fix it before
+    looking at the results). ``columns`` names the label cells; ``intro`` says what is compared and why these
+    rows. Each row: mean and sd of the per-seed differences, the seed least favourable to ``a`` (``worst seed``),
+    every seed's difference and the Holm-adjusted p (**bold** at 0.05 or below).
+    """
+    tests = [paired_t_test(a, b) for _, a, b in family]
+    adjusted = holm([t.p for t in tests])
+    better = "lower" if lower_is_better else "higher"
+    tested = sum(not math.isnan(p) for p in adjusted)  # one seed: no test, not in the family
+    rows = f"all {tested} rows" if tested == len(family) else f"the {tested} rows with two or more seeds"
+    lines = [
+        f"{intro} Two-sided paired t-tests (one pair per seed), Holm-adjusted over {rows} of this "
+        f"table; worst seed: the difference least favourable to the first arm ({better} is better); significant at "
+        "0.05 in **bold**.",
+        "",
+        "| " + " | ".join(columns) + " | mean diff | sd | worst seed | per seed | p (Holm) |",
+        "|" + "---|" * (len(columns) + 5),
+    ]
+    for (cells, _, _), test, p in zip(family, tests, adjusted):
+        p_cell = "n/a (< 2 seeds)" if math.isnan(p) else f"**{format_p(p)}**" if p <= 0.05 else format_p(p)
+        lines.append(
+            "| " + " | ".join(cells) + f" | {test.mean:+.{digits}f} | {test.std:.{digits}f} | "
+            f"{test.least_favourable(lower_is_better):+.{digits}f} | "
+            f"{', '.join(f'{d:+.{digits}f}' for d in test.diffs)} | {p_cell} |"
+        )
+    return lines

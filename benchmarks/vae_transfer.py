@@ -8,7 +8,9 @@
    test split: ELBO, the importance-weighted bound on ``-log p(x)`` (``test/nll_iwae``), bits per dimension
    and the reconstruction error (``test/recon_mse``). Both are reported side by side: with few images the
    final model measures how fast an arm overfits, the best-on-validation one what transfer is worth.
-3. Write ``benchmarks/results/vae_transfer.md`` (a table, mean ± std over seeds) and
+3. Write ``benchmarks/results/vae_transfer.md`` (a table, mean ± std over seeds; then the paired differences of the
+   best-on-validation bound, each transferred arm − scratch and frozen encoder − full transfer at every N, paired
+   by seed, Holm's correction over all of them) and
    ``vae_transfer.png`` (the bound and the reconstruction error against N, one line per arm).
 
 Arms (every one from the shipped configs, only the treatment changes):
@@ -70,6 +72,7 @@ from transfer_vs_scratch import QUIET, machine, working_dir
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance  # noqa: E402
+import stats  # noqa: E402
 CONFIGS = REPO / "configs" / "vae"
 SIZES = (10, 100, 1000)
 VAL_PER_CLASS = 100  #: validation images per class, at most; never more than the N training images per class
@@ -245,9 +248,36 @@ FROZEN_DECODER_NOTE = (
 )
 
 
+#: the paired comparisons, fixed before any result: each arm against scratch, and the frozen encoder against full
+#: transfer (does freezing the encoder cost anything?), at every N; ``(a, b)`` for ``a - b``
+COMPARISONS = (
+    ("full transfer", "scratch"), ("frozen encoder", "scratch"), ("frozen decoder", "scratch"),
+    ("frozen encoder", "full transfer"),
+)  # fmt: skip
+
+
+def paired_lines(results: dict[int, dict[str, list[ArmResult]]]) -> list[str]:
+    """The paired differences of the best-on-validation IWAE bound: :data:`COMPARISONS` at every N, one Holm
+    family (a comparison whose arms did not run is left out)."""
+    family = [
+        ((str(n), f"{a} − {b}"), [r.best.nll_iwae for r in arms[a]], [r.best.nll_iwae for r in arms[b]])
+        for n, arms in results.items()
+        for a, b in COMPARISONS
+        if arms.get(a) and arms.get(b)
+    ]
+    if not family:
+        return []
+    intro = (
+        "Paired differences of the IWAE bound (nats, best on validation; lower is better, so a negative difference "
+        "favours the first arm), paired by seed (the same images): the family, fixed in advance, is each "
+        "transferred arm − scratch and frozen encoder − full transfer, at every N."
+    )
+    return ["", *stats.paired_table(family, ["N / class", "comparison"], intro, lower_is_better=True)]
+
+
 def markdown(results: dict[int, dict[str, list[ArmResult]]], setup: str) -> str:
-    """The table (one row per N and arm; final and best-on-validation side by side), the setup paragraph,
-    the frozen-decoder note and the frozen-part check."""
+    """The table (one row per N and arm; final and best-on-validation side by side), the paired differences
+    with Holm's correction, the setup paragraph, the frozen-decoder note and the frozen-part check."""
     lines = [
         (
             "| N / class | arm | val images | IWAE bound on −log p(x) (nats) ↓, best on val | IWAE, final | "
@@ -279,6 +309,7 @@ def markdown(results: dict[int, dict[str, list[ArmResult]]], setup: str) -> str:
         f"decoder in {sum(dec)}/{len(dec)} frozen-decoder runs; a scratch part equals the source's in "
         f"{sum(scratch)}/{len(scratch)} scratch runs."
     )
+    lines += paired_lines(results)
     return "\n".join(lines) + "\n\n" + setup + " " + FROZEN_DECODER_NOTE + check + "\n"
 
 

@@ -16,6 +16,7 @@ from conftest import save_lightning_checkpoint as _save
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import gan_finetune as bench  # noqa: E402
+import stats  # noqa: E402
 
 TINY = dict(latent_dim=16, generator_width=8, discriminator_width=8)
 STEPS = 3
@@ -99,6 +100,25 @@ def test_fewshot_verdicts_pair_by_seed_with_holm_over_the_family():
     assert "| 10 | CDC + DiffAugment | TransferGAN + DiffAugment | -1.2 ± 0.8 | -1.0, -2.0, -0.5 |" in text
     assert "| 100 | EWC + DiffAugment | FreezeD + DiffAugment | +0.0 ± 1.7 | -1.0, -1.0, +2.0 |" in text
     assert text.count("| *real target test images* |") == 2 and "**10 target images** (2 per class)" in text
+
+
+def test_main_table_pairs_fid_by_seed_with_holm_over_nine_fixed_comparisons():
+    fids = {"scratch": [50.0, 60.0, 55.0], "scratch + DiffAugment": [48.0, 52.0, 56.0],
+            "TransferGAN": [30.0, 33.0, 36.0], "TransferGAN + DiffAugment": [25.0, 31.0, 28.0],
+            "FreezeD": [31.0, 35.0, 34.0], "FreezeD + DiffAugment": [27.0, 30.0, 33.0]}  # fmt: skip
+    assert set(fids) == {a.name for a in bench.ARMS}
+    results = {arm: [_fake_result(f, 0.1) for f in values] for arm, values in fids.items()}
+    assert len(bench.MAIN_COMPARISONS) == 9 and len(set(bench.MAIN_COMPARISONS)) == 9
+    assert all(a in fids and b in fids for a, b in bench.MAIN_COMPARISONS)
+    text = bench.markdown(results, [0, 1, 2], None, "Setup.")
+    assert "Holm-adjusted over all 9 rows of this table" in text
+    assert "| comparison (FID) | mean diff | sd | worst seed | per seed | p (Holm) |" in text
+    tests = [bench.paired_t_test(fids[a], fids[b]) for a, b in bench.MAIN_COMPARISONS]
+    for (a, b), t, p in zip(bench.MAIN_COMPARISONS, tests, bench.holm([t.p for t in tests])):
+        assert f"| {a} − {b} | {t.mean:+.1f} | {t.std:.1f} | {max(t.diffs):+.1f} | " in text
+        assert stats.format_p(p) in text.split(f"| {a} − {b} |")[1].splitlines()[0]
+    assert "| TransferGAN − scratch | -22.0 | 4.4 | -19.0 | -20.0, -27.0, -19.0 |" in text
+    assert "| FreezeD + DiffAugment − FreezeD | -3.3 | 2.1 | -1.0 | -4.0, -5.0, -1.0 |" in text
 
 
 def test_every_arm_has_metrics_and_equal_steps(tiny_run):

@@ -65,3 +65,24 @@ def test_holm_known_values_and_order():
     adjusted = stats.holm([0.02, math.nan, 0.01])  # nan is not counted: a family of two
     assert adjusted[0] == pytest.approx(0.02) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.02)
     assert stats.holm([]) == []
+
+
+def test_paired_table_holm_over_all_rows_and_the_least_favourable_seed():
+    family = [
+        (("a − b",), [1.0, 2.0, 4.0], [2.0, 4.0, 5.0]),  # diffs -1, -2, -1
+        (("c − b",), [3.0, 4.0, 5.0], [2.0, 4.0, 5.0]),  # diffs +1, 0, 0
+        (("d − b",), [1.0], [2.0]),  # one seed: no test, not counted in the family
+    ]
+    lines = stats.paired_table(family, ["comparison"], "Intro.", lower_is_better=True)
+    assert lines[0].startswith("Intro. Two-sided paired t-tests") and "over the 2 rows with two or more seeds" in lines[0]
+    assert lines[2] == "| comparison | mean diff | sd | worst seed | per seed | p (Holm) |"
+    tests = [stats.paired_t_test(a, b) for _, a, b in family[:2]]
+    adjusted = stats.holm([t.p for t in tests])
+    assert lines[4] == f"| a − b | -1.3 | 0.6 | -1.0 | -1.0, -2.0, -1.0 | {stats.format_p(adjusted[0])} |"
+    assert lines[5].startswith("| c − b | +0.3 | 0.6 | +1.0 | +1.0, +0.0, +0.0 | ")
+    assert lines[6] == "| d − b | -1.0 | 0.0 | -1.0 | -1.0 | n/a (< 2 seeds) |"
+    test = stats.paired_t_test([1, 5, 2], [0, 0, 0])
+    assert test.least_favourable(lower_is_better=True) == 5 and test.least_favourable() == test.worst == 1
+    bold = stats.paired_table([(("x",), [10.0, 11.0, 12.1], [0.0, 0.0, 0.0])], ["c"], "I.", lower_is_better=False)
+    p = stats.paired_t_test([10.0, 11.0, 12.1], [0.0, 0.0, 0.0]).p
+    assert "over all 1 rows" in bold[0] and bold[-1].endswith(f"| **{stats.format_p(p)}** |") and p <= 0.05

@@ -95,6 +95,35 @@ def test_markdown_and_figure(tiny_run):
     assert (tmp / "fig.png").stat().st_size > 1000
 
 
+def _fake(nll: float) -> bench.ArmResult:
+    scores = bench.Scores(elbo=-nll, nll_iwae=nll, bits_per_dim=nll / 543.4, recon_mse=0.1, rec=nll, kl=1.0)
+    return bench.ArmResult(
+        final=scores, best=scores, best_step=2, val_elbo_best=-nll, val_elbo_final=-nll, val_images=50, steps=4,
+        encoder_equals_source=False, decoder_equals_source=False, fit_seconds=1.0, test_seconds=1.0,
+    )  # fmt: skip
+
+
+def test_paired_differences_pair_by_seed_with_holm_over_every_n_and_comparison():
+    """Each transferred arm − scratch and frozen encoder − full transfer at every N: one Holm family of 4 per N."""
+    nll = {"scratch": [210.0, 215.0, 218.0], "full transfer": [190.0, 191.0, 195.0],
+           "frozen encoder": [189.0, 193.0, 194.0], "frozen decoder": [230.0, 232.0, 231.0]}  # fmt: skip
+    results = {n: {arm: [_fake(v - n / 100) for v in values] for arm, values in nll.items()} for n in (10, 100)}
+    text = bench.markdown(results, "setup.")
+    assert "Holm-adjusted over all 8 rows of this table" in text
+    assert "| N / class | comparison | mean diff | sd | worst seed | per seed | p (Holm) |" in text
+    family = [(n, a, b) for n in (10, 100) for a, b in bench.COMPARISONS]
+    tests = [bench.stats.paired_t_test(nll[a], nll[b]) for _, a, b in family]
+    adjusted = bench.stats.holm([t.p for t in tests])
+    for (n, a, b), t, p in zip(family, tests, adjusted):
+        worst = max(t.diffs)  # lower is better: the seed least favourable to the first arm is the highest
+        assert f"| {n} | {a} − {b} | {t.mean:+.1f} | {t.std:.1f} | {worst:+.1f} | " in text
+        assert text.count(f"| {n} | {a} − {b} |") == 1 and bench.stats.format_p(p) in text
+    assert "| 10 | full transfer − scratch | -22.3 | 2.1 | -20.0 | -20.0, -24.0, -23.0 |" in text
+    # a one-seed run (the tiny run): the row is shown, without a test
+    one = {10: {arm: runs[:1] for arm, runs in results[10].items()}}
+    assert "| 10 | full transfer − scratch | -20.0 | 0.0 | -20.0 | -20.0 | n/a (< 2 seeds) |" in bench.markdown(one, "s.")
+
+
 def test_smoke_profile_pieces_record_provenance_and_merge(tmp_path):
     """Two pieces of ``--profile smoke --shots 10`` (seed 0, seed 1) write their provenance; ``--merge`` joins them."""
     import json

@@ -133,3 +133,12 @@ def test_committed_results_without_provenance_are_refused():
     files = sorted((REPO / "benchmarks" / "results").glob("*.md"))
     lacking = [f for f in files if provenance.missing(f.read_text())]
     assert set(update_readme.problems_of(files)) == set(lacking)
+
+
+def test_the_vae_row_gives_the_holm_p_of_the_details_table():
+    """The headline's uncorrected p comes with the Holm-adjusted one the details table prints for the same cell."""
+    table = (REPO / "benchmarks" / "results" / "vae_transfer.md").read_text()
+    cell = next(line for line in table.splitlines() if line.startswith("| 10 | full transfer − scratch |"))
+    holm_p = cell.rstrip(" |").rsplit("|", 1)[-1].strip().strip("*")
+    row = next(line for line in (REPO / "README.md").read_text().splitlines() if "Does a source VAE help" in line)
+    assert holm_p.startswith("p ") and holm_p.replace("p ", "p_Holm ", 1) in row

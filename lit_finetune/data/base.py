@@ -136,7 +136,9 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: DataLoader workers; 0 is fastest for in-memory data on small machines.
         augment: random translation (and flips if ``hflip``) on training batches.
         hflip: allow left-right flips (off for digits and text).
-        seed: seeds the split, the few-shot sample, the shuffling and the augmentation.
+        seed: seeds the split, the few-shot sample, the shuffling and the augmentation. Under DDP
+            Lightning replaces the shuffling sampler with its ``DistributedSampler``, which shuffles by
+            ``seed_everything``'s seed instead (the split, sample and augmentation still follow this one).
         predict_dir: folder of image files for ``predict``; defaults to the test split.
         data_on_device: keep the images on the Trainer's device and build (and augment) batches there,
             so a step never waits for a host-to-device copy of its batch or for DataLoader workers.

@@ -122,6 +122,31 @@ def test_torchvision_weight_name_loads_from_local_cache(monkeypatch, tmp_path):
     assert model.input_mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])  # ImageNet statistics
 
 
+def test_freezing_the_backbone_keeps_the_new_stem_training(monkeypatch, tmp_path, fashion_root):
+    """Under torchvision weights at 32 px the 3x3 stem is new (no source fills it): LayerFreezing(["backbone"])
+    trains it with the head, instead of feeding the frozen pretrained layers from a frozen random stem."""
+    from conftest import quiet_trainer
+    from lit_finetune.callbacks import LayerFreezing
+    from lit_finetune.data import FashionMNISTDataModule
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.save(build_resnet("resnet18", 3, small_input=False)[0].state_dict(), _resnet18_cache_file(tmp_path))
+    model = ImageClassifier(num_classes=3, backbone="resnet18", in_channels=3, image_size=32, pretrained="IMAGENET1K_V1")
+    assert model.new_parameters() == list(model.backbone.conv1.parameters())
+    data = FashionMNISTDataModule(root=str(fashion_root), classes=[0, 1, 2], samples_per_class=4, val_split=3,
+                                  image_size=32, channels=3, batch_size=12)  # fmt: skip
+    model.load_pretrained_weights()
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    trainer = quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                            callbacks=[LayerFreezing(["backbone"], unfreeze_at_epoch=None)])  # fmt: skip
+    trainer.fit(model, datamodule=data)
+    after = model.backbone.state_dict()
+    assert not torch.equal(after["conv1.weight"], before["conv1.weight"])  # the new stem trained
+    assert torch.equal(after["layer1.0.conv1.weight"], before["layer1.0.conv1.weight"])  # the rest stayed frozen
+    assert not ImageClassifier(num_classes=3, backbone="resnet18", in_channels=3, image_size=224,
+                               pretrained="IMAGENET1K_V1").new_parameters()  # torchvision's own stem: loaded
+
+
 def test_planted_torchvision_cache_file_cannot_run_code(monkeypatch, tmp_path):
     """A pickle that runs code, placed where the offline error tells users to put weights, is refused."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))

@@ -32,6 +32,10 @@ mid-run, so that combination stops at fit start with a message saying what to ch
 Parameters a module fixes by design stay frozen: any submodule with a ``fixed_parameters()`` method
 (e.g. :class:`~lit_finetune.transfer.peft.PEFT`, which trains only a selection of the backbone) lists
 parameters that unfreezing leaves alone, so a freeze phase composes with parameter-efficient fine-tuning.
+Parameters a module declares new by design keep training: a module with a ``new_parameters()`` method
+(e.g. :class:`~lit_finetune.ImageClassifier`'s small-input stem under torchvision weights, which no source
+fills) lists parameters that freezing leaves alone, since a random layer frozen under pretrained ones
+would only feed them noise.
 """
 
 from __future__ import annotations
@@ -54,6 +58,11 @@ def _optimizer_param_ids(optimizer: Optimizer) -> set[int]:
 def fixed_parameter_ids(pl_module: nn.Module) -> set[int]:
     """Ids of the parameters that ``pl_module``'s submodules fix by design (``fixed_parameters()``)."""
     return {id(p) for m in pl_module.modules() if hasattr(m, "fixed_parameters") for p in m.fixed_parameters()}
+
+
+def new_parameter_ids(pl_module: nn.Module) -> set[int]:
+    """Ids of the parameters ``pl_module``'s modules declare new by design (``new_parameters()``): kept training."""
+    return {id(p) for m in pl_module.modules() if hasattr(m, "new_parameters") for p in m.new_parameters()}
 
 
 def get_submodule(pl_module: nn.Module, name: str) -> nn.Module:
@@ -131,10 +140,12 @@ class LayerFreezing(BaseFinetuning):
         elif not frozen:
             self.make_trainable(module)
             module.train(pl_module.training)  # frozen BatchNorm layers were put in eval mode
-        fixed = fixed_parameter_ids(pl_module)
+        fixed, new = fixed_parameter_ids(pl_module), new_parameter_ids(pl_module)
         for p in module.parameters():
             if id(p) in fixed:  # fixed by design (e.g. outside a PEFT selection): unfreezing and train_bn leave them
                 p.requires_grad_(False)
+            elif id(p) in new:  # new by design (e.g. a fresh stem under pretrained layers): never frozen
+                p.requires_grad_(True)
         self._frozen_param_ids = {
             id(p)
             for n in self.module_names
@@ -142,6 +153,7 @@ class LayerFreezing(BaseFinetuning):
             for m in self.flatten_modules(get_submodule(pl_module, n))
             if self.train_bn is False or not isinstance(m, nn.modules.batchnorm._BatchNorm)
             for p in m.parameters(recurse=False)
+            if id(p) not in new
         }
 
     def _apply_bn_mode(self, pl_module: L.LightningModule) -> None:

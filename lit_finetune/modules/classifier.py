@@ -152,6 +152,7 @@ class ImageClassifier(TransferModule):
             self.register_buffer(name, _per_channel(stats, in_channels))
         # a torchvision source and the small-input stem: the stem is new (not loaded), so it must train
         new_stem = ("conv1",) if pretrained and is_torchvision_weight_name(pretrained) and self.small_input else ()
+        self._new_stem = bool(new_stem)
         self.peft = PEFT(self.backbone, peft, peft_rank, peft_alpha, trainable=new_stem) if peft else None
         # under peft only what trains is anchored: the rest never moves, so its terms are 0
         self.l2sp = L2SP(self.backbone, l2sp_alpha, trainable_only=peft is not None) if l2sp_alpha > 0 else None
@@ -173,6 +174,12 @@ class ImageClassifier(TransferModule):
         self._train_predictions: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.test_per_class = MulticlassAccuracy(num_classes, average=None)
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        """Parameters new by design, which no source fills: the small-input stem under torchvision weights.
+        Freezing callbacks (``LayerFreezing``) keep them training: frozen at their random start they would only
+        feed noise to the pretrained layers above."""
+        return list(self.backbone.conv1.parameters()) if self._new_stem else []
 
     # -- pretrained weights ---------------------------------------------------------------------
     def read_pretrained(self, source: str) -> LoadReport:

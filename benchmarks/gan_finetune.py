@@ -90,7 +90,7 @@ from transfer_vs_scratch import QUIET, machine, working_dir  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance  # noqa: E402
-from stats import PairedTest, holm, paired_t_test, paired_table  # noqa: E402
+from stats import PairedTest, comparison_family, holm, paired_t_test, paired_table  # noqa: E402
 CONFIGS = REPO / "configs"
 #: extractor class names, short (Fashion-MNIST ids 0-9)
 SHORT_NAMES = ("top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
@@ -404,11 +404,7 @@ MAIN_COMPARISONS = (
 def paired_lines(results: dict[str, list[ArmResult]]) -> list[str]:
     """FID paired by seed over :data:`MAIN_COMPARISONS`, one Holm family (a comparison whose arms did not run is
     left out)."""
-    family = [
-        ((f"{a} − {b}",), [r.fid for r in results[a]], [r.fid for r in results[b]])
-        for a, b in MAIN_COMPARISONS
-        if results.get(a) and results.get(b)
-    ]
+    family = comparison_family({(): results}, MAIN_COMPARISONS, lambda r: r.fid)
     if not family:
         return []
     intro = (

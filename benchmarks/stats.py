@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 def t_two_sided_p(t: float, df: int) -> float:
@@ -60,8 +61,8 @@ class PairedTest:
         return min(self.diffs)
 
     def least_favourable(self, lower_is_better: bool = False) -> float:
-        """The single difference least favourable to ``a``: the highest where lower is better, else the lowest."""
-        return max(self.diffs) if lower_is_better else min(self.diffs)
+        """The single difference least favourable to ``a``: the highest where lower is better, else :attr:`worst`."""
+        return max(self.diffs) if lower_is_better else self.worst
 
 
 def paired_t_test(a: Sequence[float], b: Sequence[float]) -> PairedTest:
@@ -106,6 +107,21 @@ def holm(pvalues: Sequence[float]) -> list[float]:
 def format_p(p: float) -> str:
     """A p-value as the tables print it: three decimals, and ``p < 0.001`` rather than a rounded zero."""
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def comparison_family(
+    cells: Mapping[tuple[str, ...], Mapping[str, Sequence[Any]]], comparisons: Sequence[tuple[str, str]],
+    score: Callable[[Any], float],
+) -> list[tuple[tuple[str, ...], list[float], list[float]]]:  # fmt: skip
+    """The rows of a paired family fixed in advance: for every cell (its label cells -> runs per arm) and every
+    ``(a, b)`` of ``comparisons`` whose two arms ran there, ``((*label, "a − b"), score of a's runs, of b's)``,
+    the runs in seed order. What :func:`paired_table` and a headline row drawn from the same family read."""
+    return [
+        ((*label, f"{a} − {b}"), [score(r) for r in arms[a]], [score(r) for r in arms[b]])
+        for label, arms in cells.items()
+        for a, b in comparisons
+        if arms.get(a) and arms.get(b)
+    ]
 
 
 def paired_table(

@@ -188,11 +188,10 @@ def _vae_transfer(data: dict[str, Any]) -> Row:
     scratch = [r["best"]["nll_iwae"] for r in cell["scratch"]]
     import vae_transfer  # its comparison family, fixed in advance: the row's Holm p is the details table's
 
-    family = {(key, a, b): stats.paired_t_test([r["best"]["nll_iwae"] for r in arms[a]],
-                                               [r["best"]["nll_iwae"] for r in arms[b]]).p
-              for key, arms in data["results"].items() for a, b in vae_transfer.COMPARISONS
-              if arms.get(a) and arms.get(b)}  # fmt: skip
-    adjusted = dict(zip(family, stats.holm(list(family.values()))))[(n, "full transfer", "scratch")]
+    family = stats.comparison_family({(key,): arms for key, arms in data["results"].items()},
+                                     vae_transfer.COMPARISONS, lambda r: r["best"]["nll_iwae"])  # fmt: skip
+    holm_p = stats.holm([stats.paired_t_test(a, b).p for _, a, b in family])
+    adjusted = holm_p[[label for label, _, _ in family].index((n, "full transfer − scratch"))]
     answer = (f"at {n} images per class, {statistics.fmean(tuned):.1f} vs {statistics.fmean(scratch):.1f} nats "
               f"(transfer vs scratch, best-on-validation, lower is better); "
               + _paired(tuned, scratch, unit=" nats", lower_is_better=True)

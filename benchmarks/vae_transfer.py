@@ -259,12 +259,8 @@ COMPARISONS = (
 def paired_lines(results: dict[int, dict[str, list[ArmResult]]]) -> list[str]:
     """The paired differences of the best-on-validation IWAE bound: :data:`COMPARISONS` at every N, one Holm
     family (a comparison whose arms did not run is left out)."""
-    family = [
-        ((str(n), f"{a} − {b}"), [r.best.nll_iwae for r in arms[a]], [r.best.nll_iwae for r in arms[b]])
-        for n, arms in results.items()
-        for a, b in COMPARISONS
-        if arms.get(a) and arms.get(b)
-    ]
+    family = stats.comparison_family({(str(n),): arms for n, arms in results.items()}, COMPARISONS,
+                                     lambda r: r.best.nll_iwae)  # fmt: skip
     if not family:
         return []
     intro = (

@@ -55,14 +55,19 @@ def _optimizer_param_ids(optimizer: Optimizer) -> set[int]:
     return {id(p) for group in optimizer.param_groups for p in group["params"]}
 
 
+def _declared_parameter_ids(pl_module: nn.Module, method: str) -> set[int]:
+    """Ids of the parameters ``pl_module``'s modules list with their ``method()``, if they have one."""
+    return {id(p) for m in pl_module.modules() if hasattr(m, method) for p in getattr(m, method)()}
+
+
 def fixed_parameter_ids(pl_module: nn.Module) -> set[int]:
     """Ids of the parameters that ``pl_module``'s submodules fix by design (``fixed_parameters()``)."""
-    return {id(p) for m in pl_module.modules() if hasattr(m, "fixed_parameters") for p in m.fixed_parameters()}
+    return _declared_parameter_ids(pl_module, "fixed_parameters")
 
 
 def new_parameter_ids(pl_module: nn.Module) -> set[int]:
     """Ids of the parameters ``pl_module``'s modules declare new by design (``new_parameters()``): kept training."""
-    return {id(p) for m in pl_module.modules() if hasattr(m, "new_parameters") for p in m.new_parameters()}
+    return _declared_parameter_ids(pl_module, "new_parameters")
 
 
 def get_submodule(pl_module: nn.Module, name: str) -> nn.Module:

@@ -3,7 +3,7 @@ per network over named groups, data checks."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -360,8 +360,11 @@ class TransferModule(L.LightningModule):
 
     def restore_class_names(self, checkpoint: Mapping[str, Any]) -> None:
         """Take the class names a checkpoint (or delta) records; older ones record none."""
-        names = checkpoint.get(CLASS_NAMES_KEY)
-        if names is not None and len(names) == len(self.class_names):
+        self._adopt_class_names(checkpoint.get(CLASS_NAMES_KEY))
+
+    def _adopt_class_names(self, names: Sequence[str] | None) -> None:
+        """Take data's class names, one per label (names of another count, e.g. an unlabelled folder's, are not)."""
+        if names and len(names) == len(self.class_names):
             self.class_names, self.class_names_from_data = [str(n) for n in names], True
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -453,9 +456,7 @@ class TransferModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None:
             return
-        names = getattr(dm, "class_names", None)
-        if names and self.num_classes is not None and len(names) == self.num_classes:
-            self.class_names, self.class_names_from_data = [str(n) for n in names], True
+        self._adopt_class_names(getattr(dm, "class_names", None))
         channels = getattr(dm, "channels", self.in_channels)
         if channels != self.in_channels:
             raise ValueError(

@@ -383,7 +383,6 @@ class DCGAN(TransferModule):
                 l2sp.reset_anchor(report.parameters_from_source(self))
         if self.ewc_g is not None:
             self.ewc_g.reset_anchor()
-        if self.ewc_g is not None:
             self.ewc_g.set_fisher(self.estimate_generator_fisher(), self.hparams.ewc_fisher_samples)
         if self.cdc is not None:
             self.cdc.reset_source(self.generator)
